@@ -1,0 +1,177 @@
+"""GGML block formats: vectorised torch dequantization.
+
+Each function takes the raw bytes of a tensor as a uint8 tensor shaped (n_blocks, type_size)
+and returns float32 values shaped (n_blocks, block_size). The arithmetic follows the order of
+ggml's reference code (and gguf-py's numpy port) so that results are bit-exact.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+QK_K = 256
+
+# name -> (block_size, type_size); matches ggml's type traits.
+BLOCK_LAYOUT: dict[str, tuple[int, int]] = {
+    "F32": (1, 4),
+    "F16": (1, 2),
+    "BF16": (1, 2),
+    "Q4_0": (32, 18),
+    "Q4_1": (32, 20),
+    "Q5_0": (32, 22),
+    "Q5_1": (32, 24),
+    "Q8_0": (32, 34),
+    "Q4_K": (256, 144),
+    "Q5_K": (256, 176),
+    "Q6_K": (256, 210),
+}
+
+
+def _f16(b: torch.Tensor) -> torch.Tensor:
+    """(n, 2) uint8 -> (n, 1) float32 from little-endian half floats."""
+    return b.contiguous().view(torch.float16).float()
+
+
+def _nibbles(qs: torch.Tensor, group: int) -> torch.Tensor:
+    """Split bytes into low then high nibbles per group of `group` bytes.
+
+    (n, k*group) uint8 -> (n, k, 2*group): for each group, the low nibbles come first.
+    """
+    n = qs.shape[0]
+    qs = qs.reshape(n, -1, 1, group)
+    shifts = torch.tensor([0, 4], dtype=torch.uint8).reshape(1, 1, 2, 1)
+    return ((qs >> shifts) & 0x0F).reshape(n, -1, 2 * group)
+
+
+def _bits(qh: torch.Tensor, group: int, nbits: int, width: int) -> torch.Tensor:
+    """Extract `nbits` planes of `width`-bit fields from (n, k*group) bytes -> (n, k, planes*group)."""
+    n = qh.shape[0]
+    planes = 8 // width
+    qh = qh.reshape(n, -1, 1, group)
+    shifts = torch.arange(0, 8, width, dtype=torch.uint8).reshape(1, 1, planes, 1)
+    mask = (1 << width) - 1
+    return ((qh >> shifts) & mask).reshape(n, -1, planes * group)[..., : nbits * group]
+
+
+def _deq_f32(b: torch.Tensor) -> torch.Tensor:
+    return b.contiguous().view(torch.float32)
+
+
+def _deq_f16(b: torch.Tensor) -> torch.Tensor:
+    return b.contiguous().view(torch.float16).float()
+
+
+def _deq_bf16(b: torch.Tensor) -> torch.Tensor:
+    return b.contiguous().view(torch.bfloat16).float()
+
+
+def _deq_q8_0(b: torch.Tensor) -> torch.Tensor:
+    d = _f16(b[:, :2])
+    x = b[:, 2:].contiguous().view(torch.int8).float()
+    return x * d
+
+
+def _deq_q4_0(b: torch.Tensor) -> torch.Tensor:
+    d = _f16(b[:, :2])
+    q = _nibbles(b[:, 2:], 16).reshape(b.shape[0], 32).to(torch.int8) - 8
+    return d * q.float()
+
+
+def _deq_q4_1(b: torch.Tensor) -> torch.Tensor:
+    d, m = _f16(b[:, :2]), _f16(b[:, 2:4])
+    q = _nibbles(b[:, 4:], 16).reshape(b.shape[0], 32).float()
+    return d * q + m
+
+
+def _q5_values(qh_bytes: torch.Tensor, qs: torch.Tensor) -> torch.Tensor:
+    """The 5-bit values of a Q5_0/Q5_1 block: low nibbles from qs, fifth bit from the 32-bit qh."""
+    n = qs.shape[0]
+    qh = qh_bytes.contiguous().view(torch.int32)  # (n, 1), little-endian bit j is element j
+    high = ((qh >> torch.arange(32, dtype=torch.int32)) & 1).to(torch.uint8)
+    low = _nibbles(qs, 16).reshape(n, 32)
+    return low | (high << 4)
+
+
+def _deq_q5_0(b: torch.Tensor) -> torch.Tensor:
+    d = _f16(b[:, :2])
+    q = _q5_values(b[:, 2:6], b[:, 6:]).to(torch.int8) - 16
+    return d * q.float()
+
+
+def _deq_q5_1(b: torch.Tensor) -> torch.Tensor:
+    d, m = _f16(b[:, :2]), _f16(b[:, 2:4])
+    q = _q5_values(b[:, 4:8], b[:, 8:]).float()
+    return d * q + m
+
+
+def _k_scale_min(scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Unpack the 12-byte 6-bit scales and mins of Q4_K / Q5_K into (n, 8) each."""
+    d, m, md = scales[:, :4], scales[:, 4:8], scales[:, 8:12]
+    sc = torch.cat([d & 0x3F, (md & 0x0F) | ((d >> 2) & 0x30)], dim=1)
+    mn = torch.cat([m & 0x3F, (md >> 4) | ((m >> 2) & 0x30)], dim=1)
+    return sc, mn
+
+
+def _deq_q4_k(b: torch.Tensor) -> torch.Tensor:
+    n = b.shape[0]
+    d, dmin = _f16(b[:, :2]), _f16(b[:, 2:4])
+    sc, mn = _k_scale_min(b[:, 4:16])
+    d = (d * sc.float()).reshape(n, 8, 1)
+    dm = (dmin * mn.float()).reshape(n, 8, 1)
+    q = _nibbles(b[:, 16:], 32).reshape(n, 8, 32).float()
+    return (d * q - dm).reshape(n, QK_K)
+
+
+def _deq_q5_k(b: torch.Tensor) -> torch.Tensor:
+    n = b.shape[0]
+    d, dmin = _f16(b[:, :2]), _f16(b[:, 2:4])
+    sc, mn = _k_scale_min(b[:, 4:16])
+    d = (d * sc.float()).reshape(n, 8, 1)
+    dm = (dmin * mn.float()).reshape(n, 8, 1)
+    low = _nibbles(b[:, 48:], 32).reshape(n, 8, 32)
+    high = _bits(b[:, 16:48], 32, 8, 1).reshape(n, 8, 32)  # bit plane j is sub-block j
+    q = (low | (high << 4)).float()
+    return (d * q - dm).reshape(n, QK_K)
+
+
+def _deq_q6_k(b: torch.Tensor) -> torch.Tensor:
+    n = b.shape[0]
+    ql, qh = b[:, :128], b[:, 128:192]
+    scales = b[:, 192:208].contiguous().view(torch.int8).float()
+    d = (_f16(b[:, 208:210]) * scales).reshape(n, 16, 1)
+    low = _nibbles(ql, 64).reshape(n, -1, 32)  # (n, 8, 32)
+    high = _bits(qh, 32, 4, 2).reshape(n, -1, 32)  # (n, 8, 32)
+    q = ((low | (high << 4)).to(torch.int8) - 32).reshape(n, 16, 16).float()
+    return (d * q).reshape(n, QK_K)
+
+
+DEQUANTIZE: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "F32": _deq_f32,
+    "F16": _deq_f16,
+    "BF16": _deq_bf16,
+    "Q8_0": _deq_q8_0,
+    "Q4_0": _deq_q4_0,
+    "Q4_1": _deq_q4_1,
+    "Q5_0": _deq_q5_0,
+    "Q5_1": _deq_q5_1,
+    "Q4_K": _deq_q4_k,
+    "Q5_K": _deq_q5_k,
+    "Q6_K": _deq_q6_k,
+}
+
+
+def dequantize(raw: torch.Tensor, qtype: str, shape: tuple[int, ...]) -> torch.Tensor:
+    """Raw GGML bytes (uint8, any shape) of type `qtype` -> float32 tensor of `shape`.
+
+    `shape` is in PyTorch order (outermost first), i.e. GGUF's dims reversed.
+    """
+    try:
+        fn = DEQUANTIZE[qtype]
+    except KeyError:
+        supported = ", ".join(DEQUANTIZE)
+        raise ValueError(f"no dequantizer for GGML type {qtype}; supported: {supported}") from None
+    _, type_size = BLOCK_LAYOUT[qtype]
+    blocks = raw.reshape(-1, type_size)
+    return fn(blocks).reshape(shape)

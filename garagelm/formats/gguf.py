@@ -1,0 +1,219 @@
+"""Read GGUF files: memory-mapped tensors, metadata as Python values, clear errors.
+
+The header is parsed here rather than with gguf-py's GGUFReader because that reader turns every
+vocabulary string into a numpy object and takes seconds on a 50k-token vocabulary; start-up
+must take well under one. gguf-py stays the source of the format's constants, the writer, and
+the reference our tests compare this reader against.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import struct
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from garagelm.errors import GarageError
+from garagelm.formats.ggml_quants import BLOCK_LAYOUT, dequantize
+
+GGUF_MAGIC = b"GGUF"
+DEFAULT_ALIGNMENT = 32
+
+# GGUF value type -> numpy dtype for the fixed-size scalars (8 = string, 9 = array).
+_SCALAR = {
+    0: np.uint8, 1: np.int8, 2: np.uint16, 3: np.int16, 4: np.uint32, 5: np.int32,
+    6: np.float32, 7: np.bool_, 10: np.uint64, 11: np.int64, 12: np.float64,
+}  # fmt: skip
+_STRING, _ARRAY = 8, 9
+
+
+class GGUFError(GarageError):
+    """A GGUF file that cannot be read; the message names the file and the problem."""
+
+
+@dataclass
+class GGUFTensor:
+    """One tensor of a GGUF file: its bytes stay memory-mapped until asked for."""
+
+    name: str
+    qtype: str  # GGML type name, e.g. "Q4_1"
+    shape: tuple[int, ...]  # PyTorch order: outermost dimension first
+    raw: np.ndarray  # memory-mapped uint8 bytes
+
+    @property
+    def n_elements(self) -> int:
+        return int(np.prod(self.shape))
+
+    def raw_bytes(self) -> torch.Tensor:
+        """The tensor's bytes as a uint8 tensor shaped (rows, bytes per row), no copy."""
+        with warnings.catch_warnings():
+            # The map is read-only and we never write through it.
+            warnings.simplefilter("ignore", UserWarning)
+            t = torch.from_numpy(self.raw)
+        return t.reshape(self.shape[0] if len(self.shape) > 1 else 1, -1)
+
+    def to_float(self) -> torch.Tensor:
+        """Dequantize to a float32 tensor of `shape`."""
+        return dequantize(self.raw_bytes(), self.qtype, self.shape)
+
+
+class _Cursor:
+    """Bounds-checked little-endian reads over the mapped file."""
+
+    def __init__(self, buf: mmap.mmap, path: Path):
+        self.buf, self.pos, self.path = buf, 0, path
+
+    def take(self, n: int) -> int:
+        start = self.pos
+        if n < 0 or start + n > len(self.buf):
+            raise GGUFError(
+                f"{self.path}: truncated GGUF header (needs byte {start + n}, file has "
+                f"{len(self.buf)}); download the file again"
+            )
+        self.pos += n
+        return start
+
+    def scalar(self, vtype: int) -> Any:
+        dt = np.dtype(_SCALAR[vtype])
+        return np.frombuffer(self.buf, dt, 1, self.take(dt.itemsize))[0].item()
+
+    def u32(self) -> int:
+        return struct.unpack_from("<I", self.buf, self.take(4))[0]
+
+    def u64(self) -> int:
+        return struct.unpack_from("<Q", self.buf, self.take(8))[0]
+
+    def string(self) -> str:
+        n = self.u64()
+        start = self.take(n)
+        return self.buf[start : start + n].decode("utf-8", errors="replace")
+
+    def _strings(self, count: int) -> list[str]:
+        # Vocabularies hold 50k-260k strings: one tight loop, bounds checked once per string.
+        buf, pos, end, out = self.buf, self.pos, len(self.buf), []
+        unpack = struct.Struct("<Q").unpack_from
+        for _ in range(count):
+            if pos + 8 > end:
+                break
+            (n,) = unpack(buf, pos)
+            pos += 8
+            if pos + n > end:
+                break
+            out.append(buf[pos : pos + n].decode("utf-8", errors="replace"))
+            pos += n
+        self.pos = pos
+        if len(out) != count:
+            self.take(end + 1)  # raises the truncation error
+        return out
+
+    def value(self, vtype: int, key: str) -> Any:
+        if vtype in _SCALAR:
+            return self.scalar(vtype)
+        if vtype == _STRING:
+            return self.string()
+        if vtype == _ARRAY:
+            etype, count = self.u32(), self.u64()
+            if etype in _SCALAR:
+                dt = np.dtype(_SCALAR[etype])
+                return np.frombuffer(self.buf, dt, count, self.take(count * dt.itemsize))
+            if etype == _STRING:
+                return self._strings(count)
+            return [self.value(etype, key) for _ in range(count)]
+        raise GGUFError(f"{self.path}: metadata {key!r} has unknown value type {vtype}; corrupt file")
+
+
+class GGUFFile:
+    """A memory-mapped GGUF file: `metadata` (key -> value) and `tensors` (name -> GGUFTensor)."""
+
+    def __init__(self, path: str | os.PathLike[str]):
+        self.path = Path(path)
+        if not self.path.exists():
+            raise GGUFError(f"{self.path}: no such file")
+        if self.path.is_dir():
+            raise GGUFError(f"{self.path}: is a folder, expected a .gguf file")
+        with open(self.path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            if size < 4 or f.read(4) != GGUF_MAGIC:
+                f.seek(0)
+                raise GGUFError(
+                    f"{self.path}: not a GGUF file (starts with {f.read(4)!r}, expected "
+                    f"{GGUF_MAGIC!r}); check the path or download the model again"
+                )
+            self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        self.metadata: dict[str, Any] = {}
+        self.tensors: dict[str, GGUFTensor] = {}
+        self._parse(size)
+
+    def _parse(self, size: int) -> None:
+        cur = _Cursor(self._map, self.path)
+        cur.take(4)
+        version = cur.u32()
+        if version not in (2, 3):
+            raise GGUFError(f"{self.path}: GGUF version {version} is not supported (2 or 3 are)")
+        n_tensors, n_kv = cur.u64(), cur.u64()
+        if n_tensors > size or n_kv > size:
+            raise GGUFError(f"{self.path}: header claims {n_tensors} tensors and {n_kv} keys; corrupt file")
+        for _ in range(n_kv):
+            key = cur.string()
+            self.metadata[key] = cur.value(cur.u32(), key)
+        infos = []
+        for _ in range(n_tensors):
+            name = cur.string()
+            n_dims = cur.u32()
+            if n_dims > 8:
+                raise GGUFError(f"{self.path}: tensor {name!r} claims {n_dims} dimensions; corrupt file")
+            dims = [cur.u64() for _ in range(n_dims)]
+            infos.append((name, dims, cur.u32(), cur.u64()))
+        align = int(self.metadata.get("general.alignment", DEFAULT_ALIGNMENT))
+        data_start = -(-cur.pos // align) * align
+        for name, dims, type_id, offset in infos:
+            self.tensors[name] = self._tensor(name, dims, type_id, data_start + offset, size)
+
+    def _tensor(self, name: str, dims: list[int], type_id: int, start: int, size: int) -> GGUFTensor:
+        from gguf import GGMLQuantizationType
+
+        try:
+            qtype = GGMLQuantizationType(type_id).name
+        except ValueError:
+            raise GGUFError(
+                f"{self.path}: tensor {name!r} has unknown GGML type id {type_id}; the file is "
+                "corrupt or newer than this garagelm"
+            ) from None
+        if qtype not in BLOCK_LAYOUT:
+            raise GGUFError(
+                f"{self.path}: tensor {name!r} has GGML type {qtype}, which garagelm cannot read "
+                f"yet (supported: {', '.join(BLOCK_LAYOUT)}); convert the model to one of those"
+            )
+        block, type_size = BLOCK_LAYOUT[qtype]
+        n_elements = int(np.prod(dims, dtype=np.uint64)) if dims else 1
+        if dims and dims[0] % block:
+            raise GGUFError(f"{self.path}: tensor {name!r} row of {dims[0]} is not a multiple of {block}")
+        n_bytes = n_elements // block * type_size
+        if start + n_bytes > size:
+            raise GGUFError(
+                f"{self.path}: tensor {name!r} data runs past the end of the file (needs bytes "
+                f"up to {start + n_bytes}, file has {size}); the file is truncated, download it again"
+            )
+        raw = np.frombuffer(self._map, np.uint8, n_bytes, start)
+        return GGUFTensor(name, qtype, tuple(reversed(dims)), raw)
+
+    @property
+    def architecture(self) -> str:
+        arch = self.metadata.get("general.architecture")
+        if not isinstance(arch, str):
+            raise GGUFError(f"{self.path}: metadata has no general.architecture; not a model file")
+        return arch
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return self.metadata.get(key, default)
+
+    def require(self, key: str) -> Any:
+        if key not in self.metadata:
+            raise GGUFError(f"{self.path}: required metadata key {key!r} is missing")
+        return self.metadata[key]

@@ -1,0 +1,101 @@
+"""Pieces every architecture shares: RMSNorm, rotary embeddings, the attention helper."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-6, offset: float = 0.0):
+        super().__init__()
+        self.eps = eps
+        self.offset = offset  # Gemma stores weight - 1
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (x * (self.weight.float() + self.offset)).to(dtype)
+
+
+@dataclass
+class RopeConfig:
+    dim: int  # rotated dimensions per head
+    base: float = 10000.0
+    linear_factor: float = 1.0  # positions are divided by this ("linear" scaling)
+
+
+class RotaryEmbedding(nn.Module):
+    """Neox-style (rotate-half) RoPE, angles computed the way ggml does.
+
+    ggml multiplies the angle by base^(-2/d) once per pair in float32, so the table is built the
+    same way; it keeps our logits close to llama.cpp's at long positions.
+    """
+
+    def __init__(self, cfg: RopeConfig, max_positions: int, freq_factors: torch.Tensor | None = None):
+        super().__init__()
+        self.cfg = cfg
+        self.freq_factors = freq_factors
+        self._hint = max(max_positions, 1)
+        self._max = 0  # built on first use, so a model made on the meta device gets real tables
+        self.cos = self.sin = torch.empty(0)
+
+    def _build(self, n: int) -> None:
+        half = self.cfg.dim // 2
+        scale = torch.tensor(self.cfg.base ** (-2.0 / self.cfg.dim), dtype=torch.float32)
+        theta = torch.arange(n, dtype=torch.float32) / self.cfg.linear_factor  # (n,)
+        cols = []
+        for _ in range(half):
+            cols.append(theta)
+            theta = theta * scale
+        ang = torch.stack(cols, dim=-1)  # (n, half)
+        if self.freq_factors is not None:
+            ang = ang / self.freq_factors.float()
+        ang = torch.cat([ang, ang], dim=-1)  # (n, dim)
+        self.cos, self.sin = ang.cos(), ang.sin()
+        self._max = n
+
+    def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """positions (B, T) -> cos, sin (B, 1, T, dim)."""
+        need = int(positions.max()) + 1
+        if need > self._max:
+            self._build(max(need, 2 * self._max, self._hint))
+        return self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x (B, H, T, hd); the first cos.shape[-1] dims of each head are rotated."""
+    d = cos.shape[-1]
+    rot, rest = x[..., :d], x[..., d:]
+    x1, x2 = rot[..., : d // 2], rot[..., d // 2 :]
+    rotated = torch.cat([-x2, x1], dim=-1)
+    out = rot * cos.to(x.dtype) + rotated * sin.to(x.dtype)
+    return torch.cat([out, rest], dim=-1) if rest.shape[-1] else out
+
+
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor | None,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """q (B, H, T, hd), k/v (B, Hkv, S, hd), mask (B or 1, 1, T, S) bool (True = attend)."""
+    scale = scale if scale is not None else 1.0 / math.sqrt(q.shape[-1])
+    gqa = q.shape[1] != k.shape[1]
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
+
+
+def causal_mask(q_pos: torch.Tensor, k_len: int, window: int | None = None) -> torch.Tensor:
+    """q_pos (B, T) absolute positions -> (B, 1, T, k_len) bool; key j is visible to query p if j <= p."""
+    k_pos = torch.arange(k_len, device=q_pos.device)
+    visible = k_pos.view(1, 1, -1) <= q_pos.unsqueeze(-1)  # (B, T, S)
+    if window is not None:
+        visible &= k_pos.view(1, 1, -1) > q_pos.unsqueeze(-1) - window
+    return visible.unsqueeze(1)

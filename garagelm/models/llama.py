@@ -1,0 +1,175 @@
+"""Llama-family decoder (Llama 2/3, SmolLM2, Mistral-style) with Hugging Face parameter names.
+
+Config comes from the checkpoint's own metadata. The same module is used to serve (with a KV
+cache) and to train (no cache, full causal attention).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+
+from garagelm.models.base import RMSNorm, RopeConfig, RotaryEmbedding, apply_rope, attention, causal_mask
+
+
+class KVCacheLike(Protocol):
+    def update(
+        self, layer: int, k: torch.Tensor, v: torch.Tensor, start: int
+    ) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+
+@dataclass
+class LlamaConfig:
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    rope_dim: int | None = None
+    rope_linear_factor: float = 1.0
+    max_position_embeddings: int = 4096
+    tie_word_embeddings: bool = False
+    sliding_window: int | None = None
+
+    @classmethod
+    def from_gguf(cls, md: dict[str, Any], arch: str, vocab_size: int, tied: bool) -> LlamaConfig:
+        def key(name: str, default: Any = None) -> Any:
+            v = md.get(f"{arch}.{name}", default)
+            if v is None:
+                raise KeyError(f"GGUF metadata {arch}.{name} is missing")
+            return v
+
+        n_head = int(key("attention.head_count"))
+        hidden = int(key("embedding_length"))
+        head_dim = int(md.get(f"{arch}.attention.key_length", hidden // n_head))
+        scaling = md.get(f"{arch}.rope.scaling.type")
+        factor = float(md.get(f"{arch}.rope.scaling.factor", 1.0)) if scaling == "linear" else 1.0
+        return cls(
+            vocab_size=int(md.get(f"{arch}.vocab_size", vocab_size)),
+            hidden_size=hidden,
+            intermediate_size=int(key("feed_forward_length")),
+            num_hidden_layers=int(key("block_count")),
+            num_attention_heads=n_head,
+            num_key_value_heads=int(md.get(f"{arch}.attention.head_count_kv", n_head)),
+            head_dim=head_dim,
+            rms_norm_eps=float(key("attention.layer_norm_rms_epsilon", 1e-5)),
+            rope_theta=float(md.get(f"{arch}.rope.freq_base", 10000.0)),
+            rope_dim=int(md.get(f"{arch}.rope.dimension_count", head_dim)),
+            rope_linear_factor=factor,
+            max_position_embeddings=int(key("context_length", 4096)),
+            tie_word_embeddings=tied,
+            sliding_window=md.get(f"{arch}.attention.sliding_window"),
+        )
+
+
+class LlamaAttention(nn.Module):
+    def __init__(self, cfg: LlamaConfig, layer: int):
+        super().__init__()
+        self.layer = layer
+        self.n_heads, self.n_kv, self.hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        self.q_proj = nn.Linear(cfg.hidden_size, self.n_heads * self.hd, bias=False)
+        self.k_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.hd, bias=False)
+        self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.hd, bias=False)
+        self.o_proj = nn.Linear(self.n_heads * self.hd, cfg.hidden_size, bias=False)
+
+    def forward(self, x, cos, sin, mask, cache: KVCacheLike | None, start: int) -> torch.Tensor:
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.hd).transpose(1, 2)  # (B, H, T, hd)
+        k = self.k_proj(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)  # (B, Hkv, T, hd)
+        v = self.v_proj(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(self.layer, k, v, start)  # (B, Hkv, start + T, hd)
+        y = attention(q, k, v, mask)  # (B, H, T, hd)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.hd))
+
+
+class LlamaMLP(nn.Module):
+    def __init__(self, cfg: LlamaConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(nn.functional.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class LlamaDecoderLayer(nn.Module):
+    def __init__(self, cfg: LlamaConfig, layer: int):
+        super().__init__()
+        self.self_attn = LlamaAttention(cfg, layer)
+        self.mlp = LlamaMLP(cfg)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def forward(self, x, cos, sin, mask, cache, start):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, start)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class LlamaModel(nn.Module):
+    def __init__(self, cfg: LlamaConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(LlamaDecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+
+class LlamaForCausalLM(nn.Module):
+    """Token ids in, next-token logits out."""
+
+    def __init__(self, cfg: LlamaConfig):
+        super().__init__()
+        self.config = cfg
+        self.model = LlamaModel(cfg)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.rope = RotaryEmbedding(
+            RopeConfig(cfg.rope_dim or cfg.head_dim, cfg.rope_theta, cfg.rope_linear_factor),
+            min(cfg.max_position_embeddings, 4096),
+        )
+
+    def tie_weights(self) -> None:
+        if self.config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        cache: KVCacheLike | None = None,
+        start: int = 0,
+        last_only: bool = False,
+    ) -> torch.Tensor:
+        """input_ids (B, T) at positions start..start+T-1 -> logits (B, T, vocab).
+
+        With a cache, keys/values of earlier positions come from it. last_only computes the
+        head for the final position only (generation needs nothing else).
+        """
+        B, T = input_ids.shape
+        positions = torch.arange(start, start + T).unsqueeze(0).expand(B, T)
+        cos, sin = self.rope(positions)
+        window = self.config.sliding_window
+        mask = None if T == 1 and window is None else causal_mask(positions, start + T, window)
+        x = self.model.embed_tokens(input_ids)
+        for layer in self.model.layers:
+            x = layer(x, cos, sin, mask, cache, start)
+        x = self.model.norm(x)
+        if last_only:
+            x = x[:, -1:]
+        return self.lm_head(x).float()
+
+
+def unpermute_qk(raw: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """Undo llama.cpp's convert-time row permutation of Q/K (interleaved -> rotate-half RoPE).
+
+    Works on rows of any element type (float or quantized bytes): whole rows move.
+    """
+    rows = raw.shape[0]
+    return raw.reshape(n_heads, rows // n_heads // 2, 2, -1).transpose(1, 2).reshape(rows, -1)

@@ -1,0 +1,56 @@
+"""KV caches: keys and values of past positions, per layer."""
+
+from __future__ import annotations
+
+import torch
+
+
+class ContextFullError(RuntimeError):
+    """The sequence would grow past the cache's context size."""
+
+
+class KVCache:
+    """Contiguous (layers, batch, kv_heads, positions, head_dim) storage that grows in chunks.
+
+    Growing (rather than allocating the whole context up front) keeps memory proportional to
+    the tokens actually held; `max_len` is the hard context limit.
+    """
+
+    def __init__(
+        self,
+        n_layers: int,
+        n_kv_heads: int,
+        head_dim: int,
+        max_len: int,
+        batch: int = 1,
+        dtype: torch.dtype = torch.float32,
+        chunk: int = 256,
+    ):
+        self.max_len, self.chunk = max_len, chunk
+        self._shape = (n_layers, batch, n_kv_heads, 0, head_dim)
+        self.k = torch.empty(self._shape, dtype=dtype)
+        self.v = torch.empty(self._shape, dtype=dtype)
+
+    @property
+    def capacity(self) -> int:
+        return self.k.shape[3]
+
+    def _grow(self, need: int) -> None:
+        if need > self.max_len:
+            raise ContextFullError(f"context of {self.max_len} tokens is full (needs {need})")
+        cap = min(self.max_len, max(need, 2 * self.capacity, self.chunk))
+        cap = -(-cap // self.chunk) * self.chunk if cap < self.max_len else cap
+        for name in ("k", "v"):
+            old = getattr(self, name)
+            new = old.new_empty((*self._shape[:3], min(cap, self.max_len), self._shape[4]))
+            new[:, :, :, : old.shape[3]] = old
+            setattr(self, name, new)
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, start: int):
+        """Store k/v (B, Hkv, T, hd) at positions start..start+T-1; return all of 0..start+T-1."""
+        end = start + k.shape[2]
+        if end > self.capacity:
+            self._grow(end)
+        self.k[layer, :, :, start:end] = k
+        self.v[layer, :, :, start:end] = v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]

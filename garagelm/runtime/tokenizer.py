@@ -1,0 +1,210 @@
+"""Tokenizers rebuilt from GGUF metadata with the `tokenizers` library, matching llama.cpp.
+
+Two vocabularies exist in GGUF files: `gpt2` (byte-level BPE with merges and a pre-tokenizer
+regex named by `tokenizer.ggml.pre`) and `llama` (SentencePiece: pieces with scores, byte
+fallback, spaces written as U+2581). Detokenisation does not go through `tokenizers`: every
+token maps to its exact bytes, and an incremental UTF-8 decoder turns them into text, so a
+stream never shows half a character.
+"""
+
+from __future__ import annotations
+
+import codecs
+from collections.abc import Iterable, Mapping
+from functools import lru_cache
+from typing import Any
+
+from garagelm.runtime.pretokenizers import pre_tokenizer_for
+
+# GGUF token types (tokenizer.ggml.token_type).
+NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
+SPIECE_SPACE = "\u2581"
+
+# Token texts llama.cpp also treats as end of generation when they are control tokens.
+_EOG_TEXTS = {
+    "<|eot_id|>", "<|im_end|>", "<|end|>", "<end_of_turn>", "<|endoftext|>", "<EOT>",
+    "<|end_of_text|>", "<|return|>", "<|call|>", "<｜end▁of▁sentence｜>", "<|eom_id|>", "_<EOT>",
+}  # fmt: skip
+
+
+@lru_cache(maxsize=1)
+def _byte_decoder() -> dict[str, int]:
+    """GPT-2's reversible byte <-> printable-unicode map, inverted: char -> byte."""
+    keep = list(range(ord("!"), ord("~") + 1)) + list(range(0xA1, 0xAD)) + list(range(0xAE, 0x100))
+    chars, n = {}, 0
+    for b in range(256):
+        if b in keep:
+            chars[chr(b)] = b
+        else:
+            chars[chr(256 + n)] = b
+            n += 1
+    return chars
+
+
+class Tokenizer:
+    """Text <-> token ids for one model, with llama.cpp's special-token semantics."""
+
+    def __init__(self, metadata: Mapping[str, Any]):
+        self.kind: str = metadata.get("tokenizer.ggml.model", "")
+        if self.kind not in ("gpt2", "llama"):
+            raise ValueError(
+                f"unsupported tokenizer model {self.kind!r} (tokenizer.ggml.model); "
+                "garagelm reads 'gpt2' (BPE) and 'llama' (SentencePiece) vocabularies"
+            )
+        self.tokens: list[str] = list(metadata["tokenizer.ggml.tokens"])
+        n = len(self.tokens)
+        types = metadata.get("tokenizer.ggml.token_type")
+        self.types: list[int] = [int(t) for t in types] if types is not None else [NORMAL] * n
+        self.bos_id: int | None = _opt_id(metadata, "tokenizer.ggml.bos_token_id")
+        self.eos_id: int | None = _opt_id(metadata, "tokenizer.ggml.eos_token_id")
+        spm = self.kind == "llama"
+        pre = None if spm else pre_tokenizer_for(metadata.get("tokenizer.ggml.pre"))
+        default_bos = True if spm else bool(pre.add_bos)
+        self.add_bos: bool = bool(metadata.get("tokenizer.ggml.add_bos_token", default_bos))
+        self.add_eos: bool = bool(metadata.get("tokenizer.ggml.add_eos_token", False))
+        self.add_space_prefix: bool = bool(metadata.get("tokenizer.ggml.add_space_prefix", spm))
+        self.eog_ids: set[int] = self._end_of_generation(metadata)
+        self.token_bytes: list[bytes] = self._token_bytes()
+        if spm:
+            self._tk = self._build_spm(metadata.get("tokenizer.ggml.scores"))
+        else:
+            self._tk = self._build_bpe(metadata.get("tokenizer.ggml.merges") or [], pre)
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.tokens)
+
+    # -- building ---------------------------------------------------------------------------
+    def _end_of_generation(self, metadata: Mapping[str, Any]) -> set[int]:
+        ids = {self.eos_id} if self.eos_id is not None else set()
+        for key in ("eot_token_id", "eom_token_id"):
+            tid = _opt_id(metadata, f"tokenizer.ggml.{key}")
+            if tid is not None:
+                ids.add(tid)
+        for i, (text, kind) in enumerate(zip(self.tokens, self.types)):
+            if text in _EOG_TEXTS and kind in (CONTROL, USER_DEFINED):
+                ids.add(i)
+        return ids
+
+    def _token_bytes(self) -> list[bytes]:
+        out: list[bytes] = []
+        byte_dec = _byte_decoder()
+        for text, kind in zip(self.tokens, self.types):
+            if kind in (CONTROL, UNKNOWN, UNUSED):
+                out.append(b"")  # rendered only on request (see decode(special=True))
+            elif kind == USER_DEFINED:
+                out.append(text.encode())
+            elif self.kind == "llama":
+                if kind == BYTE and len(text) == 6 and text.startswith("<0x"):
+                    out.append(bytes([int(text[3:5], 16)]))
+                else:
+                    out.append(text.replace(SPIECE_SPACE, " ").encode())
+            else:
+                out.append(b"".join(bytes([byte_dec[c]]) if c in byte_dec else c.encode() for c in text))
+        return out
+
+    def _added_tokens(self):
+        from tokenizers import AddedToken
+
+        added = []
+        for text, kind in zip(self.tokens, self.types):
+            if kind in (CONTROL, UNKNOWN):
+                added.append(AddedToken(text, special=True, normalized=False))
+            elif kind == USER_DEFINED:
+                added.append(AddedToken(text, special=False, normalized=False))
+        return added
+
+    def _vocab(self) -> dict[str, int]:
+        # Duplicate texts: the last id wins, as in llama.cpp's text -> id map.
+        return {t: i for i, t in enumerate(self.tokens)}
+
+    def _build_bpe(self, merges: list[str], pre):
+        from tokenizers import Regex, Tokenizer, models, pre_tokenizers
+
+        pairs = [tuple(m.split(" ", 1)) for m in merges]
+        model = models.BPE(vocab=self._vocab(), merges=pairs, ignore_merges=pre.ignore_merges)
+        tk = Tokenizer(model)
+        splits = [pre_tokenizers.Split(Regex(r), behavior="isolated") for r in pre.regexes]
+        tk.pre_tokenizer = pre_tokenizers.Sequence(
+            [*splits, pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]
+        )
+        tk.add_tokens(self._added_tokens())
+        return tk
+
+    def _build_spm(self, scores):
+        from tokenizers import Tokenizer, models, normalizers
+
+        if scores is None:
+            scores = [0.0] * len(self.tokens)
+        vocab = self._vocab()
+        # SentencePiece BPE merges the adjacent pair whose union has the highest score; as
+        # ranked merges that is every split (a, b) of a piece with both halves in the vocab.
+        ranked = []
+        for piece, pid in vocab.items():
+            if self.types[pid] == BYTE or len(piece) < 2:
+                continue
+            for k in range(1, len(piece)):
+                a, b = piece[:k], piece[k:]
+                if a in vocab and b in vocab:
+                    ranked.append((-float(scores[pid]), pid, k, a, b))
+        ranked.sort()
+        unk = next((t for t, k in zip(self.tokens, self.types) if k == UNKNOWN), None)
+        model = models.BPE(
+            vocab=vocab,
+            merges=[(a, b) for *_, a, b in ranked],
+            unk_token=unk,
+            byte_fallback=True,
+            fuse_unk=True,
+        )
+        tk = Tokenizer(model)
+        steps = [normalizers.Prepend(SPIECE_SPACE)] if self.add_space_prefix else []
+        tk.normalizer = normalizers.Sequence([*steps, normalizers.Replace(" ", SPIECE_SPACE)])
+        tk.add_tokens(self._added_tokens())
+        return tk
+
+    # -- use --------------------------------------------------------------------------------
+    def encode(self, text: str, add_special: bool = False, parse_special: bool = False) -> list[int]:
+        """Token ids for `text`.
+
+        add_special: add BOS/EOS as the model's metadata asks. parse_special: control tokens
+        written in the text (e.g. "<|im_start|>") become their ids; otherwise they are plain
+        text, as llama.cpp does for untrusted input.
+        """
+        self._tk.encode_special_tokens = not parse_special
+        ids = self._tk.encode(text, add_special_tokens=False).ids if text else []
+        if add_special and self.add_bos and self.bos_id is not None:
+            ids = [self.bos_id, *ids]
+        if add_special and self.add_eos and self.eos_id is not None:
+            ids = [*ids, self.eos_id]
+        return ids
+
+    def token_to_bytes(self, token_id: int, special: bool = False) -> bytes:
+        if special and self.types[token_id] in (CONTROL, UNKNOWN):
+            return self.tokens[token_id].encode()
+        return self.token_bytes[token_id]
+
+    def decode(self, ids: Iterable[int], special: bool = False) -> str:
+        data = b"".join(self.token_to_bytes(i, special) for i in ids)
+        return data.decode("utf-8", errors="replace")
+
+    def stream(self) -> StreamDecoder:
+        return StreamDecoder(self)
+
+
+class StreamDecoder:
+    """Turns token ids into text pieces as they arrive, never splitting a UTF-8 character."""
+
+    def __init__(self, tokenizer: Tokenizer):
+        self._tok = tokenizer
+        self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def push(self, token_id: int) -> str:
+        return self._utf8.decode(self._tok.token_to_bytes(token_id))
+
+    def flush(self) -> str:
+        return self._utf8.decode(b"", final=True)
+
+
+def _opt_id(metadata: Mapping[str, Any], key: str) -> int | None:
+    v = metadata.get(key)
+    return None if v is None or int(v) < 0 else int(v)
