@@ -1,0 +1,118 @@
+"""`garage pull | list | show | rm`: the local model store."""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+from collections import Counter
+
+from garagelm.errors import GarageError
+
+
+def add_arguments(verb: str, p: argparse.ArgumentParser) -> None:
+    if verb in ("pull", "show", "rm"):
+        p.add_argument(
+            "model", help="store name, e.g. smollm2:135m" + (" or a .gguf path" if verb == "show" else "")
+        )
+    if verb == "pull":
+        p.add_argument("--quiet", action="store_true", help="no progress output")
+    if verb == "show":
+        p.add_argument("--template", action="store_true", help="print only the chat template")
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if n < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return ""
+
+
+def _pull(args: argparse.Namespace) -> int:
+    from garagelm.store.pull import pull
+
+    stored = pull(args.model, quiet=args.quiet)
+    print(
+        f"{stored.name}: {stored.path} ({_size(stored.manifest['size'])}, sha256 {stored.manifest['sha256'][:12]}…)"
+    )
+    return 0
+
+
+def _list(args: argparse.Namespace) -> int:
+    from garagelm.store.local import list_models
+
+    models = list_models()
+    if not models:
+        print("No models yet: try `garage pull smollm2:135m`.")
+        return 0
+    rows = [("NAME", "ARCH", "QUANT", "SIZE", "MODIFIED")]
+    for m in models:
+        mf = m.manifest
+        rows.append(
+            (
+                m.name,
+                mf.get("architecture", "?"),
+                mf.get("quantization", "?"),
+                _size(mf.get("size", 0)),
+                mf.get("pulled_at", "")[:19],
+            )
+        )
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+    return 0
+
+
+def _show(args: argparse.Namespace) -> int:
+    from garagelm.cli.resolve import resolve_model
+    from garagelm.formats.gguf import GGUFFile
+
+    path = resolve_model(args.model, pull_missing=False)
+    g = GGUFFile(path)
+    template = g.get("tokenizer.chat_template")
+    if args.template:
+        if not template:
+            raise GarageError(f"{args.model} has no chat template")
+        print(template)
+        return 0
+    arch = g.architecture
+    n_params = sum(t.n_elements for t in g.tensors.values())
+    info = [
+        ("file", str(path)),
+        ("architecture", arch),
+        ("name", g.get("general.name", "")),
+        ("parameters", f"{n_params / 1e6:.1f}M"),
+        ("context length", g.get(f"{arch}.context_length", "?")),
+        ("embedding length", g.get(f"{arch}.embedding_length", "?")),
+        ("layers", g.get(f"{arch}.block_count", "?")),
+        ("license", g.get("general.license", "unknown")),
+        (
+            "tokenizer",
+            f"{g.get('tokenizer.ggml.model')} ({g.get('tokenizer.ggml.pre', 'default')}), {len(g.get('tokenizer.ggml.tokens', []))} tokens",
+        ),
+        (
+            "tensor types",
+            ", ".join(f"{k} x{v}" for k, v in Counter(t.qtype for t in g.tensors.values()).most_common()),
+        ),
+    ]
+    for k, v in info:
+        print(f"  {k:18s}{v}")
+    print("\n  chat template:" if template else "\n  chat template: none (use --raw or --template)")
+    if template:
+        print("    " + template.replace("\n", "\n    "))
+    return 0
+
+
+def _rm(args: argparse.Namespace) -> int:
+    from garagelm.store.local import find, model_dir
+
+    if find(args.model) is None and not model_dir(args.model).exists():
+        raise GarageError(f"model {args.model} is not in the store (see `garage list`)")
+    shutil.rmtree(model_dir(args.model))
+    print(f"deleted {args.model}", file=sys.stderr)
+    return 0
+
+
+def main(args: argparse.Namespace) -> int:
+    return {"pull": _pull, "list": _list, "show": _show, "rm": _rm}[args.verb](args)

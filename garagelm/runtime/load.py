@@ -1,0 +1,66 @@
+"""A model file -> everything needed to generate: weights, tokenizer, chat template."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from garagelm.errors import GarageError
+from garagelm.formats.gguf import GGUFFile
+from garagelm.runtime.chat_template import ChatTemplate
+from garagelm.runtime.tokenizer import Tokenizer
+
+
+@dataclass
+class LoadedModel:
+    path: Path
+    gguf: GGUFFile
+    model: nn.Module
+    tokenizer: Tokenizer
+    template_source: str | None
+    context_length: int
+    load_seconds: float = 0.0
+    info: dict = field(default_factory=dict)
+
+    def chat_template(self, override: str | None = None) -> ChatTemplate:
+        source = override or self.template_source
+        if not source:
+            raise GarageError(
+                f"{self.path.name} has no chat template (tokenizer.chat_template); use --raw to send "
+                "plain text, or --template FILE to give one"
+            )
+        tok = self.tokenizer
+        bos = tok.tokens[tok.bos_id] if tok.bos_id is not None else ""
+        eos = tok.tokens[tok.eos_id] if tok.eos_id is not None else ""
+        return ChatTemplate(source, bos, eos)
+
+
+def load_model(path: str | Path) -> LoadedModel:
+    """Load a GGUF file; errors name the file and what to do."""
+    from garagelm.models import from_gguf
+
+    t0 = time.perf_counter()
+    path = Path(path)
+    if path.is_dir():
+        raise GarageError(f"{path}: Hugging Face folders are not supported yet; give a .gguf file")
+    gguf = GGUFFile(path)
+    try:
+        tokenizer = Tokenizer(gguf.metadata)
+    except (ValueError, KeyError) as e:
+        raise GarageError(f"{path}: cannot build the tokenizer: {e}") from None
+    model = from_gguf(gguf, dtype=torch.float32)
+    arch = gguf.architecture
+    ctx = int(gguf.get(f"{arch}.context_length", 2048))
+    return LoadedModel(
+        path=path,
+        gguf=gguf,
+        model=model,
+        tokenizer=tokenizer,
+        template_source=gguf.get("tokenizer.chat_template"),
+        context_length=ctx,
+        load_seconds=time.perf_counter() - t0,
+    )

