@@ -1,0 +1,164 @@
+"""Shared fixtures: the real SmolLM2 GGUF, reference conversions made by llama.cpp, vocab vectors.
+
+Everything downloaded or derived is cached under GARAGE_TEST_CACHE (default .test-cache/ in the
+repo) so a second run starts at once. Files are written under a temporary name and renamed.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+CACHE = Path(os.environ.get("GARAGE_TEST_CACHE", ROOT / ".test-cache"))
+LLAMA_CPP_VERSION = "0.3.36"
+SMOL = "smollm2:135m"
+
+# llama.cpp file types for the reference conversions (llama_ftype values).
+FTYPES = {
+    "F32": 0,
+    "F16": 1,
+    "Q4_0": 2,
+    "Q8_0": 7,
+    "Q5_0": 8,
+    "Q5_1": 9,
+    "Q4_K_M": 15,
+    "Q5_K_M": 17,
+    "Q6_K": 18,
+    "BF16": 32,
+}
+
+
+@pytest.fixture(scope="session")
+def smol_path() -> Path:
+    """The real SmolLM2-135M-Instruct Q4_1 GGUF, pulled into a test store with `garage pull`."""
+    from garagelm.store.pull import pull
+
+    old = os.environ.get("GARAGE_HOME")
+    os.environ["GARAGE_HOME"] = str(CACHE / "store")
+    try:
+        return pull(SMOL, quiet=True).path
+    finally:
+        if old is None:
+            os.environ.pop("GARAGE_HOME", None)
+        else:
+            os.environ["GARAGE_HOME"] = old
+
+
+def write_f32_copy(src: Path, dst: Path) -> None:
+    """Re-write a GGUF with every tensor dequantized to F32 (our dequantizer; its bit-exactness
+    against gguf-py is tested separately), keeping the metadata."""
+    import gguf
+
+    from garagelm.formats.gguf import GGUFFile
+
+    g = GGUFFile(src)
+    tmp = dst.with_name(dst.name + ".tmp")
+    w = gguf.GGUFWriter(tmp, arch=g.architecture)
+    for k, v in g.metadata.items():
+        if k == "general.architecture":
+            continue
+        if k == "general.file_type":
+            w.add_uint32(k, 0)
+        elif isinstance(v, str):
+            w.add_string(k, v)
+        elif isinstance(v, bool):
+            w.add_bool(k, v)
+        elif isinstance(v, int):
+            w.add_uint32(k, v) if v >= 0 else w.add_int32(k, v)
+        elif isinstance(v, float):
+            w.add_float32(k, v)
+        elif isinstance(v, np.ndarray):
+            w.add_array(k, v.tolist())
+        else:
+            w.add_array(k, list(v))
+    for name, t in g.tensors.items():
+        w.add_tensor(name, t.to_float().numpy())
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    os.replace(tmp, dst)
+
+
+@pytest.fixture(scope="session")
+def smol_f32(smol_path: Path) -> Path:
+    dst = CACHE / "smol-f32.gguf"
+    if not dst.exists():
+        write_f32_copy(smol_path, dst)
+    return dst
+
+
+@pytest.fixture(scope="session")
+def quantized(smol_f32: Path):
+    """type name -> path of the F32 model quantized to that type by llama.cpp's own quantizer."""
+    import llama_cpp
+
+    def make(kind: str) -> Path:
+        dst = CACHE / f"smol-{kind}.gguf"
+        if not dst.exists():
+            params = llama_cpp.llama_model_quantize_default_params()
+            params.ftype = FTYPES[kind]
+            tmp = dst.with_name(dst.name + ".tmp")
+            rc = llama_cpp.llama_model_quantize(str(smol_f32).encode(), str(tmp).encode(), params)
+            assert rc == 0, f"llama.cpp failed to quantize to {kind}"
+            os.replace(tmp, dst)
+        return dst
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def vocab_dir() -> Path:
+    """llama.cpp's tokenizer test vectors (ggml-vocab-*.gguf + .inp/.out) from its PyPI sdist."""
+    dst = CACHE / "llama-vocab"
+    if (dst / ".complete").exists():
+        return dst
+    dl = CACHE / "sdist"
+    sdist = dl / f"llama_cpp_python-{LLAMA_CPP_VERSION}.tar.gz"
+    if not sdist.exists():
+        subprocess.run(
+            [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--no-binary", ":all:",
+             "-d", str(dl), f"llama-cpp-python=={LLAMA_CPP_VERSION}"],
+            check=True,
+        )  # fmt: skip
+    dst.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(sdist) as tf:
+        for m in tf.getmembers():
+            if "/vendor/llama.cpp/models/ggml-vocab-" in m.name and m.isfile():
+                m.name = Path(m.name).name
+                tf.extract(m, dst, filter="data")
+    (dst / ".complete").touch()
+    return dst
+
+
+@pytest.fixture(scope="session")
+def llama_cpp_model():
+    """Open a GGUF in llama.cpp (the reference), silenced, two threads."""
+    from llama_cpp import Llama
+
+    opened = {}
+
+    def open_(path: Path, logits_all: bool = True, f32_cache: bool = False):
+        key = (str(path), logits_all, f32_cache)
+        kw = {"type_k": 0, "type_v": 0} if f32_cache else {}  # 0 = GGML_TYPE_F32; default is f16
+        if key not in opened:
+            opened[key] = Llama(
+                str(path), n_ctx=1024, n_threads=2, verbose=False, logits_all=logits_all, seed=0, **kw
+            )
+        return opened[key]
+
+    return open_
+
+
+@pytest.fixture(scope="session")
+def smol_loaded(smol_path: Path):
+    from garagelm.runtime.load import load_model
+
+    return load_model(smol_path)

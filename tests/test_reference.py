@@ -1,0 +1,110 @@
+"""Numerics against independent references: llama.cpp and transformers' GGUF loader.
+
+llama.cpp multiplies quantized weights by activations it first rounds to 8 bits (Q8_0/Q8_1
+blocks), so on a Q4_1 file its logits are not the exact product of the file's weights; ours
+(and transformers') are. Token-for-token equality with llama.cpp is therefore checked where
+llama.cpp computes exactly, on the F32 conversion of the same weights, and the Q4_1 file is
+checked against transformers (exact) and for top-1 agreement with llama.cpp.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from garagelm.runtime.generate import Engine
+from garagelm.runtime.load import load_model
+from garagelm.runtime.sampling import SamplingParams
+
+RAW_PROMPTS = [
+    "The capital of France is",
+    "def fibonacci(n):",
+    "Once upon a time, in a small village by the sea,",
+    "Héllo wörld 🦙 — 12345 numbers and   spaces",
+]
+CHAT_PROMPTS = [
+    "What is the capital of France? Answer in one sentence.",
+    "Write a haiku about a garage.",
+]
+# |ours - llama.cpp| on F32 weights with llama.cpp's KV cache in F32 too, in logits (which
+# spread over ~40): float32 rounding only.
+LOGIT_MAX_TOL, LOGIT_MEAN_TOL = 2e-3, 2e-4
+
+
+def _prompt_ids(loaded, text, chat):
+    tok = loaded.tokenizer
+    if not chat:
+        return tok.encode(text, add_special=True)
+    rendered = loaded.chat_template().render([{"role": "user", "content": text}])
+    return tok.encode(rendered, add_special=True, parse_special=True)
+
+
+def _ours_greedy(loaded, ids, n):
+    eng = Engine(loaded.model, loaded.tokenizer, 1024)
+    return list(eng.tokens(ids, SamplingParams(temperature=0, max_tokens=n)))
+
+
+def _ref_greedy(ref, ids, n, eog):
+    ref.reset()
+    out = []
+    for t in ref.generate(ids, temp=0.0, top_k=1, repeat_penalty=1.0, reset=True):
+        out.append(t)
+        if len(out) >= n or t in eog:
+            break
+    return out
+
+
+@pytest.fixture(scope="module")
+def f32_loaded(smol_f32):
+    return load_model(smol_f32)
+
+
+@pytest.mark.parametrize("text,chat", [(p, False) for p in RAW_PROMPTS] + [(p, True) for p in CHAT_PROMPTS])
+def test_greedy_64_tokens_equal_llama_cpp(f32_loaded, smol_f32, llama_cpp_model, text, chat):
+    ids = _prompt_ids(f32_loaded, text, chat)
+    ours = _ours_greedy(f32_loaded, ids, 64)
+    ref = _ref_greedy(llama_cpp_model(smol_f32, logits_all=False), ids, 64, f32_loaded.tokenizer.eog_ids)
+    assert ours == ref
+    assert len(ours) == 64 or ours[-1] in f32_loaded.tokenizer.eog_ids
+
+
+def test_logits_close_to_llama_cpp(f32_loaded, smol_f32, llama_cpp_model):
+    ids = _prompt_ids(f32_loaded, "The capital of France is Paris. Its most famous tower is the", False)
+    ref = llama_cpp_model(smol_f32, f32_cache=True)
+    ref.reset()
+    ref.eval(ids)
+    expected = np.array(ref.scores[: len(ids)])
+    with torch.inference_mode():
+        got = f32_loaded.model(torch.tensor([ids]))[0].numpy()
+    diff = np.abs(got - expected)
+    assert diff.max() < LOGIT_MAX_TOL and diff.mean() < LOGIT_MEAN_TOL, (diff.max(), diff.mean())
+
+
+def test_q4_1_logits_equal_transformers(smol_loaded, smol_path):
+    transformers = pytest.importorskip("transformers", reason="transformers is a test dependency")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(
+        str(smol_path.parent), gguf_file=smol_path.name, dtype=torch.float32
+    )
+    ids = _prompt_ids(smol_loaded, "Write a haiku about a garage.", True)
+    with torch.inference_mode():
+        expected = hf(torch.tensor([ids])).logits[0].numpy()
+        got = smol_loaded.model(torch.tensor([ids]))[0].numpy()
+    assert np.abs(got - expected).max() < 1e-3
+
+
+def test_q4_1_top1_agrees_with_llama_cpp(smol_loaded, smol_path, llama_cpp_model):
+    """Teacher-forced on llama.cpp's own greedy text: our argmax equals its argmax almost always."""
+    ref = llama_cpp_model(smol_path)
+    agree = total = 0
+    for text, chat in [(p, False) for p in RAW_PROMPTS] + [(p, True) for p in CHAT_PROMPTS]:
+        ids = _prompt_ids(smol_loaded, text, chat)
+        seq = ids + _ref_greedy(ref, ids, 64, set())
+        ref.reset()
+        ref.eval(seq)
+        expected = np.array(ref.scores[: len(seq)])[len(ids) - 1 :]
+        with torch.inference_mode():
+            got = smol_loaded.model(torch.tensor([seq]))[0].numpy()[len(ids) - 1 :]
+        agree += int((got.argmax(-1) == expected.argmax(-1)).sum())
+        total += len(expected)
+    assert agree / total >= 0.95, f"top-1 agreement {agree}/{total}"
