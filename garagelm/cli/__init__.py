@@ -34,7 +34,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    # A prompt written after flags (`run MODEL --raw TEXT`) arrives as leftovers.
+    if extra and getattr(args, "prompt", None) is not None and not any(e.startswith("-") for e in extra):
+        args.prompt = [*args.prompt, *extra]
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if not args.verb:
         parser.print_help()
         return 0

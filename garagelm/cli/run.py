@@ -105,10 +105,11 @@ class Session:
         add_bos = not (bos and text.startswith(bos))  # templates that write BOS themselves
         return tok.encode(text, add_special=add_bos, parse_special=True)
 
-    def reply(self, user_text: str, out=sys.stdout) -> str:
+    def reply(self, user_text: str, out=None) -> str:
         """Stream the model's reply to `out`; Ctrl-C stops the reply, keeping what was said."""
         from garagelm.runtime.generate import Completion
 
+        out = out or sys.stdout
         ids = self.prompt_ids(user_text)
         completion = Completion()
         t0 = time.perf_counter()

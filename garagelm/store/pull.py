@@ -106,6 +106,10 @@ def _pip_download(package: str, version: str, dest: Path, quiet: bool) -> Path:
     if index := os.environ.get("GARAGE_PYPI_INDEX_URL"):
         # A private index replaces every pip setting, so nothing else is consulted.
         cmd += ["--isolated", "--index-url", index]
+        if index.startswith("http://"):
+            from urllib.parse import urlparse
+
+            cmd += ["--trusted-host", urlparse(index).hostname or ""]
     if quiet:
         cmd.append("-q")
     cmd.append(f"{package}=={version}")

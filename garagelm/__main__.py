@@ -1,0 +1,5 @@
+import sys
+
+from garagelm.cli import main
+
+sys.exit(main())

