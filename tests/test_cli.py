@@ -190,7 +190,7 @@ def test_missing_template_is_a_clear_error(smol_loaded):
     saved = smol_loaded.template_source
     smol_loaded.template_source = None
     try:
-        with pytest.raises(GarageError, match="no chat template.*--raw.*--template"):
+        with pytest.raises(GarageError, match=r"no chat template.*--raw.*--template"):
             smol_loaded.chat_template()
     finally:
         smol_loaded.template_source = saved
