@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[1] / "tests"))
-from test_reference import CHAT_PROMPTS, RAW_PROMPTS, _prompt_ids, _ref_greedy
+from test_reference import CHAT_PROMPTS, RAW_PROMPTS, _prompt_ids, _ref_greedy, teacher_forced_logits
 
 from garagelm.runtime.generate import Engine
 from garagelm.runtime.load import load_model
@@ -38,12 +38,7 @@ def measure(path: str) -> dict:
         )
         theirs = _ref_greedy(ref, ids, 64, loaded.tokenizer.eog_ids)
         same = next((i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b), min(len(ours), len(theirs)))
-        seq = ids + _ref_greedy(ref, ids, 64, set())
-        ref.reset()
-        ref.eval(seq)
-        expected = np.array(ref.scores[: len(seq)])[len(ids) - 1 :]
-        with torch.inference_mode():
-            got = loaded.model(torch.tensor([seq]))[0].numpy()[len(ids) - 1 :]
+        got, expected = teacher_forced_logits(loaded, ref, ids)
         agree += int((got.argmax(-1) == expected.argmax(-1)).sum())
         total += len(expected)
         d = np.abs(got - expected)

@@ -112,18 +112,23 @@ def test_q4_1_logits_equal_transformers(smol_loaded, hf_q4_1):
     assert np.abs(got - expected).max() < 1e-3
 
 
+def teacher_forced_logits(loaded, ref, ids, n=64):
+    """Both engines' next-token logits along llama.cpp's own greedy continuation of `ids`."""
+    seq = ids + _ref_greedy(ref, ids, n, set())
+    ref.reset()
+    ref.eval(seq)
+    expected = np.array(ref.scores[: len(seq)])[len(ids) - 1 :]
+    with torch.inference_mode():
+        got = loaded.model(torch.tensor([seq]))[0].numpy()[len(ids) - 1 :]
+    return got, expected
+
+
 def test_q4_1_top1_agrees_with_llama_cpp(smol_loaded, smol_path, llama_cpp_model):
     """Teacher-forced on llama.cpp's own greedy text: our argmax equals its argmax almost always."""
     ref = llama_cpp_model(smol_path)
     agree = total = 0
     for text, chat in [(p, False) for p in RAW_PROMPTS] + [(p, True) for p in CHAT_PROMPTS]:
-        ids = _prompt_ids(smol_loaded, text, chat)
-        seq = ids + _ref_greedy(ref, ids, 64, set())
-        ref.reset()
-        ref.eval(seq)
-        expected = np.array(ref.scores[: len(seq)])[len(ids) - 1 :]
-        with torch.inference_mode():
-            got = smol_loaded.model(torch.tensor([seq]))[0].numpy()[len(ids) - 1 :]
+        got, expected = teacher_forced_logits(smol_loaded, ref, _prompt_ids(smol_loaded, text, chat))
         agree += int((got.argmax(-1) == expected.argmax(-1)).sum())
         total += len(expected)
     assert agree / total >= 0.95, f"top-1 agreement {agree}/{total}"

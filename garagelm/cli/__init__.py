@@ -17,6 +17,7 @@ VERBS = {
     "list": ("store", "List models in the local store"),
     "show": ("store", "Show a model's metadata, chat template and tensors"),
     "rm": ("store", "Remove a model from the local store"),
+    "bench": ("bench", "Measure prompt processing and generation speed on this machine"),
 }
 
 

@@ -1,0 +1,124 @@
+"""garagelm vs llama.cpp on the same GGUF file, same threads, in one run.
+
+Each engine runs in its own process (so peak RSS is its own), on the same prompt tokens:
+prompt processing of --pp tokens, greedy decode of --tg tokens, decode after --long-ctx tokens,
+load to first token. Prints medians and the ratios; --json FILE writes them.
+
+    python bench/speed.py smollm2:135m --threads 2 --reps 3 --json bench/speed.json
+
+llama.cpp comes from llama-cpp-python (tests/run.sh builds it with the flags this machine needs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+
+
+def _llama_cpp(path: str, pp: int, tg: int, reps: int, threads: int, long_ctx: int) -> dict:
+    from llama_cpp import Llama
+
+    from garagelm.evaluate.speed import bench_tokens, peak_rss_mib
+    from garagelm.formats.gguf import GGUFFile
+    from garagelm.runtime.tokenizer import Tokenizer
+
+    prompt = bench_tokens(Tokenizer(GGUFFile(path).metadata), max(pp, long_ctx))
+    t0 = time.perf_counter()
+    ll = Llama(path, n_ctx=max(pp, long_ctx) + tg + 8, n_batch=max(pp, long_ctx), n_threads=threads,
+               n_threads_batch=threads, verbose=False)  # fmt: skip
+    ll.eval(ll.tokenize(b"Hello", add_bos=False))
+    load = time.perf_counter() - t0
+
+    def decode(n_ctx: int) -> float:
+        ll.reset()
+        ll.eval(prompt[:n_ctx])
+        t = time.perf_counter()
+        for i, _ in enumerate(ll.generate([], temp=0.0, top_k=1, reset=False)):
+            if i + 1 >= tg:
+                break
+        return tg / (time.perf_counter() - t)
+
+    pp_rates, tg_rates, long_rates = [], [], []
+    for _ in range(reps):
+        ll.reset()
+        t = time.perf_counter()
+        ll.eval(prompt[:pp])
+        pp_rates.append(pp / (time.perf_counter() - t))
+        tg_rates.append(decode(pp))
+        if long_ctx:
+            long_rates.append(decode(long_ctx))
+    out = {
+        "engine": "llama.cpp",
+        "pp_tok_s": statistics.median(pp_rates),
+        "tg_tok_s": statistics.median(tg_rates),
+        "load_to_first_token_s": load,
+        "peak_rss_mib": peak_rss_mib(),
+    }
+    if long_ctx:
+        out["tg_tok_s_at_ctx"] = {str(long_ctx): statistics.median(long_rates)}
+    return out
+
+
+def _child(args: argparse.Namespace) -> None:
+    import torch
+
+    torch.set_num_threads(args.threads)
+    if args.engine == "garagelm":
+        from garagelm.evaluate.speed import measure
+
+        r = measure(args.model, args.pp, args.tg, args.reps, args.long_ctx)
+    else:
+        r = _llama_cpp(args.model, args.pp, args.tg, args.reps, args.threads, args.long_ctx)
+    print(json.dumps(r))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("model", help="store name or .gguf path")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--pp", type=int, default=512)
+    ap.add_argument("--tg", type=int, default=128)
+    ap.add_argument("--long-ctx", type=int, default=2000, help="also decode after this many tokens (0: skip)")
+    ap.add_argument("--json", help="write results here")
+    ap.add_argument("--engine", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.engine:
+        return _child(args)
+    from garagelm.cli.resolve import resolve_model
+
+    path = str(resolve_model(args.model))
+    results = {}
+    for engine in ("garagelm", "llama.cpp"):
+        cmd = [sys.executable, __file__, path, "--engine", engine, "--threads", str(args.threads),
+               "--reps", str(args.reps), "--pp", str(args.pp), "--tg", str(args.tg), "--long-ctx", str(args.long_ctx)]  # fmt: skip
+        proc = subprocess.run(cmd, capture_output=True, text=True, check=True)
+        results[engine] = json.loads(proc.stdout.strip().splitlines()[-1])
+    ours, peer = results["garagelm"], results["llama.cpp"]
+    ratios = {
+        "decode": ours["tg_tok_s"] / peer["tg_tok_s"],
+        "prompt_processing": ours["pp_tok_s"] / peer["pp_tok_s"],
+        "peak_rss": ours["peak_rss_mib"] / peer["peak_rss_mib"],
+    }
+    if args.long_ctx:
+        key = str(args.long_ctx)
+        ratios["own_decode_short_over_long_ctx"] = ours["tg_tok_s"] / ours["tg_tok_s_at_ctx"][key]
+    print(f"{path}  threads={args.threads} reps={args.reps} (medians)")
+    print(f"{'':12s}{'pp' + str(args.pp) + ' tok/s':>14s}{'tg' + str(args.tg) + ' tok/s':>14s}"
+          f"{'tg@' + str(args.long_ctx):>10s}{'load->1st s':>13s}{'RSS MiB':>9s}")  # fmt: skip
+    for name, r in results.items():
+        at = r.get("tg_tok_s_at_ctx", {}).get(str(args.long_ctx), float("nan"))
+        print(f"{name:12s}{r['pp_tok_s']:14.1f}{r['tg_tok_s']:14.1f}{at:10.1f}"
+              f"{r['load_to_first_token_s']:13.2f}{r['peak_rss_mib']:9.0f}")  # fmt: skip
+    print("ratios (garagelm / llama.cpp): " + ", ".join(f"{k} {v:.2f}x" for k, v in ratios.items()))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"date": time.strftime("%Y-%m-%d"), "results": results, "ratios": ratios}, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()

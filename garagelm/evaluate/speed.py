@@ -1,0 +1,81 @@
+"""Speed of our engine on this machine: prompt processing, decode, time to first token, RSS."""
+
+from __future__ import annotations
+
+import resource
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+# Text to build benchmark prompts from: the Python language reference ships with every Python.
+try:
+    from pydoc_data.topics import topics as _TOPICS
+except ImportError:  # pragma: no cover - stripped Pythons
+    _TOPICS = {"x": "The quick brown fox jumps over the lazy dog. " * 2000}
+
+
+def bench_tokens(tokenizer, n: int) -> list[int]:
+    text = "\n".join(_TOPICS[k] for k in sorted(_TOPICS))
+    ids = tokenizer.encode(text)
+    if len(ids) < n:
+        raise ValueError(f"benchmark text has only {len(ids)} tokens, {n} asked")
+    return ids[:n]
+
+
+def peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+@torch.inference_mode()
+def _decode(engine, first: int, start: int, n: int) -> float:
+    """Greedy decode of n tokens after position `start`, ignoring end tokens (as llama-bench)."""
+    tok = first
+    t0 = time.perf_counter()
+    for i in range(n):
+        logits = engine._forward([tok], start + i)
+        tok = int(logits.argmax())
+    return n / (time.perf_counter() - t0)
+
+
+def measure(path: str | Path, pp: int = 512, tg: int = 128, reps: int = 3, long_ctx: int = 0) -> dict:
+    """Median tok/s over `reps` runs. long_ctx > 0 also measures decode after that many tokens."""
+    from garagelm.runtime.generate import Engine
+    from garagelm.runtime.load import load_model
+
+    t0 = time.perf_counter()
+    loaded = load_model(path)
+    tok = loaded.tokenizer
+    ctx = max(pp, long_ctx) + tg + 8
+    engine = Engine(loaded.model, tok, ctx, prefill_chunk=max(pp, long_ctx, 1))
+    first = engine._forward(tok.encode("Hello"), 0)
+    load_to_first_token = time.perf_counter() - t0
+    prompt = bench_tokens(tok, max(pp, long_ctx))
+    pp_rates, tg_rates, long_rates = [], [], []
+    for _ in range(reps):
+        engine.reset()
+        t1 = time.perf_counter()
+        logits = engine._forward(prompt[:pp], 0)
+        pp_rates.append(pp / (time.perf_counter() - t1))
+        tg_rates.append(_decode(engine, int(logits.argmax()), pp, tg))
+    if long_ctx:
+        for _ in range(reps):
+            engine.reset()
+            logits = engine._forward(prompt[:long_ctx], 0)
+            long_rates.append(_decode(engine, int(logits.argmax()), long_ctx, tg))
+    del first
+    out = {
+        "engine": "garagelm",
+        "model": str(path),
+        "threads": torch.get_num_threads(),
+        "pp_tokens": pp,
+        "tg_tokens": tg,
+        "pp_tok_s": statistics.median(pp_rates),
+        "tg_tok_s": statistics.median(tg_rates),
+        "load_to_first_token_s": load_to_first_token,
+        "peak_rss_mib": peak_rss_mib(),
+    }
+    if long_ctx:
+        out["tg_tok_s_at_ctx"] = {str(long_ctx): statistics.median(long_rates)}
+    return out
