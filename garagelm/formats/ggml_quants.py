@@ -12,6 +12,7 @@ from collections.abc import Callable
 import torch
 
 QK_K = 256
+CHUNK_VALUES = 1 << 21  # values dequantized per slice
 
 # name -> (block_size, type_size); matches ggml's type traits.
 BLOCK_LAYOUT: dict[str, tuple[int, int]] = {
@@ -172,6 +173,11 @@ def dequantize(raw: torch.Tensor, qtype: str, shape: tuple[int, ...]) -> torch.T
     except KeyError:
         supported = ", ".join(DEQUANTIZE)
         raise ValueError(f"no dequantizer for GGML type {qtype}; supported: {supported}") from None
-    _, type_size = BLOCK_LAYOUT[qtype]
+    block, type_size = BLOCK_LAYOUT[qtype]
     blocks = raw.reshape(-1, type_size)
-    return fn(blocks).reshape(shape)
+    out = torch.empty(blocks.shape[0], block, dtype=torch.float32)
+    # In slices, so the temporaries of a large tensor (an embedding table) stay small.
+    step = max(1, CHUNK_VALUES // block)
+    for i in range(0, blocks.shape[0], step):
+        out[i : i + step] = fn(blocks[i : i + step])
+    return out.reshape(shape)
