@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from garagelm.errors import GarageError
+from garagelm.formats.ggml_quants import dequantize
 from garagelm.formats.gguf import GGUFFile
 from garagelm.formats.names import gguf_to_hf
 from garagelm.models.llama import LlamaConfig, LlamaForCausalLM, unpermute_qk
@@ -41,8 +42,6 @@ def from_gguf(gguf: GGUFFile, dtype: torch.dtype = torch.float32) -> nn.Module:
             raw = unpermute_qk(raw, cfg.num_attention_heads)
         elif name.endswith("attn_k.weight"):
             raw = unpermute_qk(raw, cfg.num_key_value_heads)
-        from garagelm.formats.ggml_quants import dequantize
-
         state[hf] = dequantize(raw, t.qtype, t.shape).to(dtype)
     if "rope_freqs.weight" in gguf.tensors:
         model.rope.freq_factors = gguf.tensors["rope_freqs.weight"].to_float()
