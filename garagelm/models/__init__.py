@@ -14,8 +14,21 @@ from garagelm.models.llama import LlamaConfig, LlamaForCausalLM, unpermute_qk
 SUPPORTED = ("llama",)
 
 
-def from_gguf(gguf: GGUFFile, dtype: torch.dtype = torch.float32) -> nn.Module:
-    """Build the model a GGUF file describes, with its weights, without holding them twice."""
+def _set_module(model: nn.Module, dotted: str, module: nn.Module) -> None:
+    parent, _, leaf = dotted.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, leaf, module)
+
+
+def from_gguf(gguf: GGUFFile, dtype: torch.dtype = torch.float32, quantized: bool = True) -> nn.Module:
+    """Build the model a GGUF file describes, with its weights, without holding them twice.
+
+    quantized: linear layers and the embedding whose GGML type the C kernels read keep their
+    blocks (memory-mapped where no reordering is needed); everything else is dequantized to
+    `dtype`. quantized=False dequantizes everything (for training or as a reference).
+    """
+    from garagelm.quant.ggml_linear import KERNEL_TYPES, GGMLEmbedding, GGMLLinear, kernels_available
+
+    keep = quantized and kernels_available()
     arch = gguf.architecture
     if arch not in SUPPORTED:
         raise GarageError(
@@ -29,7 +42,7 @@ def from_gguf(gguf: GGUFFile, dtype: torch.dtype = torch.float32) -> nn.Module:
         raise GarageError(f"{gguf.path}: {e.args[0]}; the file is incomplete") from None
     with torch.device("meta"):
         model = LlamaForCausalLM(cfg)
-    state = {}
+    state, swapped = {}, set()
     for name, t in gguf.tensors.items():
         if name == "rope_freqs.weight":
             continue  # llama3-style frequency factors, handled below
@@ -42,14 +55,52 @@ def from_gguf(gguf: GGUFFile, dtype: torch.dtype = torch.float32) -> nn.Module:
             raw = unpermute_qk(raw, cfg.num_attention_heads)
         elif name.endswith("attn_k.weight"):
             raw = unpermute_qk(raw, cfg.num_key_value_heads)
+        if keep and t.qtype in KERNEL_TYPES and len(t.shape) == 2:
+            module = hf.removesuffix(".weight")
+            out_f, in_f = t.shape
+            if hf == "model.embed_tokens.weight":
+                _set_module(model, module, GGMLEmbedding(raw, t.qtype, out_f, in_f))
+                if tied:  # the output head reads the same blocks
+                    model.lm_head = GGMLLinear(raw, t.qtype, in_f, out_f)
+                    swapped.add("lm_head.weight")
+            else:
+                _set_module(model, module, GGMLLinear(raw, t.qtype, in_f, out_f))
+            swapped.add(hf)
+            continue
         state[hf] = dequantize(raw, t.qtype, t.shape).to(dtype)
     if "rope_freqs.weight" in gguf.tensors:
         model.rope.freq_factors = gguf.tensors["rope_freqs.weight"].to_float()
-    missing = set(model.state_dict()) - set(state) - ({"lm_head.weight"} if tied else set())
+    expected = {k for k in model.state_dict() if not k.endswith(".raw")}
+    missing = expected - set(state) - swapped - ({"lm_head.weight"} if tied else set())
     if missing:
         raise GarageError(
             f"{gguf.path}: tensors missing for {sorted(missing)[:3]}...; the file is incomplete"
         )
     model.load_state_dict(state, strict=False, assign=True)
-    model.tie_weights()
+    if tied and "lm_head.weight" not in swapped:
+        model.tie_weights()
+    if keep:
+        fuse_projections(model)
     return model.eval()
+
+
+def fuse_projections(model: nn.Module) -> None:
+    """Serve q/k/v and gate/up as one product each when they share a GGML type (fewer calls)."""
+    from garagelm.quant.ggml_linear import GGMLLinear
+
+    def fuse(parts):
+        if not all(isinstance(p, GGMLLinear) for p in parts):
+            return None
+        if len({(p.qtype, p.in_features) for p in parts}) != 1 or any(p.bias is not None for p in parts):
+            return None
+        raw = torch.cat([p.raw for p in parts])
+        return GGMLLinear(raw, parts[0].qtype, parts[0].in_features, sum(p.out_features for p in parts))
+
+    for layer in model.model.layers:
+        attn, mlp = layer.self_attn, layer.mlp
+        if (qkv := fuse([attn.q_proj, attn.k_proj, attn.v_proj])) is not None:
+            attn.qkv_proj = qkv
+            del attn.q_proj, attn.k_proj, attn.v_proj
+        if (gate_up := fuse([mlp.gate_proj, mlp.up_proj])) is not None:
+            mlp.gate_up_proj = gate_up
+            del mlp.gate_proj, mlp.up_proj

@@ -6,6 +6,7 @@ re-sends the whole conversation each turn only computes the new tokens.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -14,6 +15,7 @@ import torch
 from torch import nn
 
 from garagelm.errors import GarageError
+from garagelm.quant.ggml_linear import MAX_KERNEL_ROWS, kernels_available
 from garagelm.runtime.cache import KVCache
 from garagelm.runtime.sampling import Sampler, SamplingParams
 from garagelm.runtime.tokenizer import Tokenizer
@@ -65,7 +67,8 @@ class Engine:
     @torch.inference_mode()
     def _forward(self, ids: list[int], start: int) -> torch.Tensor:
         x = torch.tensor([ids], dtype=torch.long)
-        logits = self.model(x, cache=self.cache, start=start, last_only=True)
+        with _decode_threads(len(ids)):
+            logits = self.model(x, cache=self.cache, start=start, last_only=True)
         self.cached = self.cached[:start] + ids
         return logits[0, -1]
 
@@ -143,6 +146,21 @@ class Engine:
 
     def _full(self) -> bool:
         return len(self.cached) + 1 >= self.ctx_size
+
+
+@contextlib.contextmanager
+def _decode_threads(n_tokens: int):
+    """Decode steps run torch's tiny ops on one thread: its idle OpenMP workers spin and would
+    steal the cores the quantized-matmul kernel's own threads need."""
+    if n_tokens > MAX_KERNEL_ROWS or not kernels_available():
+        yield
+        return
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(saved)
 
 
 def _common_prefix(a: list[int], b: list[int]) -> int:

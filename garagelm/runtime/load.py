@@ -52,6 +52,9 @@ def load_model(path: str | Path) -> LoadedModel:
         tokenizer = Tokenizer(gguf.metadata)
     except (ValueError, KeyError) as e:
         raise GarageError(f"{path}: cannot build the tokenizer: {e}") from None
+    from garagelm.quant.ggml_linear import set_threads
+
+    set_threads(torch.get_num_threads())  # the C kernels use as many threads as torch
     model = from_gguf(gguf, dtype=torch.float32)
     arch = gguf.architecture
     ctx = int(gguf.get(f"{arch}.context_length", 2048))

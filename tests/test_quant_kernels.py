@@ -1,0 +1,76 @@
+"""The fused dequantize+matmul kernels against float32 matmuls of gguf-py-dequantized weights."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from gguf import GGMLQuantizationType
+from gguf.quants import dequantize as gguf_dequantize
+
+from garagelm.formats.gguf import GGUFFile
+from garagelm.quant.ggml_linear import GGMLEmbedding, GGMLLinear, dequantize_fast, kernels_available
+
+pytestmark = pytest.mark.skipif(not kernels_available(), reason="C kernels not built")
+
+FILES = {"Q4_0": "Q4_0", "Q4_1": None, "Q5_0": "Q5_0", "Q5_1": "Q5_1", "Q8_0": "Q8_0"}
+
+
+@pytest.fixture(scope="module")
+def tensors(smol_path, quantized):
+    """qtype -> a real tensor of that type (SmolLM2 weights)."""
+    out = {}
+    for qtype, kind in FILES.items():
+        g = GGUFFile(smol_path if kind is None else quantized(kind))
+        out[qtype] = next(t for t in g.tensors.values() if t.qtype == qtype and len(t.shape) == 2)
+    return out
+
+
+@pytest.mark.parametrize("qtype", list(FILES))
+@pytest.mark.parametrize("rows", [1, 3, 8, 40])
+def test_matmul_matches_float_reference(tensors, qtype, rows):
+    t = tensors[qtype]
+    n, k = t.shape
+    w = torch.from_numpy(gguf_dequantize(t.raw, GGMLQuantizationType[qtype]).reshape(n, k))
+    lin = GGMLLinear(t.raw_bytes(), qtype, k, n)
+    x = torch.randn(rows, k, generator=torch.Generator().manual_seed(rows))
+    got, want = lin(x), F.linear(x.double(), w.double()).float()
+    # float32 rounding only: errors far below the spread of the outputs
+    assert (got - want).abs().max() <= 1e-5 * want.abs().max()
+
+
+@pytest.mark.parametrize("qtype", list(FILES))
+def test_fast_dequantize_bit_exact(tensors, qtype):
+    t = tensors[qtype]
+    got = dequantize_fast(t.raw_bytes(), qtype, t.shape).numpy()
+    want = gguf_dequantize(t.raw, GGMLQuantizationType[qtype]).reshape(t.shape)
+    assert np.array_equal(got.view(np.uint32), want.view(np.uint32))
+
+
+def test_embedding_rows(smol_path):
+    t = GGUFFile(smol_path).tensors["token_embd.weight"]
+    emb = GGMLEmbedding(t.raw_bytes(), t.qtype, *t.shape)
+    ids = torch.tensor([[0, 5, 49151], [17, 17, 2]])
+    full = t.to_float()
+    assert torch.equal(emb(ids), full[ids])
+
+
+def test_quantized_model_equals_dequantized_model(smol_path):
+    from garagelm.models import from_gguf
+
+    g = GGUFFile(smol_path)
+    fast, ref = from_gguf(g, quantized=True), from_gguf(g, quantized=False)
+    assert isinstance(fast.model.layers[0].self_attn.qkv_proj, GGMLLinear)
+    ids = torch.tensor([[1, 504, 3458, 282, 4649, 314, 253]])
+    with torch.inference_mode():
+        a, b = fast(ids), ref(ids)  # prefill path
+        a1 = fast(ids[:, :1])  # decode-sized path (kernel)
+        b1 = ref(ids[:, :1])
+    assert (a - b).abs().max() < 1e-3 and (a1 - b1).abs().max() < 1e-3
+    assert torch.equal(a.argmax(-1), b.argmax(-1))
+
+
+def test_bad_raw_shape_is_rejected():
+    with pytest.raises(ValueError, match="expected"):
+        GGMLLinear(torch.zeros(4, 10, dtype=torch.uint8), "Q4_1", 64, 4)
