@@ -43,14 +43,26 @@ def test_matmul_matches_float_reference(tensors, qtype, rows):
 @pytest.mark.parametrize("qtype", list(FILES))
 def test_fast_dequantize_bit_exact(tensors, qtype):
     t = tensors[qtype]
-    got = dequantize_fast(t.raw_bytes(), qtype, t.shape).numpy()
     want = gguf_dequantize(t.raw, GGMLQuantizationType[qtype]).reshape(t.shape)
+    got = dequantize_fast(t.raw_bytes(), qtype, t.shape).numpy()
     assert np.array_equal(got.view(np.uint32), want.view(np.uint32))
+    layer = GGMLLinear(t.raw_bytes(), qtype, t.shape[1], t.shape[0])  # packed for Q4_0/Q4_1/Q8_0
+    assert np.array_equal(layer.dequantized().numpy().view(np.uint32), want.view(np.uint32))
+    rows = torch.tensor([3, 0, 3])
+    assert np.array_equal(layer.dequantized(rows).numpy(), want[[3, 0, 3]])
+
+
+def test_concat_equals_parts(tensors):
+    t = tensors["Q4_1"]
+    a = GGMLLinear(t.raw_bytes(), "Q4_1", t.shape[1], t.shape[0])
+    both = GGMLLinear.concat([a, a])
+    x = torch.randn(2, t.shape[1])
+    assert torch.equal(both(x), torch.cat([a(x), a(x)], dim=-1))
 
 
 def test_embedding_rows(smol_path):
     t = GGUFFile(smol_path).tensors["token_embd.weight"]
-    emb = GGMLEmbedding(t.raw_bytes(), t.qtype, *t.shape)
+    emb = GGMLEmbedding(GGMLLinear(t.raw_bytes(), t.qtype, t.shape[1], t.shape[0]))
     ids = torch.tensor([[0, 5, 49151], [17, 17, 2]])
     full = t.to_float()
     assert torch.equal(emb(ids), full[ids])

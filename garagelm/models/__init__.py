@@ -59,9 +59,10 @@ def from_gguf(gguf: GGUFFile, dtype: torch.dtype = torch.float32, quantized: boo
             module = hf.removesuffix(".weight")
             out_f, in_f = t.shape
             if hf == "model.embed_tokens.weight":
-                _set_module(model, module, GGMLEmbedding(raw, t.qtype, out_f, in_f))
-                if tied:  # the output head reads the same blocks
-                    model.lm_head = GGMLLinear(raw, t.qtype, in_f, out_f)
+                table = GGMLLinear(raw, t.qtype, in_f, out_f)
+                _set_module(model, module, GGMLEmbedding(table))
+                if tied:  # the output head reads the same weights
+                    model.lm_head = table
                     swapped.add("lm_head.weight")
             else:
                 _set_module(model, module, GGMLLinear(raw, t.qtype, in_f, out_f))
@@ -70,7 +71,7 @@ def from_gguf(gguf: GGUFFile, dtype: torch.dtype = torch.float32, quantized: boo
         state[hf] = dequantize(raw, t.qtype, t.shape).to(dtype)
     if "rope_freqs.weight" in gguf.tensors:
         model.rope.freq_factors = gguf.tensors["rope_freqs.weight"].to_float()
-    expected = {k for k in model.state_dict() if not k.endswith(".raw")}
+    expected = {k for k in model.state_dict() if k.rsplit(".", 1)[-1] not in ("raw", "q", "d", "m")}
     missing = expected - set(state) - swapped - ({"lm_head.weight"} if tied else set())
     if missing:
         raise GarageError(
@@ -93,8 +94,7 @@ def fuse_projections(model: nn.Module) -> None:
             return None
         if len({(p.qtype, p.in_features) for p in parts}) != 1 or any(p.bias is not None for p in parts):
             return None
-        raw = torch.cat([p.raw for p in parts])
-        return GGMLLinear(raw, parts[0].qtype, parts[0].in_features, sum(p.out_features for p in parts))
+        return GGMLLinear.concat(parts)
 
     for layer in model.model.layers:
         attn, mlp = layer.self_attn, layer.mlp

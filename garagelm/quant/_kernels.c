@@ -19,7 +19,7 @@
 #define QK 32
 #define MAX_ROWS 8
 #define MAX_THREADS 64
-#define PREFETCH_ROWS 16
+#define PREFETCH_ROWS 8
 
 typedef float v8f __attribute__((vector_size(32)));
 
@@ -104,12 +104,17 @@ static inline void decode_block(int t, const uint8_t *b, float *w) {
     }
 }
 
-typedef struct {
+typedef struct job job_t;
+struct job {
     int qtype, M, N, K;
     const uint8_t *w;
     const float *x;
     float *y;
-} job_t;
+    /* packed layout (see matmul_packed): nibbles or int8 values, f16 scales and mins */
+    const uint16_t *d, *m;
+    const float *xsum; /* (M, K/32): sum of x over each block, for the min term */
+    void (*rows)(const job_t *, int, int);
+};
 
 
 #if defined(__AVX2__) && defined(__F16C__) && defined(__FMA__)
@@ -242,7 +247,7 @@ static inline void decode_avx512(int t, const uint8_t *b, __m512 *w0, __m512 *w1
             /* rows stream from memory: ask for the ones a few rows ahead now */              \
             if (n + PREFETCH_ROWS < n1)                                                        \
                 for (size_t o = 0; o < row_bytes; o += 64)                                     \
-                    __builtin_prefetch(row + PREFETCH_ROWS * row_bytes + o, 0, 0);             \
+                    __builtin_prefetch(row + PREFETCH_ROWS * row_bytes + o, 0, 3);             \
             __m512 acc[MAX_ROWS][2];                                                           \
             for (int r = 0; r < j->M; r++) acc[r][0] = acc[r][1] = _mm512_setzero_ps();        \
             for (int b = 0; b < nb; b++) {                                                     \
@@ -341,7 +346,7 @@ static inline void cpu_relax(void) {
 static void part(int i, int parts) {
     int n = g_job.N, per = (n + parts - 1) / parts;
     int n0 = i * per, n1 = n0 + per < n ? n0 + per : n;
-    if (n0 < n1) run_rows(&g_job, n0, n1);
+    if (n0 < n1) g_job.rows(&g_job, n0, n1);
 }
 
 static void *worker(void *arg) {
@@ -384,7 +389,7 @@ static pthread_mutex_t g_call = PTHREAD_MUTEX_INITIALIZER; /* one product at a t
 
 static void matmul(const job_t *j) {
     if (g_threads <= 1 || (long)j->N * j->K < 65536) { /* too small to be worth a handoff */
-        run_rows(j, 0, j->N);
+        j->rows(j, 0, j->N);
         return;
     }
     pthread_mutex_lock(&g_call);
@@ -407,7 +412,8 @@ static PyObject *py_matmul(PyObject *self, PyObject *args) {
     if (!type_size(qtype)) return PyErr_Format(PyExc_ValueError, "unsupported GGML type id %d", qtype);
     if (M < 1 || M > MAX_ROWS) return PyErr_Format(PyExc_ValueError, "rows must be 1..%d, got %d", MAX_ROWS, M);
     if (N < 1 || K < QK || K % QK) return PyErr_Format(PyExc_ValueError, "bad shape N=%d K=%d", N, K);
-    job_t j = {qtype, M, N, K, (const uint8_t *)(uintptr_t)w, (const float *)(uintptr_t)x, (float *)(uintptr_t)y};
+    job_t j = {qtype, M, N, K, (const uint8_t *)(uintptr_t)w, (const float *)(uintptr_t)x, (float *)(uintptr_t)y,
+               NULL, NULL, NULL, run_rows};
     Py_BEGIN_ALLOW_THREADS matmul(&j);
     Py_END_ALLOW_THREADS Py_RETURN_NONE;
 }
@@ -438,6 +444,188 @@ static PyObject *py_dequantize(PyObject *self, PyObject *args) {
     Py_END_ALLOW_THREADS Py_RETURN_NONE;
 }
 
+
+/* ---- packed layout ------------------------------------------------------------------------
+ * A GGML Q4_0 / Q4_1 / Q8_0 weight split at load into: values (N, K/2 nibble bytes in GGML's
+ * order, or N x K int8), scales d (N, K/32) f16 and, for Q4_1, mins m (N, K/32) f16. Same bits,
+ * no per-block header to step over, and the scales of a row convert 16 at a time.
+ * The product is factored per block: d * sum(q * x) + m * sum(x), with sum(x) computed once per
+ * call (for Q4_0, m = -8 d). That is the dequantized weights' product up to float32 rounding.
+ */
+enum { P_Q4_MIN = 0, P_Q4_0 = 1, P_Q8 = 2 };
+#define MAX_BLOCKS 4096 /* K up to 131072 */
+
+static inline void row_scales(const uint16_t *src, float *dst, int nb) {
+    int b = 0;
+#ifdef HAVE_AVX512
+    for (; b + 16 <= nb; b += 16)
+        _mm512_storeu_ps(dst + b, _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(src + b))));
+#endif
+    for (; b < nb; b++) dst[b] = f16_to_f32(src[b]);
+}
+
+static void rows_packed_generic(const job_t *j, int n0, int n1) {
+    const int nb = j->K / QK, kind = j->qtype;
+    float d[MAX_BLOCKS], m[MAX_BLOCKS];
+    for (int n = n0; n < n1; n++) {
+        row_scales(j->d + (size_t)n * nb, d, nb);
+        if (kind == P_Q4_MIN) row_scales(j->m + (size_t)n * nb, m, nb);
+        for (int r = 0; r < j->M; r++) {
+            const float *x = j->x + (size_t)r * j->K, *xs = j->xsum + (size_t)r * ((nb + 15) & ~15);
+            float acc = 0.0f, macc = 0.0f;
+            for (int b = 0; b < nb; b++) {
+                float t = 0.0f;
+                if (kind == P_Q8) {
+                    const int8_t *q = (const int8_t *)j->w + (size_t)n * j->K + (size_t)b * QK;
+                    for (int i = 0; i < QK; i++) t += (float)q[i] * x[b * QK + i];
+                } else {
+                    const uint8_t *q = j->w + (size_t)n * (j->K / 2) + (size_t)b * 16;
+                    for (int i = 0; i < 16; i++)
+                        t += (float)(q[i] & 0x0F) * x[b * QK + i] + (float)(q[i] >> 4) * x[b * QK + 16 + i];
+                }
+                acc += d[b] * t;
+                if (kind == P_Q4_MIN) macc += m[b] * xs[b];
+                if (kind == P_Q4_0) macc += (-8.0f * d[b]) * xs[b];
+            }
+            j->y[(size_t)r * j->N + n] = acc + macc;
+        }
+    }
+}
+
+#ifdef HAVE_AVX512
+static inline void row_scales512(const uint16_t *src, float *dst, int nb) {
+    int b = 0;
+    for (; b + 16 <= nb; b += 16)
+        _mm512_store_ps(dst + b, _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(src + b))));
+    if (b < nb) { /* masked tail: no scalar conversions */
+        __mmask16 k = (__mmask16)((1u << (nb - b)) - 1);
+        __m256i h = _mm256_maskz_loadu_epi16(k, src + b);
+        _mm512_store_ps(dst + b, _mm512_cvtph_ps(h)); /* lanes past nb are zero */
+    }
+}
+
+/* Two output rows at a time: each x vector is loaded once for both, and the two rows' FMA
+ * chains are independent, which keeps both FMA ports busy. */
+static void rows_packed_avx512(const job_t *j, int n0, int n1) {
+    const int nb = j->K / QK, kind = j->qtype, M = j->M, nb16 = (nb + 15) & ~15;
+    float d[2][MAX_BLOCKS + 16] __attribute__((aligned(64))), m[2][MAX_BLOCKS + 16] __attribute__((aligned(64)));
+    const __m128i low = _mm_set1_epi8(0x0F);
+    const size_t row_bytes = kind == P_Q8 ? (size_t)j->K : (size_t)j->K / 2;
+    for (int n = n0; n < n1; n += 2) {
+        const int pair = n + 1 < n1 ? 2 : 1;
+        const uint8_t *rows[2] = {j->w + (size_t)n * row_bytes, j->w + (size_t)(n + pair - 1) * row_bytes};
+        if (n + PREFETCH_ROWS + 1 < n1)
+            for (size_t o = 0; o < 2 * row_bytes; o += 64) __builtin_prefetch(rows[0] + PREFETCH_ROWS * row_bytes + o, 0, 3);
+        for (int p = 0; p < 2; p++) {
+            row_scales512(j->d + (size_t)(n + p * (pair - 1)) * nb, d[p], nb);
+            if (kind == P_Q4_MIN) row_scales512(j->m + (size_t)(n + p * (pair - 1)) * nb, m[p], nb);
+            if (kind == P_Q4_0)
+                for (int b = 0; b < nb16; b += 16)
+                    _mm512_store_ps(m[p] + b, _mm512_mul_ps(_mm512_set1_ps(-8.0f), _mm512_load_ps(d[p] + b)));
+        }
+        __m512 acc[MAX_ROWS][2];
+        for (int r = 0; r < M; r++) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
+        for (int b = 0; b < nb; b++) {
+            __m512 q[2][2];
+            for (int p = 0; p < 2; p++) {
+                const uint8_t *row = rows[p];
+                if (kind == P_Q8) {
+                    q[p][0] = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(row + b * QK))));
+                    q[p][1] = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(row + b * QK + 16))));
+                } else {
+                    __m128i qs = _mm_loadu_si128((const __m128i *)(row + b * 16));
+                    q[p][0] = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(qs, low)));
+                    q[p][1] = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(qs, 4), low)));
+                }
+            }
+            const __m512 d0 = _mm512_set1_ps(d[0][b]), d1 = _mm512_set1_ps(d[1][b]);
+            for (int r = 0; r < M; r++) {
+                const float *xr = j->x + (size_t)r * j->K + (size_t)b * QK;
+                const __m512 xa = _mm512_loadu_ps(xr), xb = _mm512_loadu_ps(xr + 16);
+                __m512 t0 = _mm512_fmadd_ps(q[0][1], xb, _mm512_mul_ps(q[0][0], xa));
+                __m512 t1 = _mm512_fmadd_ps(q[1][1], xb, _mm512_mul_ps(q[1][0], xa));
+                acc[r][0] = _mm512_fmadd_ps(t0, d0, acc[r][0]);
+                acc[r][1] = _mm512_fmadd_ps(t1, d1, acc[r][1]);
+            }
+        }
+        for (int r = 0; r < M; r++) {
+            if (kind != P_Q8) { /* min term, over blocks 16 at a time (padding lanes are zero) */
+                const float *xs = j->xsum + (size_t)r * nb16;
+                for (int b = 0; b < nb16; b += 16) {
+                    const __m512 xv = _mm512_loadu_ps(xs + b);
+                    acc[r][0] = _mm512_fmadd_ps(_mm512_load_ps(m[0] + b), xv, acc[r][0]);
+                    acc[r][1] = _mm512_fmadd_ps(_mm512_load_ps(m[1] + b), xv, acc[r][1]);
+                }
+            }
+            j->y[(size_t)r * j->N + n] = _mm512_reduce_add_ps(acc[r][0]);
+            if (pair == 2) j->y[(size_t)r * j->N + n + 1] = _mm512_reduce_add_ps(acc[r][1]);
+        }
+    }
+}
+#endif
+
+static PyObject *py_matmul_packed(PyObject *self, PyObject *args) {
+    int kind, M, N, K;
+    unsigned long long q, d, m, x, y;
+    if (!PyArg_ParseTuple(args, "iKKKKKiii", &kind, &q, &d, &m, &x, &y, &M, &N, &K)) return NULL;
+    if (kind < 0 || kind > 2) return PyErr_Format(PyExc_ValueError, "unknown packed kind %d", kind);
+    if (M < 1 || M > MAX_ROWS) return PyErr_Format(PyExc_ValueError, "rows must be 1..%d, got %d", MAX_ROWS, M);
+    if (N < 1 || K < QK || K % QK || K / QK > MAX_BLOCKS) return PyErr_Format(PyExc_ValueError, "bad shape N=%d K=%d", N, K);
+    const int nb = K / QK, nb16 = (nb + 15) & ~15;
+    float xsum[MAX_ROWS * 64];
+    float *xs = M * nb16 <= MAX_ROWS * 64 ? xsum : PyMem_Malloc(sizeof(float) * M * nb16);
+    if (!xs) return PyErr_NoMemory();
+    const float *xp = (const float *)(uintptr_t)x;
+    for (int r = 0; r < M; r++)
+        for (int b = 0; b < nb16; b++) {
+            float s = 0.0f;
+            for (int i = 0; b < nb && i < QK; i++) s += xp[(size_t)r * K + b * QK + i];
+            xs[r * nb16 + b] = s; /* rows padded to a multiple of 16 blocks with zeros */
+        }
+    job_t j = {kind, M, N, K, (const uint8_t *)(uintptr_t)q, xp, (float *)(uintptr_t)y,
+               (const uint16_t *)(uintptr_t)d, (const uint16_t *)(uintptr_t)m, xs, rows_packed_generic};
+#ifdef HAVE_AVX512
+    j.rows = rows_packed_avx512;
+#endif
+    Py_BEGIN_ALLOW_THREADS matmul(&j);
+    Py_END_ALLOW_THREADS if (xs != xsum) PyMem_Free(xs);
+    Py_RETURN_NONE;
+}
+
+/* Packed -> float32 with the dequantizer's exact arithmetic (bit-equal to gguf-py). */
+static PyObject *py_dequantize_packed(PyObject *self, PyObject *args) {
+    int kind, N, K;
+    unsigned long long q, d, m, out;
+    if (!PyArg_ParseTuple(args, "iKKKKii", &kind, &q, &d, &m, &out, &N, &K)) return NULL;
+    if (kind < 0 || kind > 2 || K % QK) return PyErr_Format(PyExc_ValueError, "bad kind %d or K %d", kind, K);
+    Py_BEGIN_ALLOW_THREADS;
+    const int nb = K / QK;
+    for (long n = 0; n < N; n++)
+        for (int b = 0; b < nb; b++) {
+            float db = f16_to_f32(((const uint16_t *)(uintptr_t)d)[n * nb + b]);
+            float mb = kind == P_Q4_MIN ? f16_to_f32(((const uint16_t *)(uintptr_t)m)[n * nb + b]) : 0.0f;
+            float *o = (float *)(uintptr_t)out + (size_t)n * K + (size_t)b * QK;
+            if (kind == P_Q8) {
+                const int8_t *qq = (const int8_t *)(uintptr_t)q + (size_t)n * K + (size_t)b * QK;
+                for (int i = 0; i < QK; i++) o[i] = (float)qq[i] * db;
+            } else {
+                const uint8_t *qq = (const uint8_t *)(uintptr_t)q + (size_t)n * (K / 2) + (size_t)b * 16;
+                for (int i = 0; i < 16; i++) {
+                    int lo = qq[i] & 0x0F, hi = qq[i] >> 4;
+                    if (kind == P_Q4_MIN) {
+                        o[i] = db * (float)lo + mb;
+                        o[i + 16] = db * (float)hi + mb;
+                    } else {
+                        o[i] = db * (float)(lo - 8);
+                        o[i + 16] = db * (float)(hi - 8);
+                    }
+                }
+            }
+        }
+    Py_END_ALLOW_THREADS;
+    Py_RETURN_NONE;
+}
+
 static PyObject *py_set_threads(PyObject *self, PyObject *args) {
     int n;
     if (!PyArg_ParseTuple(args, "i", &n)) return NULL;
@@ -450,6 +638,8 @@ static PyObject *py_set_threads(PyObject *self, PyObject *args) {
 
 static PyMethodDef methods[] = {
     {"matmul", py_matmul, METH_VARARGS, "matmul(qtype, w_ptr, x_ptr, y_ptr, M, N, K): y = x @ W.T"},
+    {"matmul_packed", py_matmul_packed, METH_VARARGS, "matmul_packed(kind, q, d, m, x, y, M, N, K)"},
+    {"dequantize_packed", py_dequantize_packed, METH_VARARGS, "dequantize_packed(kind, q, d, m, out, N, K)"},
     {"dequantize", py_dequantize, METH_VARARGS, "dequantize(qtype, w_ptr, out_ptr, n_blocks): blocks -> float32"},
     {"set_threads", py_set_threads, METH_VARARGS, "set_threads(n) -> threads used"},
     {NULL, NULL, 0, NULL},

@@ -21,7 +21,20 @@ except ImportError:  # built without a C compiler: the torch path below still wo
 
 # GGML type ids the C kernel reads.
 KERNEL_TYPES = {"Q4_0": 2, "Q4_1": 3, "Q5_0": 6, "Q5_1": 7, "Q8_0": 8}
+# Types split at load into values + f16 scales (+ mins), the layout the fastest kernel reads.
+PACKED_KINDS = {"Q4_1": 0, "Q4_0": 1, "Q8_0": 2}
 MAX_KERNEL_ROWS = 8
+
+
+def _pack(raw: torch.Tensor, qtype: str, n: int, k: int):
+    """GGML blocks (n, row bytes) -> (values, d, m): the same bits without block headers."""
+    nb = k // 32
+    blocks = raw.reshape(n, nb, BLOCK_LAYOUT[qtype][1])
+    d = blocks[:, :, 0:2].contiguous().view(torch.int16).reshape(n, nb)  # f16 bit patterns
+    m = blocks[:, :, 2:4].contiguous().view(torch.int16).reshape(n, nb) if qtype == "Q4_1" else None
+    start = 4 if qtype == "Q4_1" else 2
+    q = blocks[:, :, start:].contiguous().reshape(n, -1)  # nibbles (n, k/2) or int8 bytes (n, k)
+    return q, d, m
 
 
 def kernels_available() -> bool:
@@ -44,51 +57,101 @@ def dequantize_fast(raw: torch.Tensor, qtype: str, shape: tuple[int, ...]) -> to
 class GGMLLinear(nn.Module):
     """y = x @ W.T (+ bias) with W held as raw GGML blocks, shape (out_features, row bytes)."""
 
-    def __init__(self, raw: torch.Tensor, qtype: str, in_features: int, out_features: int, bias=None):
+    def __init__(self, raw: torch.Tensor | None, qtype: str, in_features: int, out_features: int, bias=None,
+                 packed: tuple | None = None):  # fmt: skip
         super().__init__()
         block, type_size = BLOCK_LAYOUT[qtype]
-        if raw.dtype != torch.uint8 or raw.shape != (out_features, in_features // block * type_size):
+        if packed is None and (
+            raw.dtype != torch.uint8 or raw.shape != (out_features, in_features // block * type_size)
+        ):
             raise ValueError(f"raw {qtype} weight has shape {tuple(raw.shape)}, expected "
                              f"({out_features}, {in_features // block * type_size}) uint8")  # fmt: skip
         self.qtype, self.in_features, self.out_features = qtype, in_features, out_features
-        self.register_buffer("raw", raw.contiguous(), persistent=False)
         self.bias = bias
         self._kernel_id = KERNEL_TYPES.get(qtype) if _kernels is not None else None
+        self._kind = PACKED_KINDS.get(qtype) if _kernels is not None else None
+        if self._kind is not None:
+            q, d, m = packed if packed is not None else _pack(raw, qtype, out_features, in_features)
+            self.register_buffer("q", q, persistent=False)
+            self.register_buffer("d", d, persistent=False)
+            self.register_buffer("m", m, persistent=False)
+            self.raw = None
+        else:
+            self.register_buffer("raw", raw.contiguous(), persistent=False)
 
-    def dequantized(self) -> torch.Tensor:
-        return dequantize_fast(self.raw, self.qtype, (self.out_features, self.in_features))
+    @classmethod
+    def concat(cls, parts: list[GGMLLinear]) -> GGMLLinear:
+        """One layer computing all of `parts` (same type and input size), outputs side by side."""
+        first = parts[0]
+        out = sum(p.out_features for p in parts)
+        if first._kind is None:
+            return cls(torch.cat([p.raw for p in parts]), first.qtype, first.in_features, out)
+        m = torch.cat([p.m for p in parts]) if first.m is not None else None
+        packed = (torch.cat([p.q for p in parts]), torch.cat([p.d for p in parts]), m)
+        return cls(None, first.qtype, first.in_features, out, packed=packed)
+
+    def _pointers(self) -> tuple[int, int, int]:
+        return self.q.data_ptr(), self.d.data_ptr(), self.m.data_ptr() if self.m is not None else 0
+
+    def dequantized(self, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """The float32 weight (or only `rows` of it), bit-equal to gguf-py's dequantization."""
+        if self._kind is None:
+            raw = self.raw if rows is None else self.raw[rows].contiguous()
+            return dequantize_fast(raw, self.qtype, (raw.shape[0], self.in_features))
+        q, d, m = self.q, self.d, self.m
+        if rows is not None:
+            q, d = q[rows].contiguous(), d[rows].contiguous()
+            m = m[rows].contiguous() if m is not None else None
+        out = torch.empty(q.shape[0], self.in_features, dtype=torch.float32)
+        _kernels.dequantize_packed(self._kind, q.data_ptr(), d.data_ptr(), m.data_ptr() if m is not None else 0,
+                                   out.data_ptr(), q.shape[0], self.in_features)  # fmt: skip
+        return out
+
+    def _kernel_call(self):
+        """(x_ptr, y_ptr, rows) -> None, with the weight's pointers bound once: decode calls this
+        ~120 times a token, and module buffer lookups would cost more than the small products."""
+        n, k = self.out_features, self.in_features
+        if self._kind is not None:
+            kind, q, d, m = self._kind, *self._pointers()
+            return lambda xp, yp, rows: _kernels.matmul_packed(kind, q, d, m, xp, yp, rows, n, k)
+        if self._kernel_id is not None:
+            tid, w = self._kernel_id, self.raw.data_ptr()
+            return lambda xp, yp, rows: _kernels.matmul(tid, w, xp, yp, rows, n, k)
+        return None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        lead = x.shape[:-1]
+        rows = x.numel() // self.in_features
+        if rows <= MAX_KERNEL_ROWS and x.dtype == torch.float32:
+            if self.__dict__.get("_fast") is None:
+                self._fast = self._kernel_call()
+            if self._fast is not None:
+                x = x if x.is_contiguous() else x.contiguous()
+                y = torch.empty((*x.shape[:-1], self.out_features))
+                self._fast(x.data_ptr(), y.data_ptr(), rows)
+                return y if self.bias is None else y + self.bias
         x2 = x.reshape(-1, self.in_features)
-        rows = x2.shape[0]
-        if self._kernel_id is not None and rows <= MAX_KERNEL_ROWS and x2.dtype == torch.float32:
-            x2 = x2.contiguous()
-            y = torch.empty(rows, self.out_features, dtype=torch.float32)
-            _kernels.matmul(self._kernel_id, self.raw.data_ptr(), x2.data_ptr(), y.data_ptr(),
-                            rows, self.out_features, self.in_features)  # fmt: skip
-            if self.bias is not None:
-                y += self.bias
-        else:
-            y = F.linear(x2, self.dequantized().to(x2.dtype), self.bias)
-        return y.reshape(*lead, self.out_features)
+        y = F.linear(x2, self.dequantized().to(x2.dtype), self.bias)
+        return y.reshape(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
         return f"{self.in_features}, {self.out_features}, qtype={self.qtype}"
 
 
 class GGMLEmbedding(nn.Module):
-    """Token embeddings kept in GGML blocks; only the rows looked up are dequantized."""
+    """Token embeddings kept quantized; only the rows looked up are dequantized.
 
-    def __init__(self, raw: torch.Tensor, qtype: str, num_embeddings: int, embedding_dim: int):
+    It reads its rows from a GGMLLinear over the same table, so a tied output head and the
+    embedding share one copy of the weights.
+    """
+
+    def __init__(self, table: GGMLLinear):
         super().__init__()
-        self.qtype, self.num_embeddings, self.embedding_dim = qtype, num_embeddings, embedding_dim
-        self.register_buffer("raw", raw, persistent=False)
+        self.table = table
+        self.num_embeddings, self.embedding_dim = table.out_features, table.in_features
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        rows = self.raw[ids.reshape(-1)]  # (n, row bytes): the quantized rows
-        out = dequantize_fast(rows.contiguous(), self.qtype, (rows.shape[0], self.embedding_dim))
+        out = self.table.dequantized(ids.reshape(-1))
         return out.reshape(*ids.shape, self.embedding_dim)
 
     def extra_repr(self) -> str:
-        return f"{self.num_embeddings}, {self.embedding_dim}, qtype={self.qtype}"
+        return f"{self.num_embeddings}, {self.embedding_dim}, qtype={self.table.qtype}"
