@@ -9,6 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from garagelm.quant.attention import decode_attention_f16
+
 
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float = 1e-6, offset: float = 0.0):
@@ -89,6 +91,12 @@ def attention(
 ) -> torch.Tensor:
     """q (B, H, T, hd), k/v (B, Hkv, S, hd), mask (B or 1, 1, T, S) bool (True = attend)."""
     scale = scale if scale is not None else 1.0 / math.sqrt(q.shape[-1])
+    if k.dtype == torch.float16 and mask is None and q.shape[2] == 1:
+        out = decode_attention_f16(q, k, v, scale)
+        if out is not None:
+            return out
+    if k.dtype != q.dtype:  # an f16 cache read by a float32 model
+        k, v = k.to(q.dtype), v.to(q.dtype)
     gqa = q.shape[1] != k.shape[1]
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
 

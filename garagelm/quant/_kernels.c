@@ -14,6 +14,8 @@
 #include <pthread.h>
 #include <stdatomic.h>
 #include <stdint.h>
+#include <math.h>
+#include <stdlib.h>
 #include <string.h>
 
 #define QK 32
@@ -626,6 +628,160 @@ static PyObject *py_dequantize_packed(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
+
+/* ---- decode attention over an f16 KV cache ---------------------------------------------------
+ * One query position, all heads: out = softmax(scale * q k^T) v, with keys/values stored as f16
+ * (H query heads share Hkv key/value heads in groups). Positions are split over the pool; each
+ * part keeps its own running max, sum and weighted values, merged at the end (split-K). */
+#ifdef HAVE_AVX512
+#define ATT_MAX_HEADS 128
+#define ATT_MAX_HD 256
+
+typedef struct {
+    const float *q;
+    const uint16_t *k, *v;
+    long stride_h; /* elements between heads in the cache */
+    int H, Hkv, S, hd;
+    float scale;
+    float *part_m, *part_l, *part_o; /* [MAX_THREADS][H], [MAX_THREADS][H], [MAX_THREADS][H][hd] */
+} att_t;
+static att_t g_att;
+
+static inline __m512 exp512(__m512 x) {
+    /* Cephes expf: n = round(x log2 e), r = x - n ln 2 (two-part), e^r by its degree-6
+     * polynomial, then scale by 2^n. About 1 ulp, like the libm expf torch uses. */
+    x = _mm512_max_ps(x, _mm512_set1_ps(-87.33654f));
+    __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+    __m512 p = _mm512_set1_ps(1.9875691500E-4f);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507E-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073E-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894E-2f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459E-1f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201E-1f));
+    __m512 y = _mm512_fmadd_ps(_mm512_mul_ps(p, r), r, _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+    return _mm512_scalef_ps(y, n);
+}
+
+static void att_rows(const job_t *j, int s0, int s1) {
+    const att_t *a = &g_att;
+    const int per = (a->S + g_threads - 1) / g_threads, part = s0 / per, hd = a->hd, group = a->H / a->Hkv;
+    const int nv = hd / 16, len = s1 - s0;
+    float *scores = malloc(sizeof(float) * (size_t)group * (size_t)(len + 16));
+    if (!scores) return;
+    for (int g = 0; g < a->Hkv; g++) {
+        const uint16_t *kg = a->k + g * a->stride_h, *vg = a->v + g * a->stride_h;
+        __m512 qv[8][ATT_MAX_HD / 16];
+        for (int i = 0; i < group; i++)
+            for (int c = 0; c < nv; c++) qv[i][c] = _mm512_loadu_ps(a->q + (size_t)(g * group + i) * hd + c * 16);
+        float mx[8];
+        for (int i = 0; i < group; i++) mx[i] = -INFINITY;
+        for (int s = s0; s < s1; s++) {
+            __m512 kv[ATT_MAX_HD / 16];
+            for (int c = 0; c < nv; c++)
+                kv[c] = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(kg + (size_t)s * hd + c * 16)));
+            for (int i = 0; i < group; i++) {
+                __m512 acc = _mm512_mul_ps(qv[i][0], kv[0]);
+                for (int c = 1; c < nv; c++) acc = _mm512_fmadd_ps(qv[i][c], kv[c], acc);
+                float sc = _mm512_reduce_add_ps(acc) * a->scale;
+                scores[(size_t)i * (len + 16) + (s - s0)] = sc;
+                if (sc > mx[i]) mx[i] = sc;
+            }
+        }
+        for (int i = 0; i < group; i++) {
+            float *sc = scores + (size_t)i * (len + 16);
+            __m512 sum = _mm512_setzero_ps(), m = _mm512_set1_ps(mx[i]);
+            int t = 0;
+            for (; t + 16 <= len; t += 16) {
+                __m512 e = exp512(_mm512_sub_ps(_mm512_loadu_ps(sc + t), m));
+                _mm512_storeu_ps(sc + t, e);
+                sum = _mm512_add_ps(sum, e);
+            }
+            if (t < len) {
+                __mmask16 k = (__mmask16)((1u << (len - t)) - 1);
+                __m512 e = exp512(_mm512_sub_ps(_mm512_maskz_loadu_ps(k, sc + t), m));
+                _mm512_mask_storeu_ps(sc + t, k, e);
+                sum = _mm512_add_ps(sum, _mm512_maskz_mov_ps(k, e));
+            }
+            const int h = g * group + i;
+            a->part_m[part * ATT_MAX_HEADS + h] = mx[i];
+            a->part_l[part * ATT_MAX_HEADS + h] = _mm512_reduce_add_ps(sum);
+        }
+        __m512 o[8][ATT_MAX_HD / 16];
+        for (int i = 0; i < group; i++)
+            for (int c = 0; c < nv; c++) o[i][c] = _mm512_setzero_ps();
+        for (int s = s0; s < s1; s++) {
+            __m512 vv[ATT_MAX_HD / 16];
+            for (int c = 0; c < nv; c++)
+                vv[c] = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(vg + (size_t)s * hd + c * 16)));
+            for (int i = 0; i < group; i++) {
+                __m512 p = _mm512_set1_ps(scores[(size_t)i * (len + 16) + (s - s0)]);
+                for (int c = 0; c < nv; c++) o[i][c] = _mm512_fmadd_ps(p, vv[c], o[i][c]);
+            }
+        }
+        for (int i = 0; i < group; i++)
+            for (int c = 0; c < nv; c++)
+                _mm512_storeu_ps(a->part_o + ((size_t)part * ATT_MAX_HEADS + g * group + i) * hd + c * 16, o[i][c]);
+    }
+    free(scores);
+}
+
+static PyObject *py_attend_f16(PyObject *self, PyObject *args) {
+    unsigned long long q, k, v, out;
+    long long stride_h;
+    int H, Hkv, S, hd;
+    float scale;
+    if (!PyArg_ParseTuple(args, "KKKKLiiiif", &q, &k, &v, &out, &stride_h, &H, &Hkv, &S, &hd, &scale)) return NULL;
+    if (H > ATT_MAX_HEADS || Hkv < 1 || H % Hkv || H / Hkv > 8 || hd % 16 || hd > ATT_MAX_HD || S < 1)
+        return PyErr_Format(PyExc_ValueError, "unsupported attention shape H=%d Hkv=%d hd=%d S=%d", H, Hkv, hd, S);
+    static float pm[MAX_THREADS * ATT_MAX_HEADS], pl[MAX_THREADS * ATT_MAX_HEADS];
+    static float po[MAX_THREADS * ATT_MAX_HEADS * ATT_MAX_HD];
+    Py_BEGIN_ALLOW_THREADS;
+    pthread_mutex_lock(&g_call);
+    g_att = (att_t){(const float *)(uintptr_t)q, (const uint16_t *)(uintptr_t)k, (const uint16_t *)(uintptr_t)v,
+                    (long)stride_h, H, Hkv, S, hd, scale, pm, pl, po};
+    int parts = S >= 256 ? g_threads : 1;
+    int saved = g_threads;
+    job_t j = {0};
+    j.N = S;
+    j.rows = att_rows;
+    if (parts == 1) {
+        g_threads = 1; /* att_rows reads g_threads for its part index */
+        att_rows(&j, 0, S);
+        g_threads = saved;
+    } else {
+        g_job = j;
+        atomic_store(&g_done, 0);
+        pthread_mutex_lock(&g_mu);
+        atomic_fetch_add_explicit(&g_gen, 1, memory_order_release);
+        pthread_cond_broadcast(&g_cv);
+        pthread_mutex_unlock(&g_mu);
+        part(0, g_threads);
+        while (atomic_load_explicit(&g_done, memory_order_acquire) < g_threads - 1) cpu_relax();
+    }
+    /* merge the parts: rescale each by exp(its max - overall max) */
+    float *o = (float *)(uintptr_t)out;
+    const int used = parts == 1 ? 1 : g_threads;
+    for (int h = 0; h < H; h++) {
+        float M = -INFINITY, L = 0.0f;
+        for (int p = 0; p < used; p++)
+            if (pm[p * ATT_MAX_HEADS + h] > M) M = pm[p * ATT_MAX_HEADS + h];
+        for (int d = 0; d < hd; d++) o[(size_t)h * hd + d] = 0.0f;
+        for (int p = 0; p < used; p++) {
+            float w = expf(pm[p * ATT_MAX_HEADS + h] - M);
+            L += w * pl[p * ATT_MAX_HEADS + h];
+            for (int d = 0; d < hd; d++) o[(size_t)h * hd + d] += w * po[((size_t)p * ATT_MAX_HEADS + h) * hd + d];
+        }
+        for (int d = 0; d < hd; d++) o[(size_t)h * hd + d] /= L;
+    }
+    pthread_mutex_unlock(&g_call);
+    Py_END_ALLOW_THREADS;
+    Py_RETURN_NONE;
+}
+#endif
+
 static PyObject *py_set_threads(PyObject *self, PyObject *args) {
     int n;
     if (!PyArg_ParseTuple(args, "i", &n)) return NULL;
@@ -641,6 +797,9 @@ static PyMethodDef methods[] = {
     {"matmul_packed", py_matmul_packed, METH_VARARGS, "matmul_packed(kind, q, d, m, x, y, M, N, K)"},
     {"dequantize_packed", py_dequantize_packed, METH_VARARGS, "dequantize_packed(kind, q, d, m, out, N, K)"},
     {"dequantize", py_dequantize, METH_VARARGS, "dequantize(qtype, w_ptr, out_ptr, n_blocks): blocks -> float32"},
+#ifdef HAVE_AVX512
+    {"attend_f16", py_attend_f16, METH_VARARGS, "attend_f16(q, k, v, out, stride_h, H, Hkv, S, hd, scale)"},
+#endif
     {"set_threads", py_set_threads, METH_VARARGS, "set_threads(n) -> threads used"},
     {NULL, NULL, 0, NULL},
 };

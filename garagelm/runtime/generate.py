@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from garagelm.errors import GarageError
+from garagelm.quant.attention import AVAILABLE as decode_kernel_available
 from garagelm.quant.ggml_linear import MAX_KERNEL_ROWS, kernels_available
 from garagelm.runtime.cache import KVCache
 from garagelm.runtime.sampling import Sampler, SamplingParams
@@ -53,12 +54,25 @@ class Completion:
 
 
 class Engine:
-    def __init__(self, model: nn.Module, tokenizer: Tokenizer, ctx_size: int, prefill_chunk: int = 512):
+    def __init__(
+        self,
+        model: nn.Module,
+        tokenizer: Tokenizer,
+        ctx_size: int,
+        prefill_chunk: int = 512,
+        kv_dtype: torch.dtype | None = None,
+    ):
         self.model, self.tokenizer = model, tokenizer
         cfg = model.config
         self.ctx_size = ctx_size
         self.prefill_chunk = prefill_chunk
-        self.cache = KVCache(cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim, ctx_size)
+        # f16 keys/values (as llama.cpp keeps them) halve the bytes each decode step reads;
+        # float32 where the attention kernel is not built.
+        if kv_dtype is None:
+            kv_dtype = torch.float16 if decode_kernel_available else torch.float32
+        self.cache = KVCache(
+            cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim, ctx_size, dtype=kv_dtype
+        )
         self.cached: list[int] = []  # tokens whose keys/values the cache holds, in order
 
     def reset(self) -> None:
