@@ -30,6 +30,7 @@ class KVCache:
         self._shape = (n_layers, batch, n_kv_heads, 0, head_dim)
         self.k = torch.empty(self._shape, dtype=dtype)
         self.v = torch.empty(self._shape, dtype=dtype)
+        self._layers = [(self.k[i], self.v[i]) for i in range(n_layers)]  # per-layer views
 
     @property
     def capacity(self) -> int:
@@ -45,12 +46,14 @@ class KVCache:
             new = old.new_empty((*self._shape[:3], min(cap, self.max_len), self._shape[4]))
             new[:, :, :, : old.shape[3]] = old
             setattr(self, name, new)
+        self._layers = [(self.k[i], self.v[i]) for i in range(self._shape[0])]
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, start: int):
         """Store k/v (B, Hkv, T, hd) at positions start..start+T-1; return all of 0..start+T-1."""
         end = start + k.shape[2]
         if end > self.capacity:
             self._grow(end)
-        self.k[layer, :, :, start:end] = k
-        self.v[layer, :, :, start:end] = v
-        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+        kl, vl = self._layers[layer]
+        kl[:, :, start:end] = k
+        vl[:, :, start:end] = v
+        return kl[:, :, :end], vl[:, :, :end]
