@@ -8,6 +8,7 @@ the reference our tests compare this reader against.
 
 from __future__ import annotations
 
+import math
 import mmap
 import os
 import struct
@@ -48,7 +49,7 @@ class GGUFTensor:
 
     @property
     def n_elements(self) -> int:
-        return int(np.prod(self.shape))
+        return math.prod(self.shape)
 
     def raw_bytes(self) -> torch.Tensor:
         """The tensor's bytes as a uint8 tensor shaped (rows, bytes per row), no copy."""
@@ -191,7 +192,7 @@ class GGUFFile:
                 f"yet (supported: {', '.join(BLOCK_LAYOUT)}); convert the model to one of those"
             )
         block, type_size = BLOCK_LAYOUT[qtype]
-        n_elements = int(np.prod(dims, dtype=np.uint64)) if dims else 1
+        n_elements = math.prod(dims)
         if dims and dims[0] % block:
             raise GGUFError(f"{self.path}: tensor {name!r} row of {dims[0]} is not a multiple of {block}")
         n_bytes = n_elements // block * type_size

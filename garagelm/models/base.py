@@ -12,6 +12,23 @@ from torch import nn
 from garagelm.quant.attention import decode_attention_f16
 
 
+class Linear(nn.Linear):
+    """nn.Linear that skips random initialisation on the meta device: checkpoint weights replace
+    it anyway, and torch's meta init pulls in ~1 s of imports on first use."""
+
+    def reset_parameters(self) -> None:
+        if self.weight.device.type != "meta":
+            super().reset_parameters()
+
+
+class Embedding(nn.Embedding):
+    """nn.Embedding with the same meta-device shortcut as Linear."""
+
+    def reset_parameters(self) -> None:
+        if self.weight.device.type != "meta":
+            super().reset_parameters()
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float = 1e-6, offset: float = 0.0):
         super().__init__()

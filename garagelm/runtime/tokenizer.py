@@ -89,6 +89,12 @@ class Tokenizer:
     def _token_bytes(self) -> list[bytes]:
         out: list[bytes] = []
         byte_dec = _byte_decoder()
+        # GPT-2 byte-level text -> bytes in C: map each printable stand-in to its byte's latin-1 char.
+        # Characters below 256 that are not stand-ins become U+FFFF so the encode fails and the
+        # exact fallback below handles them.
+        to_latin1 = str.maketrans(
+            {**{chr(i): "\uffff" for i in range(256)}, **{c: chr(b) for c, b in byte_dec.items()}}
+        )
         for text, kind in zip(self.tokens, self.types):
             if kind in (CONTROL, UNKNOWN, UNUSED):
                 out.append(b"")  # rendered only on request (see decode(special=True))
@@ -100,7 +106,10 @@ class Tokenizer:
                 else:
                     out.append(text.replace(SPIECE_SPACE, " ").encode())
             else:
-                out.append(b"".join(bytes([byte_dec[c]]) if c in byte_dec else c.encode() for c in text))
+                try:
+                    out.append(text.translate(to_latin1).encode("latin-1"))
+                except UnicodeEncodeError:  # a character outside the byte map: its own UTF-8
+                    out.append(b"".join(bytes([byte_dec[c]]) if c in byte_dec else c.encode() for c in text))
         return out
 
     def _added_tokens(self):
