@@ -358,7 +358,7 @@ static void *worker(void *arg) {
         unsigned gen;
         long spins = 0;
         while ((gen = atomic_load_explicit(&g_gen, memory_order_acquire)) == seen) {
-            if (++spins < 200000) {
+            if (++spins < 10000) {
                 cpu_relax();
                 continue;
             }
@@ -595,23 +595,18 @@ static PyObject *py_matmul_packed(PyObject *self, PyObject *args) {
 }
 
 /* Packed -> float32 with the dequantizer's exact arithmetic (bit-equal to gguf-py). */
-static PyObject *py_dequantize_packed(PyObject *self, PyObject *args) {
-    int kind, N, K;
-    unsigned long long q, d, m, out;
-    if (!PyArg_ParseTuple(args, "iKKKKii", &kind, &q, &d, &m, &out, &N, &K)) return NULL;
-    if (kind < 0 || kind > 2 || K % QK) return PyErr_Format(PyExc_ValueError, "bad kind %d or K %d", kind, K);
-    Py_BEGIN_ALLOW_THREADS;
-    const int nb = K / QK;
-    for (long n = 0; n < N; n++)
+static void dequant_packed_rows(const job_t *j, int n0, int n1) {
+    const int K = j->K, nb = K / QK, kind = j->qtype;
+    for (long n = n0; n < n1; n++)
         for (int b = 0; b < nb; b++) {
-            float db = f16_to_f32(((const uint16_t *)(uintptr_t)d)[n * nb + b]);
-            float mb = kind == P_Q4_MIN ? f16_to_f32(((const uint16_t *)(uintptr_t)m)[n * nb + b]) : 0.0f;
-            float *o = (float *)(uintptr_t)out + (size_t)n * K + (size_t)b * QK;
+            float db = f16_to_f32(j->d[n * nb + b]);
+            float mb = kind == P_Q4_MIN ? f16_to_f32(j->m[n * nb + b]) : 0.0f;
+            float *o = j->y + (size_t)n * K + (size_t)b * QK;
             if (kind == P_Q8) {
-                const int8_t *qq = (const int8_t *)(uintptr_t)q + (size_t)n * K + (size_t)b * QK;
+                const int8_t *qq = (const int8_t *)j->w + (size_t)n * K + (size_t)b * QK;
                 for (int i = 0; i < QK; i++) o[i] = (float)qq[i] * db;
             } else {
-                const uint8_t *qq = (const uint8_t *)(uintptr_t)q + (size_t)n * (K / 2) + (size_t)b * 16;
+                const uint8_t *qq = j->w + (size_t)n * (K / 2) + (size_t)b * 16;
                 for (int i = 0; i < 16; i++) {
                     int lo = qq[i] & 0x0F, hi = qq[i] >> 4;
                     if (kind == P_Q4_MIN) {
@@ -624,8 +619,17 @@ static PyObject *py_dequantize_packed(PyObject *self, PyObject *args) {
                 }
             }
         }
-    Py_END_ALLOW_THREADS;
-    Py_RETURN_NONE;
+}
+
+static PyObject *py_dequantize_packed(PyObject *self, PyObject *args) {
+    int kind, N, K;
+    unsigned long long q, d, m, out;
+    if (!PyArg_ParseTuple(args, "iKKKKii", &kind, &q, &d, &m, &out, &N, &K)) return NULL;
+    if (kind < 0 || kind > 2 || K % QK || N < 1) return PyErr_Format(PyExc_ValueError, "bad kind %d, N %d or K %d", kind, N, K);
+    job_t j = {kind, 1, N, K, (const uint8_t *)(uintptr_t)q, NULL, (float *)(uintptr_t)out,
+               (const uint16_t *)(uintptr_t)d, (const uint16_t *)(uintptr_t)m, NULL, dequant_packed_rows};
+    Py_BEGIN_ALLOW_THREADS matmul(&j); /* the pool splits rows; nothing here is a product */
+    Py_END_ALLOW_THREADS Py_RETURN_NONE;
 }
 
 
