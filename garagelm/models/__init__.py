@@ -81,7 +81,10 @@ def from_gguf(gguf: GGUFFile, dtype: torch.dtype = torch.float32, quantized: boo
     if tied and "lm_head.weight" not in swapped:
         model.tie_weights()
     if keep:
+        from garagelm.quant.decode import DecodePlan
+
         fuse_projections(model)
+        model.decode_plan = DecodePlan.build(model)  # None where the whole-layer kernel does not fit
     return model.eval()
 
 

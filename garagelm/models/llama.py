@@ -177,6 +177,11 @@ class LlamaForCausalLM(nn.Module):
         B, T = input_ids.shape
         positions = torch.arange(start, start + T).unsqueeze(0).expand(B, T)
         cos, sin = self.rope(positions)
+        plan = self.__dict__.get("decode_plan")
+        if plan is not None and B == 1 and T == 1 and cache is not None and cache.dtype == torch.float16:
+            x = self.model.embed_tokens(input_ids).contiguous()  # (1, 1, hidden)
+            plan.step(x, cache, start, cos.reshape(-1).contiguous(), sin.reshape(-1).contiguous())
+            return self.lm_head(self.model.norm(x)).float()
         window = self.config.sliding_window
         mask = None if T == 1 and window is None else causal_mask(positions, start + T, window)
         x = self.model.embed_tokens(input_ids)

@@ -566,6 +566,23 @@ static void rows_packed_avx512(const job_t *j, int n0, int n1) {
 }
 #endif
 
+/* y = x @ W.T for packed W; xs: scratch of M * (K/32 rounded up to 16) floats. */
+static void packed_product(int kind, const uint8_t *q, const uint16_t *d, const uint16_t *m, const float *x, float *y,
+                           int M, int N, int K, float *xs) {
+    const int nb = K / QK, nb16 = (nb + 15) & ~15;
+    for (int r = 0; r < M; r++)
+        for (int b = 0; b < nb16; b++) {
+            float s = 0.0f;
+            for (int i = 0; b < nb && i < QK; i++) s += x[(size_t)r * K + b * QK + i];
+            xs[r * nb16 + b] = s; /* rows padded to a multiple of 16 blocks with zeros */
+        }
+    job_t j = {kind, M, N, K, q, x, y, d, m, xs, rows_packed_generic};
+#ifdef HAVE_AVX512
+    j.rows = rows_packed_avx512;
+#endif
+    matmul(&j);
+}
+
 static PyObject *py_matmul_packed(PyObject *self, PyObject *args) {
     int kind, M, N, K;
     unsigned long long q, d, m, x, y;
@@ -573,24 +590,15 @@ static PyObject *py_matmul_packed(PyObject *self, PyObject *args) {
     if (kind < 0 || kind > 2) return PyErr_Format(PyExc_ValueError, "unknown packed kind %d", kind);
     if (M < 1 || M > MAX_ROWS) return PyErr_Format(PyExc_ValueError, "rows must be 1..%d, got %d", MAX_ROWS, M);
     if (N < 1 || K < QK || K % QK || K / QK > MAX_BLOCKS) return PyErr_Format(PyExc_ValueError, "bad shape N=%d K=%d", N, K);
-    const int nb = K / QK, nb16 = (nb + 15) & ~15;
+    const int nb16 = (K / QK + 15) & ~15;
     float xsum[MAX_ROWS * 64];
     float *xs = M * nb16 <= MAX_ROWS * 64 ? xsum : PyMem_Malloc(sizeof(float) * M * nb16);
     if (!xs) return PyErr_NoMemory();
-    const float *xp = (const float *)(uintptr_t)x;
-    for (int r = 0; r < M; r++)
-        for (int b = 0; b < nb16; b++) {
-            float s = 0.0f;
-            for (int i = 0; b < nb && i < QK; i++) s += xp[(size_t)r * K + b * QK + i];
-            xs[r * nb16 + b] = s; /* rows padded to a multiple of 16 blocks with zeros */
-        }
-    job_t j = {kind, M, N, K, (const uint8_t *)(uintptr_t)q, xp, (float *)(uintptr_t)y,
-               (const uint16_t *)(uintptr_t)d, (const uint16_t *)(uintptr_t)m, xs, rows_packed_generic};
-#ifdef HAVE_AVX512
-    j.rows = rows_packed_avx512;
-#endif
-    Py_BEGIN_ALLOW_THREADS matmul(&j);
-    Py_END_ALLOW_THREADS if (xs != xsum) PyMem_Free(xs);
+    Py_BEGIN_ALLOW_THREADS;
+    packed_product(kind, (const uint8_t *)(uintptr_t)q, (const uint16_t *)(uintptr_t)d, (const uint16_t *)(uintptr_t)m,
+                   (const float *)(uintptr_t)x, (float *)(uintptr_t)y, M, N, K, xs);
+    Py_END_ALLOW_THREADS;
+    if (xs != xsum) PyMem_Free(xs);
     Py_RETURN_NONE;
 }
 
@@ -732,20 +740,12 @@ static void att_rows(const job_t *j, int s0, int s1) {
     free(scores);
 }
 
-static PyObject *py_attend_f16(PyObject *self, PyObject *args) {
-    unsigned long long q, k, v, out;
-    long long stride_h;
-    int H, Hkv, S, hd;
-    float scale;
-    if (!PyArg_ParseTuple(args, "KKKKLiiiif", &q, &k, &v, &out, &stride_h, &H, &Hkv, &S, &hd, &scale)) return NULL;
-    if (H > ATT_MAX_HEADS || Hkv < 1 || H % Hkv || H / Hkv > 8 || hd % 16 || hd > ATT_MAX_HD || S < 1)
-        return PyErr_Format(PyExc_ValueError, "unsupported attention shape H=%d Hkv=%d hd=%d S=%d", H, Hkv, hd, S);
+static void attend_core(const float *q, const uint16_t *k, const uint16_t *v, float *out, long stride_h, int H, int Hkv,
+                        int S, int hd, float scale) {
     static float pm[MAX_THREADS * ATT_MAX_HEADS], pl[MAX_THREADS * ATT_MAX_HEADS];
     static float po[MAX_THREADS * ATT_MAX_HEADS * ATT_MAX_HD];
-    Py_BEGIN_ALLOW_THREADS;
     pthread_mutex_lock(&g_call);
-    g_att = (att_t){(const float *)(uintptr_t)q, (const uint16_t *)(uintptr_t)k, (const uint16_t *)(uintptr_t)v,
-                    (long)stride_h, H, Hkv, S, hd, scale, pm, pl, po};
+    g_att = (att_t){q, k, v, stride_h, H, Hkv, S, hd, scale, pm, pl, po};
     int parts = S >= 256 ? g_threads : 1;
     int saved = g_threads;
     job_t j = {0};
@@ -766,7 +766,7 @@ static PyObject *py_attend_f16(PyObject *self, PyObject *args) {
         while (atomic_load_explicit(&g_done, memory_order_acquire) < g_threads - 1) cpu_relax();
     }
     /* merge the parts: rescale each by exp(its max - overall max) */
-    float *o = (float *)(uintptr_t)out;
+    float *o = out;
     const int used = parts == 1 ? 1 : g_threads;
     for (int h = 0; h < H; h++) {
         float M = -INFINITY, L = 0.0f;
@@ -781,6 +781,130 @@ static PyObject *py_attend_f16(PyObject *self, PyObject *args) {
         for (int d = 0; d < hd; d++) o[(size_t)h * hd + d] /= L;
     }
     pthread_mutex_unlock(&g_call);
+}
+
+static PyObject *py_attend_f16(PyObject *self, PyObject *args) {
+    unsigned long long q, k, v, out;
+    long long stride_h;
+    int H, Hkv, S, hd;
+    float scale;
+    if (!PyArg_ParseTuple(args, "KKKKLiiiif", &q, &k, &v, &out, &stride_h, &H, &Hkv, &S, &hd, &scale)) return NULL;
+    if (H > ATT_MAX_HEADS || Hkv < 1 || H % Hkv || H / Hkv > 8 || hd % 16 || hd > ATT_MAX_HD || S < 1)
+        return PyErr_Format(PyExc_ValueError, "unsupported attention shape H=%d Hkv=%d hd=%d S=%d", H, Hkv, hd, S);
+    Py_BEGIN_ALLOW_THREADS;
+    attend_core((const float *)(uintptr_t)q, (const uint16_t *)(uintptr_t)k, (const uint16_t *)(uintptr_t)v,
+                (float *)(uintptr_t)out, (long)stride_h, H, Hkv, S, hd, scale);
+    Py_END_ALLOW_THREADS;
+    Py_RETURN_NONE;
+}
+
+/* ---- one whole decoder layer for one token -----------------------------------------------
+ * The llama block with every step in C: RMSNorm, fused q/k/v product, RoPE, f16 cache write,
+ * attention, output product, residual, RMSNorm, fused gate/up product, SiLU, down product,
+ * residual. Decode spends most of its time between products otherwise (dozens of tiny torch
+ * ops per layer); here the layer is one call. */
+typedef struct {
+    int D, H, Hkv, hd, I, kinds[4];
+    float eps, scale;
+    const float *w_in, *w_post;
+    const uint8_t *q[4];
+    const uint16_t *d[4], *m[4];
+    float *xn, *qkv, *att, *gu, *tmp, *xs;
+} layer_t;
+
+static void layer_free(PyObject *cap) {
+    layer_t *L = PyCapsule_GetPointer(cap, "garagelm.layer");
+    if (!L) return;
+    free(L->xn);
+    free(L);
+}
+
+static void rmsnorm(const float *x, const float *w, float *out, int n, float eps) {
+    float s = 0.0f;
+    for (int i = 0; i < n; i++) s += x[i] * x[i];
+    float r = 1.0f / sqrtf(s * (1.0f / (float)n) + eps);
+    for (int i = 0; i < n; i++) out[i] = x[i] * r * w[i];
+}
+
+static PyObject *py_make_layer(PyObject *self, PyObject *args) {
+    layer_t *L = calloc(1, sizeof(layer_t));
+    if (!L) return PyErr_NoMemory();
+    unsigned long long w_in, w_post, q[4], d[4], m[4];
+    if (!PyArg_ParseTuple(args, "iiiiiffKK(iiii)(KKKK)(KKKK)(KKKK)", &L->D, &L->H, &L->Hkv, &L->hd, &L->I, &L->eps,
+                          &L->scale, &w_in, &w_post, &L->kinds[0], &L->kinds[1], &L->kinds[2], &L->kinds[3], &q[0],
+                          &q[1], &q[2], &q[3], &d[0], &d[1], &d[2], &d[3], &m[0], &m[1], &m[2], &m[3])) {
+        free(L);
+        return NULL;
+    }
+    if (L->H % L->Hkv || L->H / L->Hkv > 8 || L->hd % 16 || L->hd > ATT_MAX_HD || L->H > ATT_MAX_HEADS ||
+        L->D % QK || L->I % QK || (L->H * L->hd) % QK) {
+        free(L);
+        return PyErr_Format(PyExc_ValueError, "layer shape not supported by the fused decode kernel");
+    }
+    L->w_in = (const float *)(uintptr_t)w_in;
+    L->w_post = (const float *)(uintptr_t)w_post;
+    for (int i = 0; i < 4; i++) {
+        L->q[i] = (const uint8_t *)(uintptr_t)q[i];
+        L->d[i] = (const uint16_t *)(uintptr_t)d[i];
+        L->m[i] = (const uint16_t *)(uintptr_t)m[i];
+    }
+    int big = L->D > L->I ? L->D : L->I;
+    if (L->H * L->hd > big) big = L->H * L->hd;
+    size_t n_qkv = (size_t)(L->H + 2 * L->Hkv) * L->hd, n_xs = (size_t)big / QK + 16;
+    size_t total = (size_t)L->D + n_qkv + (size_t)L->H * L->hd + 2 * (size_t)L->I + (size_t)big + n_xs;
+    float *buf = calloc(total, sizeof(float));
+    if (!buf) {
+        free(L);
+        return PyErr_NoMemory();
+    }
+    L->xn = buf;
+    L->qkv = L->xn + L->D;
+    L->att = L->qkv + n_qkv;
+    L->gu = L->att + (size_t)L->H * L->hd;
+    L->tmp = L->gu + 2 * (size_t)L->I;
+    L->xs = L->tmp + big;
+    return PyCapsule_New(L, "garagelm.layer", layer_free);
+}
+
+static PyObject *py_decode_layer(PyObject *self, PyObject *args) {
+    PyObject *cap;
+    unsigned long long xp, kp, vp, cp, sp;
+    long long stride_h;
+    int pos;
+    if (!PyArg_ParseTuple(args, "OKKKLiKK", &cap, &xp, &kp, &vp, &stride_h, &pos, &cp, &sp)) return NULL;
+    layer_t *L = PyCapsule_GetPointer(cap, "garagelm.layer");
+    if (!L) return NULL;
+    float *x = (float *)(uintptr_t)xp;
+    uint16_t *kc = (uint16_t *)(uintptr_t)kp, *vc = (uint16_t *)(uintptr_t)vp;
+    const float *cs = (const float *)(uintptr_t)cp, *sn = (const float *)(uintptr_t)sp;
+    const int D = L->D, H = L->H, Hkv = L->Hkv, hd = L->hd, I = L->I, half = hd / 2;
+    Py_BEGIN_ALLOW_THREADS;
+    rmsnorm(x, L->w_in, L->xn, D, L->eps);
+    packed_product(L->kinds[0], L->q[0], L->d[0], L->m[0], L->xn, L->qkv, 1, (H + 2 * Hkv) * hd, D, L->xs);
+    /* rotate-half RoPE on the q and k heads: x*cos + roll(x, hd/2)*sin_signed */
+    float rot[ATT_MAX_HD];
+    for (int h = 0; h < H + Hkv; h++) {
+        float *v = L->qkv + (size_t)h * hd;
+        for (int i = 0; i < hd; i++) rot[i] = v[i] * cs[i] + v[(i + half) % hd] * sn[i];
+        memcpy(v, rot, sizeof(float) * hd);
+    }
+    for (int g = 0; g < Hkv; g++) /* keys and values into the f16 cache at pos (round to nearest even) */
+        for (int i = 0; i < hd; i++) {
+            kc[g * stride_h + (long)pos * hd + i] = _cvtss_sh(L->qkv[(size_t)(H + g) * hd + i], _MM_FROUND_TO_NEAREST_INT);
+            vc[g * stride_h + (long)pos * hd + i] =
+                _cvtss_sh(L->qkv[(size_t)(H + Hkv + g) * hd + i], _MM_FROUND_TO_NEAREST_INT);
+        }
+    attend_core(L->qkv, kc, vc, L->att, (long)stride_h, H, Hkv, pos + 1, hd, L->scale);
+    packed_product(L->kinds[1], L->q[1], L->d[1], L->m[1], L->att, L->tmp, 1, D, H * hd, L->xs);
+    for (int i = 0; i < D; i++) x[i] += L->tmp[i];
+    rmsnorm(x, L->w_post, L->xn, D, L->eps);
+    packed_product(L->kinds[2], L->q[2], L->d[2], L->m[2], L->xn, L->gu, 1, 2 * I, D, L->xs);
+    for (int i = 0; i < I; i++) {
+        float g = L->gu[i];
+        L->gu[i] = g / (1.0f + expf(-g)) * L->gu[I + i]; /* silu(gate) * up */
+    }
+    packed_product(L->kinds[3], L->q[3], L->d[3], L->m[3], L->gu, L->tmp, 1, D, I, L->xs);
+    for (int i = 0; i < D; i++) x[i] += L->tmp[i];
     Py_END_ALLOW_THREADS;
     Py_RETURN_NONE;
 }
@@ -803,6 +927,8 @@ static PyMethodDef methods[] = {
     {"dequantize", py_dequantize, METH_VARARGS, "dequantize(qtype, w_ptr, out_ptr, n_blocks): blocks -> float32"},
 #ifdef HAVE_AVX512
     {"attend_f16", py_attend_f16, METH_VARARGS, "attend_f16(q, k, v, out, stride_h, H, Hkv, S, hd, scale)"},
+    {"make_layer", py_make_layer, METH_VARARGS, "make_layer(D, H, Hkv, hd, I, eps, scale, w_in, w_post, kinds, q, d, m)"},
+    {"decode_layer", py_decode_layer, METH_VARARGS, "decode_layer(layer, x, k, v, stride_h, pos, cos, sin_signed)"},
 #endif
     {"set_threads", py_set_threads, METH_VARARGS, "set_threads(n) -> threads used"},
     {NULL, NULL, 0, NULL},

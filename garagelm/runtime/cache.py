@@ -48,6 +48,19 @@ class KVCache:
             setattr(self, name, new)
         self._layers = [(self.k[i], self.v[i]) for i in range(self._shape[0])]
 
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.k.dtype
+
+    def reserve(self, n: int) -> None:
+        """Make room for positions 0..n-1 (raises ContextFullError past max_len)."""
+        if n > self.capacity:
+            self._grow(n)
+
+    def layer(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Layer i's whole (batch, kv_heads, capacity, head_dim) key and value storage."""
+        return self._layers[i]
+
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, start: int):
         """Store k/v (B, Hkv, T, hd) at positions start..start+T-1; return all of 0..start+T-1."""
         end = start + k.shape[2]
