@@ -19,16 +19,17 @@ import sys
 import time
 
 
-def _llama_cpp(path: str, pp: int, tg: int, reps: int, threads: int, long_ctx: int) -> dict:
+def _llama_cpp(path: str, pp: int, tg: int, reps: int, threads: int, decode_ctx: tuple[int, ...]) -> dict:
     from llama_cpp import Llama
 
     from garagelm.evaluate.speed import bench_tokens, peak_rss_mib
     from garagelm.formats.gguf import GGUFFile
     from garagelm.runtime.tokenizer import Tokenizer
 
-    prompt = bench_tokens(Tokenizer(GGUFFile(path).metadata), max(pp, long_ctx))
+    longest = max((pp, *decode_ctx))
+    prompt = bench_tokens(Tokenizer(GGUFFile(path).metadata), longest)
     t0 = time.perf_counter()
-    ll = Llama(path, n_ctx=max(pp, long_ctx) + tg + 8, n_batch=max(pp, long_ctx), n_threads=threads,
+    ll = Llama(path, n_ctx=longest + tg + 8, n_batch=longest, n_threads=threads,
                n_threads_batch=threads, verbose=False)  # fmt: skip
     ll.eval(ll.tokenize(b"Hello", add_bos=False))
     load = time.perf_counter() - t0
@@ -42,15 +43,16 @@ def _llama_cpp(path: str, pp: int, tg: int, reps: int, threads: int, long_ctx: i
                 break
         return tg / (time.perf_counter() - t)
 
-    pp_rates, tg_rates, long_rates = [], [], []
+    pp_rates, tg_rates = [], []
+    at_ctx: dict[str, list[float]] = {str(n): [] for n in decode_ctx}
     for _ in range(reps):
         ll.reset()
         t = time.perf_counter()
         ll.eval(prompt[:pp])
         pp_rates.append(pp / (time.perf_counter() - t))
         tg_rates.append(decode(pp))
-        if long_ctx:
-            long_rates.append(decode(long_ctx))
+        for n in decode_ctx:
+            at_ctx[str(n)].append(decode(n))
     out = {
         "engine": "llama.cpp",
         "pp_tok_s": statistics.median(pp_rates),
@@ -58,9 +60,13 @@ def _llama_cpp(path: str, pp: int, tg: int, reps: int, threads: int, long_ctx: i
         "load_to_first_token_s": load,
         "peak_rss_mib": peak_rss_mib(),
     }
-    if long_ctx:
-        out["tg_tok_s_at_ctx"] = {str(long_ctx): statistics.median(long_rates)}
+    if decode_ctx:
+        out["tg_tok_s_at_ctx"] = {n: statistics.median(r) for n, r in at_ctx.items()}
     return out
+
+
+def _ctx_points(args: argparse.Namespace) -> tuple[int, ...]:
+    return (args.short_ctx, args.long_ctx) if args.long_ctx else ()
 
 
 def _child(args: argparse.Namespace) -> None:
@@ -70,9 +76,9 @@ def _child(args: argparse.Namespace) -> None:
     if args.engine == "garagelm":
         from garagelm.evaluate.speed import measure
 
-        r = measure(args.model, args.pp, args.tg, args.reps, args.long_ctx)
+        r = measure(args.model, args.pp, args.tg, args.reps, _ctx_points(args))
     else:
-        r = _llama_cpp(args.model, args.pp, args.tg, args.reps, args.threads, args.long_ctx)
+        r = _llama_cpp(args.model, args.pp, args.tg, args.reps, args.threads, _ctx_points(args))
     print(json.dumps(r))
 
 
@@ -83,7 +89,8 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--pp", type=int, default=512)
     ap.add_argument("--tg", type=int, default=128)
-    ap.add_argument("--long-ctx", type=int, default=2000, help="also decode after this many tokens (0: skip)")
+    ap.add_argument("--short-ctx", type=int, default=50, help="decode after this many tokens ...")
+    ap.add_argument("--long-ctx", type=int, default=2000, help="... and after this many (0: skip both)")
     ap.add_argument("--json", help="write results here")
     ap.add_argument("--engine", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -95,7 +102,8 @@ def main() -> None:
     results = {}
     for engine in ("garagelm", "llama.cpp"):
         cmd = [sys.executable, __file__, path, "--engine", engine, "--threads", str(args.threads),
-               "--reps", str(args.reps), "--pp", str(args.pp), "--tg", str(args.tg), "--long-ctx", str(args.long_ctx)]  # fmt: skip
+               "--reps", str(args.reps), "--pp", str(args.pp), "--tg", str(args.tg),
+               "--short-ctx", str(args.short_ctx), "--long-ctx", str(args.long_ctx)]  # fmt: skip
         proc = subprocess.run(cmd, capture_output=True, text=True, check=True)
         results[engine] = json.loads(proc.stdout.strip().splitlines()[-1])
     ours, peer = results["garagelm"], results["llama.cpp"]
@@ -105,14 +113,19 @@ def main() -> None:
         "peak_rss": ours["peak_rss_mib"] / peer["peak_rss_mib"],
     }
     if args.long_ctx:
-        key = str(args.long_ctx)
-        ratios["own_decode_short_over_long_ctx"] = ours["tg_tok_s"] / ours["tg_tok_s_at_ctx"][key]
+        short, long = str(args.short_ctx), str(args.long_ctx)
+        for name, r in results.items():
+            # how much slower decode gets with a long context, each engine against itself
+            ratios[f"{name}_slowdown_{long}_vs_{short}"] = (
+                r["tg_tok_s_at_ctx"][short] / r["tg_tok_s_at_ctx"][long]
+            )
     print(f"{path}  threads={args.threads} reps={args.reps} (medians)")
     print(f"{'':12s}{'pp' + str(args.pp) + ' tok/s':>14s}{'tg' + str(args.tg) + ' tok/s':>14s}"
-          f"{'tg@' + str(args.long_ctx):>10s}{'load->1st s':>13s}{'RSS MiB':>9s}")  # fmt: skip
+          f"{'tg@' + str(args.short_ctx):>9s}{'tg@' + str(args.long_ctx):>9s}{'load->1st s':>13s}{'RSS MiB':>9s}")  # fmt: skip
     for name, r in results.items():
-        at = r.get("tg_tok_s_at_ctx", {}).get(str(args.long_ctx), float("nan"))
-        print(f"{name:12s}{r['pp_tok_s']:14.1f}{r['tg_tok_s']:14.1f}{at:10.1f}"
+        at = r.get("tg_tok_s_at_ctx", {})
+        short, long = at.get(str(args.short_ctx), float("nan")), at.get(str(args.long_ctx), float("nan"))
+        print(f"{name:12s}{r['pp_tok_s']:14.1f}{r['tg_tok_s']:14.1f}{short:9.1f}{long:9.1f}"
               f"{r['load_to_first_token_s']:13.2f}{r['peak_rss_mib']:9.0f}")  # fmt: skip
     print("ratios (garagelm / llama.cpp): " + ", ".join(f"{k} {v:.2f}x" for k, v in ratios.items()))
     if args.json:

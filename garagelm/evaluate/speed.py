@@ -39,31 +39,34 @@ def _decode(engine, first: int, start: int, n: int) -> float:
     return n / (time.perf_counter() - t0)
 
 
-def measure(path: str | Path, pp: int = 512, tg: int = 128, reps: int = 3, long_ctx: int = 0) -> dict:
-    """Median tok/s over `reps` runs. long_ctx > 0 also measures decode after that many tokens."""
+def measure(
+    path: str | Path, pp: int = 512, tg: int = 128, reps: int = 3, decode_ctx: tuple[int, ...] = ()
+) -> dict:
+    """Median tok/s over `reps` runs; also decode after each context length in decode_ctx."""
     from garagelm.runtime.generate import Engine
     from garagelm.runtime.load import load_model
 
     t0 = time.perf_counter()
     loaded = load_model(path)
     tok = loaded.tokenizer
-    ctx = max(pp, long_ctx) + tg + 8
-    engine = Engine(loaded.model, tok, ctx, prefill_chunk=max(pp, long_ctx, 1))
+    longest = max((pp, *decode_ctx))
+    engine = Engine(loaded.model, tok, longest + tg + 8, prefill_chunk=longest)
     first = engine._forward(tok.encode("Hello"), 0)
     load_to_first_token = time.perf_counter() - t0
-    prompt = bench_tokens(tok, max(pp, long_ctx))
-    pp_rates, tg_rates, long_rates = [], [], []
+    prompt = bench_tokens(tok, longest)
+    pp_rates, tg_rates = [], []
+    at_ctx: dict[str, list[float]] = {str(n): [] for n in decode_ctx}
     for _ in range(reps):
         engine.reset()
         t1 = time.perf_counter()
         logits = engine._forward(prompt[:pp], 0)
         pp_rates.append(pp / (time.perf_counter() - t1))
         tg_rates.append(_decode(engine, int(logits.argmax()), pp, tg))
-    if long_ctx:
+    for n in decode_ctx:
         for _ in range(reps):
             engine.reset()
-            logits = engine._forward(prompt[:long_ctx], 0)
-            long_rates.append(_decode(engine, int(logits.argmax()), long_ctx, tg))
+            logits = engine._forward(prompt[:n], 0)
+            at_ctx[str(n)].append(_decode(engine, int(logits.argmax()), n, tg))
     del first
     out = {
         "engine": "garagelm",
@@ -76,6 +79,6 @@ def measure(path: str | Path, pp: int = 512, tg: int = 128, reps: int = 3, long_
         "load_to_first_token_s": load_to_first_token,
         "peak_rss_mib": peak_rss_mib(),
     }
-    if long_ctx:
-        out["tg_tok_s_at_ctx"] = {str(long_ctx): statistics.median(long_rates)}
+    if decode_ctx:
+        out["tg_tok_s_at_ctx"] = {n: statistics.median(r) for n, r in at_ctx.items()}
     return out
