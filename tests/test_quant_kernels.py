@@ -87,3 +87,35 @@ def test_quantized_model_equals_dequantized_model(smol_path):
 def test_bad_raw_shape_is_rejected():
     with pytest.raises(ValueError, match="expected"):
         GGMLLinear(torch.zeros(4, 10, dtype=torch.uint8), "Q4_1", 64, 4)
+
+
+def test_whole_layer_decode_equals_module_path(smol_path):
+    """The one-call-per-layer C decode gives the torch module path's logits and tokens."""
+    from garagelm.models import from_gguf
+    from garagelm.runtime.cache import KVCache
+
+    model = from_gguf(GGUFFile(smol_path))
+    plan = model.decode_plan
+    assert plan is not None
+    cfg = model.config
+    ids = [1, 504, 3458, 282, 4649, 314]
+    logits = []
+    for use_plan in (True, False):
+        model.decode_plan = plan if use_plan else None
+        cache = KVCache(cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim, 64, dtype=torch.float16)
+        with torch.inference_mode():
+            out = [model(torch.tensor([ids]), cache=cache, start=0, last_only=True)[0, -1]]
+            tok = int(out[-1].argmax())
+            for i in range(12):
+                out.append(model(torch.tensor([[tok]]), cache=cache, start=len(ids) + i)[0, -1])
+                tok = int(out[-1].argmax())
+        logits.append(torch.stack(out))
+    model.decode_plan = plan
+    assert torch.equal(logits[0].argmax(-1), logits[1].argmax(-1))
+    assert (logits[0] - logits[1]).abs().max() < 1e-2
+
+
+def test_no_plan_for_unpacked_weights(smol_f32):
+    from garagelm.models import from_gguf
+
+    assert from_gguf(GGUFFile(smol_f32)).decode_plan is None  # F32 tensors stay nn.Linear
