@@ -389,12 +389,8 @@ static void ensure_pool(int threads) {
 
 static pthread_mutex_t g_call = PTHREAD_MUTEX_INITIALIZER; /* one product at a time */
 
-static void matmul(const job_t *j) {
-    if (g_threads <= 1 || (long)j->N * j->K < 65536) { /* too small to be worth a handoff */
-        j->rows(j, 0, j->N);
-        return;
-    }
-    pthread_mutex_lock(&g_call);
+/* Run j over the pool: every thread takes its share of rows. The caller holds g_call. */
+static void dispatch(const job_t *j) {
     g_job = *j;
     atomic_store(&g_done, 0);
     pthread_mutex_lock(&g_mu);
@@ -403,6 +399,15 @@ static void matmul(const job_t *j) {
     pthread_mutex_unlock(&g_mu);
     part(0, g_threads);
     while (atomic_load_explicit(&g_done, memory_order_acquire) < g_threads - 1) cpu_relax();
+}
+
+static void matmul(const job_t *j) {
+    if (g_threads <= 1 || (long)j->N * j->K < 65536) { /* too small to be worth a handoff */
+        j->rows(j, 0, j->N);
+        return;
+    }
+    pthread_mutex_lock(&g_call);
+    dispatch(j);
     pthread_mutex_unlock(&g_call);
 }
 
@@ -756,14 +761,7 @@ static void attend_core(const float *q, const uint16_t *k, const uint16_t *v, fl
         att_rows(&j, 0, S);
         g_threads = saved;
     } else {
-        g_job = j;
-        atomic_store(&g_done, 0);
-        pthread_mutex_lock(&g_mu);
-        atomic_fetch_add_explicit(&g_gen, 1, memory_order_release);
-        pthread_cond_broadcast(&g_cv);
-        pthread_mutex_unlock(&g_mu);
-        part(0, g_threads);
-        while (atomic_load_explicit(&g_done, memory_order_acquire) < g_threads - 1) cpu_relax();
+        dispatch(&j);
     }
     /* merge the parts: rescale each by exp(its max - overall max) */
     float *o = out;
