@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from garagelm.models.base import (
+    CAUSAL,
     Embedding,
     Linear,
     RMSNorm,
@@ -183,7 +184,12 @@ class LlamaForCausalLM(nn.Module):
             plan.step(x, cache, start, cos.reshape(-1).contiguous(), sin.reshape(-1).contiguous())
             return self.lm_head(self.model.norm(x)).float()
         window = self.config.sliding_window
-        mask = None if T == 1 and window is None else causal_mask(positions, start + T, window)
+        if window is None and T == 1:
+            mask = None
+        elif window is None and start == 0:
+            mask = CAUSAL
+        else:
+            mask = causal_mask(positions, start + T, window)
         x = self.model.embed_tokens(input_ids)
         for layer in self.model.layers:
             x = layer(x, cos, sin, mask, cache, start)
