@@ -14,7 +14,10 @@ from garagelm.quant.ggml_linear import GGMLEmbedding, GGMLLinear, dequantize_fas
 
 pytestmark = pytest.mark.skipif(not kernels_available(), reason="C kernels not built")
 
-FILES = {"Q4_0": "Q4_0", "Q4_1": None, "Q5_0": "Q5_0", "Q5_1": "Q5_1", "Q8_0": "Q8_0"}
+FILES = {
+    "Q4_0": "Q4_0", "Q4_1": None, "Q5_0": "Q5_0", "Q5_1": "Q5_1", "Q8_0": "Q8_0",
+    "Q4_K": "Q4_K_M", "Q5_K": "Q5_K_M", "Q6_K": "Q6_K",
+}  # fmt: skip
 
 
 @pytest.fixture(scope="module")

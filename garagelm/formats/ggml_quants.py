@@ -95,16 +95,22 @@ def _q5_values(qh_bytes: torch.Tensor, qs: torch.Tensor) -> torch.Tensor:
     return low | (high << 4)
 
 
-def _deq_q5_0(b: torch.Tensor) -> torch.Tensor:
+def q5_parts(b: torch.Tensor, qtype: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Q5_0 / Q5_1 blocks -> (values int8 (n, 32), scale f32 (n, 1), added min f32 (n, 1) or None)."""
     d = _f16(b[:, :2])
-    q = _q5_values(b[:, 2:6], b[:, 6:]).to(torch.int8) - 16
+    if qtype == "Q5_0":
+        return _q5_values(b[:, 2:6], b[:, 6:]).to(torch.int8) - 16, d, None
+    return _q5_values(b[:, 4:8], b[:, 8:]).to(torch.int8), d, _f16(b[:, 2:4])
+
+
+def _deq_q5_0(b: torch.Tensor) -> torch.Tensor:
+    q, d, _ = q5_parts(b, "Q5_0")
     return d * q.float()
 
 
 def _deq_q5_1(b: torch.Tensor) -> torch.Tensor:
-    d, m = _f16(b[:, :2]), _f16(b[:, 2:4])
-    q = _q5_values(b[:, 4:8], b[:, 8:]).float()
-    return d * q + m
+    q, d, m = q5_parts(b, "Q5_1")
+    return d * q.float() + m
 
 
 def _k_scale_min(scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -115,37 +121,46 @@ def _k_scale_min(scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return sc, mn
 
 
-def _deq_q4_k(b: torch.Tensor) -> torch.Tensor:
+def kquant_parts(b: torch.Tensor, qtype: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """K-quant blocks (n, type_size) -> (values int8 (n, 256), scales f32 (n, S), mins f32 (n, S) or None).
+
+    Each value w = scale * q - min over sub-blocks of 256/S values (S = 8 for Q4_K/Q5_K, 16 for
+    Q6_K), with scale and min computed exactly as the dequantizer does, so a layer may keep the
+    parts and still reproduce the dequantized weights bit for bit.
+    """
     n = b.shape[0]
+    if qtype == "Q6_K":
+        scales = b[:, 192:208].contiguous().view(torch.int8).float()
+        d = _f16(b[:, 208:210]) * scales  # (n, 16)
+        low = _nibbles(b[:, :128], 64).reshape(n, -1, 32)  # (n, 8, 32)
+        high = _bits(b[:, 128:192], 32, 4, 2).reshape(n, -1, 32)  # (n, 8, 32)
+        q = ((low | (high << 4)).to(torch.int8) - 32).reshape(n, QK_K)
+        return q, d, None
     d, dmin = _f16(b[:, :2]), _f16(b[:, 2:4])
     sc, mn = _k_scale_min(b[:, 4:16])
-    d = (d * sc.float()).reshape(n, 8, 1)
-    dm = (dmin * mn.float()).reshape(n, 8, 1)
-    q = _nibbles(b[:, 16:], 32).reshape(n, 8, 32).float()
-    return (d * q - dm).reshape(n, QK_K)
+    scale, mins = d * sc.float(), dmin * mn.float()  # (n, 8)
+    if qtype == "Q4_K":
+        q = _nibbles(b[:, 16:], 32).reshape(n, QK_K)
+    else:  # Q5_K: bit plane j of qh is sub-block j's fifth bit
+        low = _nibbles(b[:, 48:], 32).reshape(n, 8, 32)
+        high = _bits(b[:, 16:48], 32, 8, 1).reshape(n, 8, 32)
+        q = (low | (high << 4)).reshape(n, QK_K)
+    return q.to(torch.int8), scale, mins
 
 
-def _deq_q5_k(b: torch.Tensor) -> torch.Tensor:
-    n = b.shape[0]
-    d, dmin = _f16(b[:, :2]), _f16(b[:, 2:4])
-    sc, mn = _k_scale_min(b[:, 4:16])
-    d = (d * sc.float()).reshape(n, 8, 1)
-    dm = (dmin * mn.float()).reshape(n, 8, 1)
-    low = _nibbles(b[:, 48:], 32).reshape(n, 8, 32)
-    high = _bits(b[:, 16:48], 32, 8, 1).reshape(n, 8, 32)  # bit plane j is sub-block j
-    q = (low | (high << 4)).float()
-    return (d * q - dm).reshape(n, QK_K)
+def _deq_kquant(qtype: str) -> Callable[[torch.Tensor], torch.Tensor]:
+    def deq(b: torch.Tensor) -> torch.Tensor:
+        q, scale, mins = kquant_parts(b, qtype)
+        n, groups = scale.shape
+        w = scale.reshape(n, groups, 1) * q.reshape(n, groups, -1).float()
+        if mins is not None:
+            w = w - mins.reshape(n, groups, 1)
+        return w.reshape(n, QK_K)
+
+    return deq
 
 
-def _deq_q6_k(b: torch.Tensor) -> torch.Tensor:
-    n = b.shape[0]
-    ql, qh = b[:, :128], b[:, 128:192]
-    scales = b[:, 192:208].contiguous().view(torch.int8).float()
-    d = (_f16(b[:, 208:210]) * scales).reshape(n, 16, 1)
-    low = _nibbles(ql, 64).reshape(n, -1, 32)  # (n, 8, 32)
-    high = _bits(qh, 32, 4, 2).reshape(n, -1, 32)  # (n, 8, 32)
-    q = ((low | (high << 4)).to(torch.int8) - 32).reshape(n, 16, 16).float()
-    return (d * q).reshape(n, QK_K)
+_deq_q4_k, _deq_q5_k, _deq_q6_k = _deq_kquant("Q4_K"), _deq_kquant("Q5_K"), _deq_kquant("Q6_K")
 
 
 DEQUANTIZE: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {

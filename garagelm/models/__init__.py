@@ -26,7 +26,7 @@ def from_gguf(gguf: GGUFFile, dtype: torch.dtype = torch.float32, quantized: boo
     blocks (memory-mapped where no reordering is needed); everything else is dequantized to
     `dtype`. quantized=False dequantizes everything (for training or as a reference).
     """
-    from garagelm.quant.ggml_linear import KERNEL_TYPES, GGMLEmbedding, GGMLLinear, kernels_available
+    from garagelm.quant.ggml_linear import QUANTIZED_TYPES, GGMLEmbedding, GGMLLinear, kernels_available
 
     keep = quantized and kernels_available()
     arch = gguf.architecture
@@ -55,7 +55,7 @@ def from_gguf(gguf: GGUFFile, dtype: torch.dtype = torch.float32, quantized: boo
             raw = unpermute_qk(raw, cfg.num_attention_heads)
         elif name.endswith("attn_k.weight"):
             raw = unpermute_qk(raw, cfg.num_key_value_heads)
-        if keep and t.qtype in KERNEL_TYPES and len(t.shape) == 2:
+        if keep and t.qtype in QUANTIZED_TYPES and len(t.shape) == 2:
             module = hf.removesuffix(".weight")
             out_f, in_f = t.shape
             if hf == "model.embed_tokens.weight":

@@ -459,8 +459,14 @@ static PyObject *py_dequantize(PyObject *self, PyObject *args) {
  * The product is factored per block: d * sum(q * x) + m * sum(x), with sum(x) computed once per
  * call (for Q4_0, m = -8 d). That is the dequantized weights' product up to float32 rounding.
  */
-enum { P_Q4_MIN = 0, P_Q4_0 = 1, P_Q8 = 2 };
+/* P_I8 / P_I8_16: K-quants (Q4_K, Q5_K, Q6_K) unpacked at load to int8 values with float32
+ * scales (and negated mins for P_I8) per 32 / 16 values: 1.25 bytes a weight, same values. */
+enum { P_Q4_MIN = 0, P_Q4_0 = 1, P_Q8 = 2, P_I8 = 3, P_I8_16 = 4 };
 #define MAX_BLOCKS 4096 /* K up to 131072 */
+#define BYTE_VALUES(kind) ((kind) >= P_Q8)
+#define HAS_MIN(kind) ((kind) == P_Q4_MIN || (kind) == P_Q4_0 || (kind) == P_I8)
+/* P_I8 without mins (Q5_0) passes m = NULL: load_row_scales leaves zero mins. */
+#define N_SCALES(kind, nb) ((kind) == P_I8_16 ? 2 * (nb) : (nb))
 
 static inline void row_scales(const uint16_t *src, float *dst, int nb) {
     int b = 0;
@@ -471,28 +477,47 @@ static inline void row_scales(const uint16_t *src, float *dst, int nb) {
     for (; b < nb; b++) dst[b] = f16_to_f32(src[b]);
 }
 
-static void rows_packed_generic(const job_t *j, int n0, int n1) {
-    const int nb = j->K / QK, kind = j->qtype;
-    float d[MAX_BLOCKS], m[MAX_BLOCKS];
-    for (int n = n0; n < n1; n++) {
+/* Row n's scales (and mins) as float32 into d and m, whatever the kind stores. */
+static void load_row_scales(const job_t *j, int n, float *d, float *m, int nb) {
+    const int kind = j->qtype, ns = N_SCALES(kind, nb);
+    if (kind >= P_I8) {
+        memcpy(d, (const float *)j->d + (size_t)n * ns, sizeof(float) * ns);
+        if (kind == P_I8) {
+            if (j->m)
+                memcpy(m, (const float *)j->m + (size_t)n * ns, sizeof(float) * ns);
+            else
+                memset(m, 0, sizeof(float) * ns);
+        }
+    } else {
         row_scales(j->d + (size_t)n * nb, d, nb);
         if (kind == P_Q4_MIN) row_scales(j->m + (size_t)n * nb, m, nb);
+    }
+    if (kind == P_Q4_0)
+        for (int b = 0; b < nb; b++) m[b] = -8.0f * d[b];
+    for (int b = ns; b < ((ns + 15) & ~15); b++) d[b] = m[b] = 0.0f; /* padding lanes */
+}
+
+static void rows_packed_generic(const job_t *j, int n0, int n1) {
+    const int nb = j->K / QK, kind = j->qtype;
+    float d[2 * MAX_BLOCKS + 16], m[2 * MAX_BLOCKS + 16];
+    for (int n = n0; n < n1; n++) {
+        load_row_scales(j, n, d, m, nb);
         for (int r = 0; r < j->M; r++) {
             const float *x = j->x + (size_t)r * j->K, *xs = j->xsum + (size_t)r * ((nb + 15) & ~15);
             float acc = 0.0f, macc = 0.0f;
             for (int b = 0; b < nb; b++) {
-                float t = 0.0f;
-                if (kind == P_Q8) {
+                float t = 0.0f, t2 = 0.0f;
+                if (BYTE_VALUES(kind)) {
                     const int8_t *q = (const int8_t *)j->w + (size_t)n * j->K + (size_t)b * QK;
-                    for (int i = 0; i < QK; i++) t += (float)q[i] * x[b * QK + i];
+                    for (int i = 0; i < 16; i++) t += (float)q[i] * x[b * QK + i];
+                    for (int i = 16; i < QK; i++) t2 += (float)q[i] * x[b * QK + i];
                 } else {
                     const uint8_t *q = j->w + (size_t)n * (j->K / 2) + (size_t)b * 16;
                     for (int i = 0; i < 16; i++)
                         t += (float)(q[i] & 0x0F) * x[b * QK + i] + (float)(q[i] >> 4) * x[b * QK + 16 + i];
                 }
-                acc += d[b] * t;
-                if (kind == P_Q4_MIN) macc += m[b] * xs[b];
-                if (kind == P_Q4_0) macc += (-8.0f * d[b]) * xs[b];
+                acc += kind == P_I8_16 ? d[2 * b] * t + d[2 * b + 1] * t2 : d[b] * (t + t2);
+                if (HAS_MIN(kind)) macc += m[b] * xs[b];
             }
             j->y[(size_t)r * j->N + n] = acc + macc;
         }
@@ -515,17 +540,22 @@ static inline void row_scales512(const uint16_t *src, float *dst, int nb) {
  * chains are independent, which keeps both FMA ports busy. */
 static void rows_packed_avx512(const job_t *j, int n0, int n1) {
     const int nb = j->K / QK, kind = j->qtype, M = j->M, nb16 = (nb + 15) & ~15;
-    float d[2][MAX_BLOCKS + 16] __attribute__((aligned(64))), m[2][MAX_BLOCKS + 16] __attribute__((aligned(64)));
+    float d[2][2 * MAX_BLOCKS + 16] __attribute__((aligned(64))), m[2][2 * MAX_BLOCKS + 16] __attribute__((aligned(64)));
     const __m128i low = _mm_set1_epi8(0x0F);
-    const size_t row_bytes = kind == P_Q8 ? (size_t)j->K : (size_t)j->K / 2;
+    const size_t row_bytes = BYTE_VALUES(kind) ? (size_t)j->K : (size_t)j->K / 2;
     for (int n = n0; n < n1; n += 2) {
         const int pair = n + 1 < n1 ? 2 : 1;
         const uint8_t *rows[2] = {j->w + (size_t)n * row_bytes, j->w + (size_t)(n + pair - 1) * row_bytes};
         if (n + PREFETCH_ROWS + 1 < n1)
             for (size_t o = 0; o < 2 * row_bytes; o += 64) __builtin_prefetch(rows[0] + PREFETCH_ROWS * row_bytes + o, 0, 3);
         for (int p = 0; p < 2; p++) {
-            row_scales512(j->d + (size_t)(n + p * (pair - 1)) * nb, d[p], nb);
-            if (kind == P_Q4_MIN) row_scales512(j->m + (size_t)(n + p * (pair - 1)) * nb, m[p], nb);
+            const int row = n + p * (pair - 1);
+            if (kind >= P_I8) {
+                load_row_scales(j, row, d[p], m[p], nb);
+                continue;
+            }
+            row_scales512(j->d + (size_t)row * nb, d[p], nb);
+            if (kind == P_Q4_MIN) row_scales512(j->m + (size_t)row * nb, m[p], nb);
             if (kind == P_Q4_0)
                 for (int b = 0; b < nb16; b += 16)
                     _mm512_store_ps(m[p] + b, _mm512_mul_ps(_mm512_set1_ps(-8.0f), _mm512_load_ps(d[p] + b)));
@@ -536,7 +566,7 @@ static void rows_packed_avx512(const job_t *j, int n0, int n1) {
             __m512 q[2][2];
             for (int p = 0; p < 2; p++) {
                 const uint8_t *row = rows[p];
-                if (kind == P_Q8) {
+                if (BYTE_VALUES(kind)) {
                     q[p][0] = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(row + b * QK))));
                     q[p][1] = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(row + b * QK + 16))));
                 } else {
@@ -544,6 +574,19 @@ static void rows_packed_avx512(const job_t *j, int n0, int n1) {
                     q[p][0] = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(qs, low)));
                     q[p][1] = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(qs, 4), low)));
                 }
+            }
+            if (kind == P_I8_16) { /* a scale per 16 values */
+                const __m512 d0a = _mm512_set1_ps(d[0][2 * b]), d0b = _mm512_set1_ps(d[0][2 * b + 1]);
+                const __m512 d1a = _mm512_set1_ps(d[1][2 * b]), d1b = _mm512_set1_ps(d[1][2 * b + 1]);
+                for (int r = 0; r < M; r++) {
+                    const float *xr = j->x + (size_t)r * j->K + (size_t)b * QK;
+                    const __m512 xa = _mm512_loadu_ps(xr), xb = _mm512_loadu_ps(xr + 16);
+                    acc[r][0] = _mm512_fmadd_ps(_mm512_mul_ps(q[0][0], xa), d0a, acc[r][0]);
+                    acc[r][0] = _mm512_fmadd_ps(_mm512_mul_ps(q[0][1], xb), d0b, acc[r][0]);
+                    acc[r][1] = _mm512_fmadd_ps(_mm512_mul_ps(q[1][0], xa), d1a, acc[r][1]);
+                    acc[r][1] = _mm512_fmadd_ps(_mm512_mul_ps(q[1][1], xb), d1b, acc[r][1]);
+                }
+                continue;
             }
             const __m512 d0 = _mm512_set1_ps(d[0][b]), d1 = _mm512_set1_ps(d[1][b]);
             for (int r = 0; r < M; r++) {
@@ -556,7 +599,7 @@ static void rows_packed_avx512(const job_t *j, int n0, int n1) {
             }
         }
         for (int r = 0; r < M; r++) {
-            if (kind != P_Q8) { /* min term, over blocks 16 at a time (padding lanes are zero) */
+            if (HAS_MIN(kind)) { /* min term, over blocks 16 at a time (padding lanes are zero) */
                 const float *xs = j->xsum + (size_t)r * nb16;
                 for (int b = 0; b < nb16; b += 16) {
                     const __m512 xv = _mm512_loadu_ps(xs + b);
@@ -592,7 +635,7 @@ static PyObject *py_matmul_packed(PyObject *self, PyObject *args) {
     int kind, M, N, K;
     unsigned long long q, d, m, x, y;
     if (!PyArg_ParseTuple(args, "iKKKKKiii", &kind, &q, &d, &m, &x, &y, &M, &N, &K)) return NULL;
-    if (kind < 0 || kind > 2) return PyErr_Format(PyExc_ValueError, "unknown packed kind %d", kind);
+    if (kind < 0 || kind > P_I8_16) return PyErr_Format(PyExc_ValueError, "unknown packed kind %d", kind);
     if (M < 1 || M > MAX_ROWS) return PyErr_Format(PyExc_ValueError, "rows must be 1..%d, got %d", MAX_ROWS, M);
     if (N < 1 || K < QK || K % QK || K / QK > MAX_BLOCKS) return PyErr_Format(PyExc_ValueError, "bad shape N=%d K=%d", N, K);
     const int nb16 = (K / QK + 15) & ~15;
@@ -612,9 +655,18 @@ static void dequant_packed_rows(const job_t *j, int n0, int n1) {
     const int K = j->K, nb = K / QK, kind = j->qtype;
     for (long n = n0; n < n1; n++)
         for (int b = 0; b < nb; b++) {
+            float *o = j->y + (size_t)n * K + (size_t)b * QK;
+            if (kind >= P_I8) { /* scale * q + (-min), the dequantizer's scale * q - min */
+                const int8_t *qq = (const int8_t *)j->w + (size_t)n * K + (size_t)b * QK;
+                const float *sc = (const float *)j->d + (size_t)n * N_SCALES(kind, nb);
+                for (int i = 0; i < QK; i++) {
+                    float v = (kind == P_I8_16 ? sc[2 * b + i / 16] : sc[b]) * (float)qq[i];
+                    o[i] = kind == P_I8 && j->m ? v + ((const float *)j->m)[(size_t)n * nb + b] : v;
+                }
+                continue;
+            }
             float db = f16_to_f32(j->d[n * nb + b]);
             float mb = kind == P_Q4_MIN ? f16_to_f32(j->m[n * nb + b]) : 0.0f;
-            float *o = j->y + (size_t)n * K + (size_t)b * QK;
             if (kind == P_Q8) {
                 const int8_t *qq = (const int8_t *)j->w + (size_t)n * K + (size_t)b * QK;
                 for (int i = 0; i < QK; i++) o[i] = (float)qq[i] * db;
@@ -638,7 +690,7 @@ static PyObject *py_dequantize_packed(PyObject *self, PyObject *args) {
     int kind, N, K;
     unsigned long long q, d, m, out;
     if (!PyArg_ParseTuple(args, "iKKKKii", &kind, &q, &d, &m, &out, &N, &K)) return NULL;
-    if (kind < 0 || kind > 2 || K % QK || N < 1) return PyErr_Format(PyExc_ValueError, "bad kind %d, N %d or K %d", kind, N, K);
+    if (kind < 0 || kind > P_I8_16 || K % QK || N < 1) return PyErr_Format(PyExc_ValueError, "bad kind %d, N %d or K %d", kind, N, K);
     job_t j = {kind, 1, N, K, (const uint8_t *)(uintptr_t)q, NULL, (float *)(uintptr_t)out,
                (const uint16_t *)(uintptr_t)d, (const uint16_t *)(uintptr_t)m, NULL, dequant_packed_rows};
     Py_BEGIN_ALLOW_THREADS matmul(&j); /* the pool splits rows; nothing here is a product */
@@ -802,12 +854,17 @@ static PyObject *py_attend_f16(PyObject *self, PyObject *args) {
  * residual. Decode spends most of its time between products otherwise (dozens of tiny torch
  * ops per layer); here the layer is one call. */
 typedef struct {
-    int D, H, Hkv, hd, I, kinds[4];
+    int kind, N;
+    const uint8_t *q;
+    const uint16_t *d, *m;
+} prod_t;
+
+typedef struct {
+    int D, H, Hkv, hd, I, n_qkv, n_gu;
     float eps, scale;
     const float *w_in, *w_post;
-    const uint8_t *q[4];
-    const uint16_t *d[4], *m[4];
-    float *xn, *qkv, *att, *gu, *tmp, *xs;
+    prod_t qkv[3], o, gu[2], down; /* q/k/v (fused or not), output, gate/up (fused or not), down */
+    float *xn, *qkv_out, *att, *gu_out, *tmp, *xs;
 } layer_t;
 
 static void layer_free(PyObject *cap) {
@@ -824,13 +881,34 @@ static void rmsnorm(const float *x, const float *w, float *out, int n, float eps
     for (int i = 0; i < n; i++) out[i] = x[i] * r * w[i];
 }
 
+static int parse_prods(PyObject *seq, prod_t *out, int max) {
+    if (!PyTuple_Check(seq) || PyTuple_GET_SIZE(seq) < 1 || PyTuple_GET_SIZE(seq) > max) {
+        PyErr_SetString(PyExc_ValueError, "products must be a tuple of (kind, N, q, d, m)");
+        return -1;
+    }
+    for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(seq); i++) {
+        unsigned long long q, d, m;
+        if (!PyArg_ParseTuple(PyTuple_GET_ITEM(seq, i), "iiKKK", &out[i].kind, &out[i].N, &q, &d, &m)) return -1;
+        if (out[i].kind < 0 || out[i].kind > P_I8_16) {
+            PyErr_Format(PyExc_ValueError, "unknown packed kind %d", out[i].kind);
+            return -1;
+        }
+        out[i].q = (const uint8_t *)(uintptr_t)q;
+        out[i].d = (const uint16_t *)(uintptr_t)d;
+        out[i].m = (const uint16_t *)(uintptr_t)m;
+    }
+    return (int)PyTuple_GET_SIZE(seq);
+}
+
 static PyObject *py_make_layer(PyObject *self, PyObject *args) {
     layer_t *L = calloc(1, sizeof(layer_t));
     if (!L) return PyErr_NoMemory();
-    unsigned long long w_in, w_post, q[4], d[4], m[4];
-    if (!PyArg_ParseTuple(args, "iiiiiffKK(iiii)(KKKK)(KKKK)(KKKK)", &L->D, &L->H, &L->Hkv, &L->hd, &L->I, &L->eps,
-                          &L->scale, &w_in, &w_post, &L->kinds[0], &L->kinds[1], &L->kinds[2], &L->kinds[3], &q[0],
-                          &q[1], &q[2], &q[3], &d[0], &d[1], &d[2], &d[3], &m[0], &m[1], &m[2], &m[3])) {
+    unsigned long long w_in, w_post;
+    PyObject *qkv, *o, *gu, *down;
+    if (!PyArg_ParseTuple(args, "iiiiiffKKOOOO", &L->D, &L->H, &L->Hkv, &L->hd, &L->I, &L->eps, &L->scale, &w_in,
+                          &w_post, &qkv, &o, &gu, &down) ||
+        (L->n_qkv = parse_prods(qkv, L->qkv, 3)) < 0 || parse_prods(o, &L->o, 1) < 0 ||
+        (L->n_gu = parse_prods(gu, L->gu, 2)) < 0 || parse_prods(down, &L->down, 1) < 0) {
         free(L);
         return NULL;
     }
@@ -841,11 +919,6 @@ static PyObject *py_make_layer(PyObject *self, PyObject *args) {
     }
     L->w_in = (const float *)(uintptr_t)w_in;
     L->w_post = (const float *)(uintptr_t)w_post;
-    for (int i = 0; i < 4; i++) {
-        L->q[i] = (const uint8_t *)(uintptr_t)q[i];
-        L->d[i] = (const uint16_t *)(uintptr_t)d[i];
-        L->m[i] = (const uint16_t *)(uintptr_t)m[i];
-    }
     int big = L->D > L->I ? L->D : L->I;
     if (L->H * L->hd > big) big = L->H * L->hd;
     size_t n_qkv = (size_t)(L->H + 2 * L->Hkv) * L->hd, n_xs = (size_t)big / QK + 16;
@@ -856,12 +929,20 @@ static PyObject *py_make_layer(PyObject *self, PyObject *args) {
         return PyErr_NoMemory();
     }
     L->xn = buf;
-    L->qkv = L->xn + L->D;
-    L->att = L->qkv + n_qkv;
-    L->gu = L->att + (size_t)L->H * L->hd;
-    L->tmp = L->gu + 2 * (size_t)L->I;
+    L->qkv_out = L->xn + L->D;
+    L->att = L->qkv_out + n_qkv;
+    L->gu_out = L->att + (size_t)L->H * L->hd;
+    L->tmp = L->gu_out + 2 * (size_t)L->I;
     L->xs = L->tmp + big;
     return PyCapsule_New(L, "garagelm.layer", layer_free);
+}
+
+/* Products of one input, outputs side by side (a fused product is just one of them). */
+static void products(const prod_t *p, int n, const float *x, float *y, int K, float *xs) {
+    for (int i = 0; i < n; i++) {
+        packed_product(p[i].kind, p[i].q, p[i].d, p[i].m, x, y, 1, p[i].N, K, xs);
+        y += p[i].N;
+    }
 }
 
 static PyObject *py_decode_layer(PyObject *self, PyObject *args) {
@@ -878,30 +959,31 @@ static PyObject *py_decode_layer(PyObject *self, PyObject *args) {
     const int D = L->D, H = L->H, Hkv = L->Hkv, hd = L->hd, I = L->I, half = hd / 2;
     Py_BEGIN_ALLOW_THREADS;
     rmsnorm(x, L->w_in, L->xn, D, L->eps);
-    packed_product(L->kinds[0], L->q[0], L->d[0], L->m[0], L->xn, L->qkv, 1, (H + 2 * Hkv) * hd, D, L->xs);
+    products(L->qkv, L->n_qkv, L->xn, L->qkv_out, D, L->xs);
     /* rotate-half RoPE on the q and k heads: x*cos + roll(x, hd/2)*sin_signed */
     float rot[ATT_MAX_HD];
     for (int h = 0; h < H + Hkv; h++) {
-        float *v = L->qkv + (size_t)h * hd;
+        float *v = L->qkv_out + (size_t)h * hd;
         for (int i = 0; i < hd; i++) rot[i] = v[i] * cs[i] + v[(i + half) % hd] * sn[i];
         memcpy(v, rot, sizeof(float) * hd);
     }
     for (int g = 0; g < Hkv; g++) /* keys and values into the f16 cache at pos (round to nearest even) */
         for (int i = 0; i < hd; i++) {
-            kc[g * stride_h + (long)pos * hd + i] = _cvtss_sh(L->qkv[(size_t)(H + g) * hd + i], _MM_FROUND_TO_NEAREST_INT);
+            kc[g * stride_h + (long)pos * hd + i] =
+                _cvtss_sh(L->qkv_out[(size_t)(H + g) * hd + i], _MM_FROUND_TO_NEAREST_INT);
             vc[g * stride_h + (long)pos * hd + i] =
-                _cvtss_sh(L->qkv[(size_t)(H + Hkv + g) * hd + i], _MM_FROUND_TO_NEAREST_INT);
+                _cvtss_sh(L->qkv_out[(size_t)(H + Hkv + g) * hd + i], _MM_FROUND_TO_NEAREST_INT);
         }
-    attend_core(L->qkv, kc, vc, L->att, (long)stride_h, H, Hkv, pos + 1, hd, L->scale);
-    packed_product(L->kinds[1], L->q[1], L->d[1], L->m[1], L->att, L->tmp, 1, D, H * hd, L->xs);
+    attend_core(L->qkv_out, kc, vc, L->att, (long)stride_h, H, Hkv, pos + 1, hd, L->scale);
+    products(&L->o, 1, L->att, L->tmp, H * hd, L->xs);
     for (int i = 0; i < D; i++) x[i] += L->tmp[i];
     rmsnorm(x, L->w_post, L->xn, D, L->eps);
-    packed_product(L->kinds[2], L->q[2], L->d[2], L->m[2], L->xn, L->gu, 1, 2 * I, D, L->xs);
+    products(L->gu, L->n_gu, L->xn, L->gu_out, D, L->xs);
     for (int i = 0; i < I; i++) {
-        float g = L->gu[i];
-        L->gu[i] = g / (1.0f + expf(-g)) * L->gu[I + i]; /* silu(gate) * up */
+        float g = L->gu_out[i];
+        L->gu_out[i] = g / (1.0f + expf(-g)) * L->gu_out[I + i]; /* silu(gate) * up */
     }
-    packed_product(L->kinds[3], L->q[3], L->d[3], L->m[3], L->gu, L->tmp, 1, D, I, L->xs);
+    products(&L->down, 1, L->gu_out, L->tmp, I, L->xs);
     for (int i = 0; i < D; i++) x[i] += L->tmp[i];
     Py_END_ALLOW_THREADS;
     Py_RETURN_NONE;
@@ -925,7 +1007,7 @@ static PyMethodDef methods[] = {
     {"dequantize", py_dequantize, METH_VARARGS, "dequantize(qtype, w_ptr, out_ptr, n_blocks): blocks -> float32"},
 #ifdef HAVE_AVX512
     {"attend_f16", py_attend_f16, METH_VARARGS, "attend_f16(q, k, v, out, stride_h, H, Hkv, S, hd, scale)"},
-    {"make_layer", py_make_layer, METH_VARARGS, "make_layer(D, H, Hkv, hd, I, eps, scale, w_in, w_post, kinds, q, d, m)"},
+    {"make_layer", py_make_layer, METH_VARARGS, "make_layer(D, H, Hkv, hd, I, eps, scale, w_in, w_post, qkv, o, gu, down)"},
     {"decode_layer", py_decode_layer, METH_VARARGS, "decode_layer(layer, x, k, v, stride_h, pos, cos, sin_signed)"},
 #endif
     {"set_threads", py_set_threads, METH_VARARGS, "set_threads(n) -> threads used"},

@@ -33,7 +33,9 @@ class DecodePlan:
         layers, keep = [], []
         for layer in model.model.layers:
             attn, mlp = layer.self_attn, layer.mlp
-            parts = [attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj]
+            qkv = [attn.qkv_proj] if attn.qkv_proj is not None else [attn.q_proj, attn.k_proj, attn.v_proj]
+            gate_up = [mlp.gate_up_proj] if mlp.gate_up_proj is not None else [mlp.gate_proj, mlp.up_proj]
+            parts = [*qkv, attn.o_proj, *gate_up, mlp.down_proj]
             if not all(isinstance(p, GGMLLinear) and p._kind is not None and p.bias is None for p in parts):
                 return None
             norms = [layer.input_layernorm, layer.post_attention_layernorm]
@@ -41,7 +43,10 @@ class DecodePlan:
                 return None
             w_in, w_post = (n.weight.detach().float().contiguous() for n in norms)
             keep += [w_in, w_post]
-            ptrs = [p._pointers() for p in parts]
+
+            def prods(group):
+                return tuple((p._kind, p.out_features, *p._pointers()) for p in group)
+
             try:
                 layers.append(
                     _kernels.make_layer(
@@ -54,10 +59,10 @@ class DecodePlan:
                         1.0 / math.sqrt(cfg.head_dim),
                         w_in.data_ptr(),
                         w_post.data_ptr(),
-                        tuple(p._kind for p in parts),
-                        tuple(q for q, _, _ in ptrs),
-                        tuple(d for _, d, _ in ptrs),
-                        tuple(m for _, _, m in ptrs),
+                        prods(qkv),
+                        prods([attn.o_proj]),
+                        prods(gate_up),
+                        prods([mlp.down_proj]),
                     )
                 )
             except ValueError:

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from garagelm.formats.ggml_quants import BLOCK_LAYOUT, dequantize
+from garagelm.formats.ggml_quants import BLOCK_LAYOUT, dequantize, kquant_parts, q5_parts
 
 try:
     from garagelm.quant import _kernels
@@ -21,13 +21,24 @@ except ImportError:  # built without a C compiler: the torch path below still wo
 
 # GGML type ids the C kernel reads.
 KERNEL_TYPES = {"Q4_0": 2, "Q4_1": 3, "Q5_0": 6, "Q5_1": 7, "Q8_0": 8}
-# Types split at load into values + f16 scales (+ mins), the layout the fastest kernel reads.
-PACKED_KINDS = {"Q4_1": 0, "Q4_0": 1, "Q8_0": 2}
+# Types split at load into values + scales (+ mins), the layout the fastest kernel reads:
+# Q4_0/Q4_1/Q8_0 keep their bits (f16 scales); K-quants become int8 values with float32 scales.
+PACKED_KINDS = {"Q4_1": 0, "Q4_0": 1, "Q8_0": 2, "Q4_K": 3, "Q5_K": 3, "Q6_K": 4, "Q5_0": 3, "Q5_1": 3}
+QUANTIZED_TYPES = set(KERNEL_TYPES) | set(PACKED_KINDS)
 MAX_KERNEL_ROWS = 8
 
 
 def _pack(raw: torch.Tensor, qtype: str, n: int, k: int):
     """GGML blocks (n, row bytes) -> (values, d, m): the same bits without block headers."""
+    if qtype.endswith("_K") or qtype.startswith("Q5_"):
+        blocks = raw.reshape(-1, BLOCK_LAYOUT[qtype][1])
+        if qtype.endswith("_K"):
+            q, scale, mins = kquant_parts(blocks, qtype)
+            added = None if mins is None else -mins  # the kernel adds: scale * q + (-min)
+        else:
+            q, scale, added = q5_parts(blocks, qtype)
+        added = None if added is None else added.reshape(n, -1).contiguous()
+        return q.reshape(n, k).contiguous(), scale.reshape(n, -1).contiguous(), added
     nb = k // 32
     blocks = raw.reshape(n, nb, BLOCK_LAYOUT[qtype][1])
     d = blocks[:, :, 0:2].contiguous().view(torch.int16).reshape(n, nb)  # f16 bit patterns
