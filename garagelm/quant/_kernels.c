@@ -1,13 +1,13 @@
-/* Fused dequantize + matrix-vector product for GGML block formats, for decode.
+/* Quantized matrix-vector products, decode attention and whole decoder layers for garagelm.
  *
- * y[m, n] = sum_k W[n, k] * x[m, k] for a few rows x (fp32), with W kept in its GGML blocks.
- * Each weight is decoded with exactly the arithmetic of garagelm.formats.ggml_quants (built with
- * -ffp-contract=off, so no fused multiply-add changes a rounding), so results equal a float32
- * matmul of the dequantized weights up to summation order. Memory traffic is the quantized
- * bytes, not 4 bytes per weight: that is the whole point.
+ * Weights arrive "packed" (see the packed layout section): the values of GGML blocks with their
+ * scales (and mins) in separate arrays. Products are computed factored per block, d * sum(q * x)
+ * + m * sum(x), which equals a float32 product of the dequantized weights up to float32 rounding;
+ * the dequantizer here reproduces gguf-py's values bit for bit (built with -ffp-contract=off so no
+ * fused multiply-add changes a rounding). Memory traffic is the quantized bytes, not 4 per weight.
  *
- * Output rows are split over a small persistent pthread pool whose workers spin briefly between
- * calls (decode issues hundreds of small calls per token) and then sleep.
+ * Work is split over a small persistent pthread pool whose workers spin briefly between calls
+ * (decode issues many small calls per token) and then sleep.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -22,10 +22,6 @@
 #define MAX_ROWS 8
 #define MAX_THREADS 64
 #define PREFETCH_ROWS 8
-
-typedef float v8f __attribute__((vector_size(32)));
-
-enum { T_Q4_0 = 2, T_Q4_1 = 3, T_Q5_0 = 6, T_Q5_1 = 7, T_Q8_0 = 8 }; /* GGML type ids */
 
 static inline float f16_to_f32(uint16_t h) {
     uint32_t sign = (uint32_t)(h & 0x8000u) << 16, exp = (h >> 10) & 0x1Fu, mant = h & 0x3FFu, bits;
@@ -43,69 +39,6 @@ static inline float f16_to_f32(uint16_t h) {
     return out;
 }
 
-static inline uint16_t rd16(const uint8_t *p) { return (uint16_t)(p[0] | (p[1] << 8)); }
-
-static int type_size(int t) {
-    switch (t) {
-    case T_Q4_0: return 18;
-    case T_Q4_1: return 20;
-    case T_Q5_0: return 22;
-    case T_Q5_1: return 24;
-    case T_Q8_0: return 34;
-    default: return 0;
-    }
-}
-
-/* Decode one block into 32 floats, operation for operation as the torch dequantizer. */
-static inline void decode_block(int t, const uint8_t *b, float *w) {
-    switch (t) {
-    case T_Q8_0: {
-        float d = f16_to_f32(rd16(b));
-        const int8_t *q = (const int8_t *)(b + 2);
-        for (int i = 0; i < QK; i++) w[i] = (float)q[i] * d;
-        break;
-    }
-    case T_Q4_0: {
-        float d = f16_to_f32(rd16(b));
-        const uint8_t *q = b + 2;
-        for (int i = 0; i < 16; i++) {
-            w[i] = d * (float)((int)(q[i] & 0x0F) - 8);
-            w[i + 16] = d * (float)((int)(q[i] >> 4) - 8);
-        }
-        break;
-    }
-    case T_Q4_1: {
-        float d = f16_to_f32(rd16(b)), m = f16_to_f32(rd16(b + 2));
-        const uint8_t *q = b + 4;
-        for (int i = 0; i < 16; i++) {
-            w[i] = d * (float)(q[i] & 0x0F) + m;
-            w[i + 16] = d * (float)(q[i] >> 4) + m;
-        }
-        break;
-    }
-    case T_Q5_0:
-    case T_Q5_1: {
-        int has_min = t == T_Q5_1;
-        float d = f16_to_f32(rd16(b)), m = has_min ? f16_to_f32(rd16(b + 2)) : 0.0f;
-        const uint8_t *p = b + (has_min ? 4 : 2);
-        uint32_t qh = (uint32_t)p[0] | ((uint32_t)p[1] << 8) | ((uint32_t)p[2] << 16) | ((uint32_t)p[3] << 24);
-        const uint8_t *q = p + 4;
-        for (int i = 0; i < 16; i++) {
-            int lo = (q[i] & 0x0F) | (((qh >> i) & 1) << 4);
-            int hi = (q[i] >> 4) | (((qh >> (i + 16)) & 1) << 4);
-            if (has_min) {
-                w[i] = d * (float)lo + m;
-                w[i + 16] = d * (float)hi + m;
-            } else {
-                w[i] = d * (float)(lo - 16);
-                w[i + 16] = d * (float)(hi - 16);
-            }
-        }
-        break;
-    }
-    }
-}
-
 typedef struct job job_t;
 struct job {
     int qtype, M, N, K;
@@ -119,217 +52,10 @@ struct job {
 };
 
 
-#if defined(__AVX2__) && defined(__F16C__) && defined(__FMA__)
-#include <immintrin.h>
-#define HAVE_AVX2 1
-
-/* 32 weights of one block as four vectors, same arithmetic as decode_block. */
-static inline void decode_avx2(int t, const uint8_t *b, __m256 w[4]) {
-    if (t == T_Q8_0) {
-        __m256 d = _mm256_set1_ps(_cvtsh_ss(rd16(b)));
-        for (int k = 0; k < 4; k++) {
-            __m128i q8 = _mm_loadl_epi64((const __m128i *)(b + 2 + 8 * k));
-            w[k] = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q8)), d);
-        }
-        return;
-    }
-    /* 4-bit and 5-bit types: low nibbles are elements 0..15, high nibbles 16..31 */
-    int off = (t == T_Q4_1 || t == T_Q5_1) ? 4 : 2;
-    __m256 d = _mm256_set1_ps(_cvtsh_ss(rd16(b)));
-    __m128i qs;
-    uint32_t qh = 0;
-    if (t == T_Q5_0 || t == T_Q5_1) {
-        memcpy(&qh, b + off, 4);
-        qs = _mm_loadu_si128((const __m128i *)(b + off + 4));
-    } else {
-        qs = _mm_loadu_si128((const __m128i *)(b + off));
-    }
-    const __m128i low = _mm_set1_epi8(0x0F);
-    __m128i lo = _mm_and_si128(qs, low), hi = _mm_and_si128(_mm_srli_epi16(qs, 4), low);
-    __m128i parts[4] = {lo, _mm_srli_si128(lo, 8), hi, _mm_srli_si128(hi, 8)};
-    for (int k = 0; k < 4; k++) {
-        __m256i v = _mm256_cvtepu8_epi32(parts[k]);
-        if (t == T_Q5_0 || t == T_Q5_1) {
-            /* fifth bit of element i is bit i of qh */
-            __m256i idx = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-            __m256i bits = _mm256_srlv_epi32(_mm256_set1_epi32((int)(qh >> (8 * k))), idx);
-            v = _mm256_or_si256(v, _mm256_slli_epi32(_mm256_and_si256(bits, _mm256_set1_epi32(1)), 4));
-        }
-        if (t == T_Q4_0) v = _mm256_sub_epi32(v, _mm256_set1_epi32(8));
-        if (t == T_Q5_0) v = _mm256_sub_epi32(v, _mm256_set1_epi32(16));
-        __m256 f = _mm256_mul_ps(d, _mm256_cvtepi32_ps(v));
-        if (t == T_Q4_1 || t == T_Q5_1) f = _mm256_add_ps(f, _mm256_set1_ps(_cvtsh_ss(rd16(b + 2))));
-        w[k] = f;
-    }
-}
-
-static inline float hsum256(__m256 v) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_movehdup_ps(s));
-    return _mm_cvtss_f32(s);
-}
-
-#define DEFINE_ROWS_AVX2(NAME, T)                                                              \
-    static void NAME(const job_t *j, int n0, int n1) {                                         \
-        const int nb = j->K / QK, ts = type_size(T);                                           \
-        const size_t row_bytes = (size_t)nb * ts;                                              \
-        for (int n = n0; n < n1; n++) {                                                        \
-            const uint8_t *row = j->w + (size_t)n * row_bytes;                                 \
-            if (j->M == 1) {                                                                   \
-                __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();                     \
-                for (int b = 0; b < nb; b++) {                                                 \
-                    __m256 w[4];                                                               \
-                    decode_avx2(T, row + (size_t)b * ts, w);                                   \
-                    const float *xr = j->x + (size_t)b * QK;                                   \
-                    a0 = _mm256_fmadd_ps(w[0], _mm256_loadu_ps(xr), a0);                       \
-                    a1 = _mm256_fmadd_ps(w[1], _mm256_loadu_ps(xr + 8), a1);                   \
-                    a0 = _mm256_fmadd_ps(w[2], _mm256_loadu_ps(xr + 16), a0);                  \
-                    a1 = _mm256_fmadd_ps(w[3], _mm256_loadu_ps(xr + 24), a1);                  \
-                }                                                                              \
-                j->y[n] = hsum256(_mm256_add_ps(a0, a1));                                      \
-                continue;                                                                      \
-            }                                                                                  \
-            __m256 acc[MAX_ROWS];                                                              \
-            for (int r = 0; r < j->M; r++) acc[r] = _mm256_setzero_ps();                       \
-            for (int b = 0; b < nb; b++) {                                                     \
-                __m256 w[4];                                                                   \
-                decode_avx2(T, row + (size_t)b * ts, w);                                       \
-                for (int r = 0; r < j->M; r++) {                                               \
-                    const float *xr = j->x + (size_t)r * j->K + (size_t)b * QK;                \
-                    __m256 a = acc[r];                                                         \
-                    for (int k = 0; k < 4; k++) a = _mm256_fmadd_ps(w[k], _mm256_loadu_ps(xr + 8 * k), a); \
-                    acc[r] = a;                                                                \
-                }                                                                              \
-            }                                                                                  \
-            for (int r = 0; r < j->M; r++) j->y[(size_t)r * j->N + n] = hsum256(acc[r]);       \
-        }                                                                                      \
-    }
-
-DEFINE_ROWS_AVX2(rows_q4_0, T_Q4_0)
-DEFINE_ROWS_AVX2(rows_q4_1, T_Q4_1)
-DEFINE_ROWS_AVX2(rows_q5_0, T_Q5_0)
-DEFINE_ROWS_AVX2(rows_q5_1, T_Q5_1)
-DEFINE_ROWS_AVX2(rows_q8_0, T_Q8_0)
-
 #if defined(__AVX512F__) && defined(__F16C__)
+#include <immintrin.h>
 #define HAVE_AVX512 1
-/* Two 16-wide vectors per block (elements 0..15, 16..31), same arithmetic as decode_block. */
-static inline void decode_avx512(int t, const uint8_t *b, __m512 *w0, __m512 *w1) {
-    __m512 d = _mm512_set1_ps(_cvtsh_ss(rd16(b)));
-    if (t == T_Q8_0) {
-        __m128i q0 = _mm_loadu_si128((const __m128i *)(b + 2)), q1 = _mm_loadu_si128((const __m128i *)(b + 18));
-        *w0 = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(q0)), d);
-        *w1 = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(q1)), d);
-        return;
-    }
-    const __m128i low = _mm_set1_epi8(0x0F);
-    __m128i qs = _mm_loadu_si128((const __m128i *)(b + (t == T_Q4_1 ? 4 : 2)));
-    __m512i lo = _mm512_cvtepu8_epi32(_mm_and_si128(qs, low));
-    __m512i hi = _mm512_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(qs, 4), low));
-    if (t == T_Q4_0) {
-        lo = _mm512_sub_epi32(lo, _mm512_set1_epi32(8));
-        hi = _mm512_sub_epi32(hi, _mm512_set1_epi32(8));
-    }
-    *w0 = _mm512_mul_ps(d, _mm512_cvtepi32_ps(lo));
-    *w1 = _mm512_mul_ps(d, _mm512_cvtepi32_ps(hi));
-    if (t == T_Q4_1) {
-        __m512 m = _mm512_set1_ps(_cvtsh_ss(rd16(b + 2)));
-        *w0 = _mm512_add_ps(*w0, m);
-        *w1 = _mm512_add_ps(*w1, m);
-    }
-}
-
-#define DEFINE_ROWS_AVX512(NAME, T)                                                            \
-    static void NAME(const job_t *j, int n0, int n1) {                                         \
-        const int nb = j->K / QK, ts = type_size(T);                                           \
-        const size_t row_bytes = (size_t)nb * ts;                                              \
-        for (int n = n0; n < n1; n++) {                                                        \
-            const uint8_t *row = j->w + (size_t)n * row_bytes;                                 \
-            /* rows stream from memory: ask for the ones a few rows ahead now */              \
-            if (n + PREFETCH_ROWS < n1)                                                        \
-                for (size_t o = 0; o < row_bytes; o += 64)                                     \
-                    __builtin_prefetch(row + PREFETCH_ROWS * row_bytes + o, 0, 3);             \
-            __m512 acc[MAX_ROWS][2];                                                           \
-            for (int r = 0; r < j->M; r++) acc[r][0] = acc[r][1] = _mm512_setzero_ps();        \
-            for (int b = 0; b < nb; b++) {                                                     \
-                __m512 w0, w1;                                                                 \
-                decode_avx512(T, row + (size_t)b * ts, &w0, &w1);                              \
-                for (int r = 0; r < j->M; r++) {                                               \
-                    const float *xr = j->x + (size_t)r * j->K + (size_t)b * QK;                \
-                    acc[r][0] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(xr), acc[r][0]);           \
-                    acc[r][1] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(xr + 16), acc[r][1]);      \
-                }                                                                              \
-            }                                                                                  \
-            for (int r = 0; r < j->M; r++)                                                     \
-                j->y[(size_t)r * j->N + n] = _mm512_reduce_add_ps(_mm512_add_ps(acc[r][0], acc[r][1])); \
-        }                                                                                      \
-    }
-
-DEFINE_ROWS_AVX512(rows512_q4_0, T_Q4_0)
-DEFINE_ROWS_AVX512(rows512_q4_1, T_Q4_1)
-DEFINE_ROWS_AVX512(rows512_q8_0, T_Q8_0)
 #endif
-#endif /* AVX2 */
-
-static void run_rows_generic(const job_t *j, int n0, int n1);
-
-static void run_rows(const job_t *j, int n0, int n1) {
-#ifdef HAVE_AVX512
-    switch (j->qtype) {
-    case T_Q4_0: rows512_q4_0(j, n0, n1); return;
-    case T_Q4_1: rows512_q4_1(j, n0, n1); return;
-    case T_Q8_0: rows512_q8_0(j, n0, n1); return;
-    }
-#endif
-#ifdef HAVE_AVX2
-    switch (j->qtype) {
-    case T_Q4_0: rows_q4_0(j, n0, n1); return;
-    case T_Q4_1: rows_q4_1(j, n0, n1); return;
-    case T_Q5_0: rows_q5_0(j, n0, n1); return;
-    case T_Q5_1: rows_q5_1(j, n0, n1); return;
-    case T_Q8_0: rows_q8_0(j, n0, n1); return;
-    }
-#endif
-    run_rows_generic(j, n0, n1);
-}
-
-static void run_rows_generic(const job_t *j, int n0, int n1) {
-    const int nb = j->K / QK, ts = type_size(j->qtype);
-    const size_t row_bytes = (size_t)nb * ts;
-    float wbuf[QK] __attribute__((aligned(32)));
-    for (int n = n0; n < n1; n++) {
-        const uint8_t *row = j->w + (size_t)n * row_bytes;
-        v8f acc[MAX_ROWS][4];
-        memset(acc, 0, sizeof(acc));
-        for (int b = 0; b < nb; b++) {
-            decode_block(j->qtype, row + (size_t)b * ts, wbuf);
-            v8f w0, w1, w2, w3;
-            memcpy(&w0, wbuf, 32);
-            memcpy(&w1, wbuf + 8, 32);
-            memcpy(&w2, wbuf + 16, 32);
-            memcpy(&w3, wbuf + 24, 32);
-            for (int r = 0; r < j->M; r++) {
-                const float *xr = j->x + (size_t)r * j->K + (size_t)b * QK;
-                v8f x0, x1, x2, x3;
-                memcpy(&x0, xr, 32);
-                memcpy(&x1, xr + 8, 32);
-                memcpy(&x2, xr + 16, 32);
-                memcpy(&x3, xr + 24, 32);
-                acc[r][0] += w0 * x0;
-                acc[r][1] += w1 * x1;
-                acc[r][2] += w2 * x2;
-                acc[r][3] += w3 * x3;
-            }
-        }
-        for (int r = 0; r < j->M; r++) {
-            v8f s = (acc[r][0] + acc[r][1]) + (acc[r][2] + acc[r][3]);
-            float t = 0.0f;
-            for (int i = 0; i < 8; i++) t += s[i];
-            j->y[(size_t)r * j->N + n] = t;
-        }
-    }
-}
 
 /* ---- thread pool -------------------------------------------------------------------------- */
 static job_t g_job;
@@ -410,47 +136,6 @@ static void matmul(const job_t *j) {
     dispatch(j);
     pthread_mutex_unlock(&g_call);
 }
-
-/* ---- Python ------------------------------------------------------------------------------- */
-static PyObject *py_matmul(PyObject *self, PyObject *args) {
-    int qtype, M, N, K;
-    unsigned long long w, x, y;
-    if (!PyArg_ParseTuple(args, "iKKKiii", &qtype, &w, &x, &y, &M, &N, &K)) return NULL;
-    if (!type_size(qtype)) return PyErr_Format(PyExc_ValueError, "unsupported GGML type id %d", qtype);
-    if (M < 1 || M > MAX_ROWS) return PyErr_Format(PyExc_ValueError, "rows must be 1..%d, got %d", MAX_ROWS, M);
-    if (N < 1 || K < QK || K % QK) return PyErr_Format(PyExc_ValueError, "bad shape N=%d K=%d", N, K);
-    job_t j = {qtype, M, N, K, (const uint8_t *)(uintptr_t)w, (const float *)(uintptr_t)x, (float *)(uintptr_t)y,
-               NULL, NULL, NULL, run_rows};
-    Py_BEGIN_ALLOW_THREADS matmul(&j);
-    Py_END_ALLOW_THREADS Py_RETURN_NONE;
-}
-
-static void dequant_rows(int t, const uint8_t *w, float *out, long nblocks) {
-    const int ts = type_size(t);
-    for (long b = 0; b < nblocks; b++) {
-#ifdef HAVE_AVX512
-        if (t == T_Q4_0 || t == T_Q4_1 || t == T_Q8_0) {
-            __m512 w0, w1;
-            decode_avx512(t, w + b * ts, &w0, &w1);
-            _mm512_storeu_ps(out + b * QK, w0);
-            _mm512_storeu_ps(out + b * QK + 16, w1);
-            continue;
-        }
-#endif
-        decode_block(t, w + b * ts, out + b * QK);
-    }
-}
-
-static PyObject *py_dequantize(PyObject *self, PyObject *args) {
-    int qtype;
-    unsigned long long w, out;
-    long long nblocks;
-    if (!PyArg_ParseTuple(args, "iKKL", &qtype, &w, &out, &nblocks)) return NULL;
-    if (!type_size(qtype)) return PyErr_Format(PyExc_ValueError, "unsupported GGML type id %d", qtype);
-    Py_BEGIN_ALLOW_THREADS dequant_rows(qtype, (const uint8_t *)(uintptr_t)w, (float *)(uintptr_t)out, (long)nblocks);
-    Py_END_ALLOW_THREADS Py_RETURN_NONE;
-}
-
 
 /* ---- packed layout ------------------------------------------------------------------------
  * A GGML Q4_0 / Q4_1 / Q8_0 weight split at load into: values (N, K/2 nibble bytes in GGML's
@@ -1001,10 +686,8 @@ static PyObject *py_set_threads(PyObject *self, PyObject *args) {
 }
 
 static PyMethodDef methods[] = {
-    {"matmul", py_matmul, METH_VARARGS, "matmul(qtype, w_ptr, x_ptr, y_ptr, M, N, K): y = x @ W.T"},
     {"matmul_packed", py_matmul_packed, METH_VARARGS, "matmul_packed(kind, q, d, m, x, y, M, N, K)"},
     {"dequantize_packed", py_dequantize_packed, METH_VARARGS, "dequantize_packed(kind, q, d, m, out, N, K)"},
-    {"dequantize", py_dequantize, METH_VARARGS, "dequantize(qtype, w_ptr, out_ptr, n_blocks): blocks -> float32"},
 #ifdef HAVE_AVX512
     {"attend_f16", py_attend_f16, METH_VARARGS, "attend_f16(q, k, v, out, stride_h, H, Hkv, S, hd, scale)"},
     {"make_layer", py_make_layer, METH_VARARGS, "make_layer(D, H, Hkv, hd, I, eps, scale, w_in, w_post, qkv, o, gu, down)"},

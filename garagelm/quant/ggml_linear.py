@@ -1,9 +1,10 @@
-"""A linear layer whose weight stays in its GGML blocks (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0).
+"""Linear layers and embeddings whose weights stay quantized (Q4_0/Q4_1/Q5_0/Q5_1/Q8_0, K-quants).
 
-Decode (a few rows) runs the fused C kernel, reading ~0.6 bytes per weight instead of 4.
-Longer inputs (prefill) dequantize the weight for the call and use a float32 matmul. Either
-way each weight has exactly its dequantized float32 value, so results match the float model up
-to summation order. `quantize_model` swaps such layers into a model built from a GGUF.
+At load the GGML blocks are split into values and scales ("packed", see PACKED_KINDS). Decode
+(a few rows) runs the C kernel on them, reading 0.6-1.25 bytes per weight instead of 4; longer
+inputs (prefill) dequantize the weight for the call, bit-equal to gguf-py, and use a float32
+matmul. Either way the result is the float32 product of the dequantized weights up to float32
+rounding. `models.from_gguf` puts these layers in place of nn.Linear.
 """
 
 from __future__ import annotations
@@ -19,12 +20,10 @@ try:
 except ImportError:  # built without a C compiler: the torch path below still works
     _kernels = None
 
-# GGML type ids the C kernel reads.
-KERNEL_TYPES = {"Q4_0": 2, "Q4_1": 3, "Q5_0": 6, "Q5_1": 7, "Q8_0": 8}
 # Types split at load into values + scales (+ mins), the layout the fastest kernel reads:
 # Q4_0/Q4_1/Q8_0 keep their bits (f16 scales); K-quants become int8 values with float32 scales.
 PACKED_KINDS = {"Q4_1": 0, "Q4_0": 1, "Q8_0": 2, "Q4_K": 3, "Q5_K": 3, "Q6_K": 4, "Q5_0": 3, "Q5_1": 3}
-QUANTIZED_TYPES = set(KERNEL_TYPES) | set(PACKED_KINDS)
+QUANTIZED_TYPES = set(PACKED_KINDS)
 MAX_KERNEL_ROWS = 8
 
 
@@ -56,15 +55,6 @@ def set_threads(n: int) -> int:
     return _kernels.set_threads(n) if _kernels is not None else 1
 
 
-def dequantize_fast(raw: torch.Tensor, qtype: str, shape: tuple[int, ...]) -> torch.Tensor:
-    """The C dequantizer where it reads the type (same values, several times faster)."""
-    if _kernels is None or qtype not in KERNEL_TYPES or not raw.is_contiguous():
-        return dequantize(raw, qtype, shape)
-    out = torch.empty(shape, dtype=torch.float32)
-    _kernels.dequantize(KERNEL_TYPES[qtype], raw.data_ptr(), out.data_ptr(), out.numel() // 32)
-    return out
-
-
 class GGMLLinear(nn.Module):
     """y = x @ W.T (+ bias) with W held as raw GGML blocks, shape (out_features, row bytes)."""
 
@@ -79,7 +69,6 @@ class GGMLLinear(nn.Module):
                              f"({out_features}, {in_features // block * type_size}) uint8")  # fmt: skip
         self.qtype, self.in_features, self.out_features = qtype, in_features, out_features
         self.bias = bias
-        self._kernel_id = KERNEL_TYPES.get(qtype) if _kernels is not None else None
         self._kind = PACKED_KINDS.get(qtype) if _kernels is not None else None
         if self._kind is not None:
             q, d, m = packed if packed is not None else _pack(raw, qtype, out_features, in_features)
@@ -106,9 +95,9 @@ class GGMLLinear(nn.Module):
 
     def dequantized(self, rows: torch.Tensor | None = None) -> torch.Tensor:
         """The float32 weight (or only `rows` of it), bit-equal to gguf-py's dequantization."""
-        if self._kind is None:
+        if self._kind is None:  # no C kernels: blocks kept as they are, torch dequantizer
             raw = self.raw if rows is None else self.raw[rows].contiguous()
-            return dequantize_fast(raw, self.qtype, (raw.shape[0], self.in_features))
+            return dequantize(raw, self.qtype, (raw.shape[0], self.in_features))
         q, d, m = self.q, self.d, self.m
         if rows is not None:
             q, d = q[rows].contiguous(), d[rows].contiguous()
@@ -121,14 +110,11 @@ class GGMLLinear(nn.Module):
     def _kernel_call(self):
         """(x_ptr, y_ptr, rows) -> None, with the weight's pointers bound once: decode calls this
         ~120 times a token, and module buffer lookups would cost more than the small products."""
+        if self._kind is None:
+            return None
         n, k = self.out_features, self.in_features
-        if self._kind is not None:
-            kind, q, d, m = self._kind, *self._pointers()
-            return lambda xp, yp, rows: _kernels.matmul_packed(kind, q, d, m, xp, yp, rows, n, k)
-        if self._kernel_id is not None:
-            tid, w = self._kernel_id, self.raw.data_ptr()
-            return lambda xp, yp, rows: _kernels.matmul(tid, w, xp, yp, rows, n, k)
-        return None
+        kind, q, d, m = self._kind, *self._pointers()
+        return lambda xp, yp, rows: _kernels.matmul_packed(kind, q, d, m, xp, yp, rows, n, k)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // self.in_features
