@@ -35,6 +35,12 @@ FTYPES = {
 }
 
 
+@pytest.fixture(autouse=True)
+def _no_hugging_face(monkeypatch):
+    """No test may reach the real Hugging Face: its endpoint is a closed local port."""
+    monkeypatch.setenv("GARAGE_HF_ENDPOINT", "http://127.0.0.1:9")
+
+
 @pytest.fixture(scope="session")
 def smol_path() -> Path:
     """The real SmolLM2-135M-Instruct Q4_1 GGUF, pulled into a test store with `garage pull`."""

@@ -14,6 +14,7 @@ VERBS = {
     "run": ("run", "Run a model: one prompt, piped stdin, or an interactive chat"),
     "chat": ("run", "Interactive chat with a model"),
     "pull": ("store", "Download a model from the catalog into the local store"),
+    "import": ("store", "Copy a local .gguf file into the store under a name"),
     "list": ("store", "List models in the local store"),
     "show": ("store", "Show a model's metadata, chat template and tensors"),
     "rm": ("store", "Remove a model from the local store"),

@@ -11,6 +11,10 @@ from garagelm.errors import GarageError
 
 
 def add_arguments(verb: str, p: argparse.ArgumentParser) -> None:
+    if verb == "import":
+        p.add_argument("path", help="a .gguf file")
+        p.add_argument("--name", required=True, help="store name, e.g. mine:latest")
+        p.add_argument("--quiet", action="store_true", help="no progress output")
     if verb in ("pull", "show", "rm"):
         p.add_argument(
             "model", help="store name, e.g. smollm2:135m" + (" or a .gguf path" if verb == "show" else "")
@@ -36,6 +40,15 @@ def _pull(args: argparse.Namespace) -> int:
     print(
         f"{stored.name}: {stored.path} ({_size(stored.manifest['size'])}, sha256 {stored.manifest['sha256'][:12]}…)"
     )
+    return 0
+
+
+def _import(args: argparse.Namespace) -> int:
+    from garagelm.store.importer import import_file
+
+    stored = import_file(args.path, args.name, quiet=args.quiet)
+    print(f"{stored.name}: {stored.path} ({_size(stored.manifest['size'])}, {stored.manifest['architecture']}, "
+          f"{stored.manifest['quantization']})")  # fmt: skip
     return 0
 
 
@@ -115,4 +128,4 @@ def _rm(args: argparse.Namespace) -> int:
 
 
 def main(args: argparse.Namespace) -> int:
-    return {"pull": _pull, "list": _list, "show": _show, "rm": _rm}[args.verb](args)
+    return {"pull": _pull, "import": _import, "list": _list, "show": _show, "rm": _rm}[args.verb](args)

