@@ -19,6 +19,9 @@ AVAILABLE = _kernels is not None and hasattr(_kernels, "decode_layer")
 
 
 class DecodePlan:
+    """Per-layer C handles for one model. A plan owns scratch buffers, so one model decodes one
+    sequence at a time through it (the server's batching must serialise steps per model)."""
+
     def __init__(self, layers: list, keep_alive: list):
         self._layers = layers
         self._keep = keep_alive  # tensors whose memory the C side points into
