@@ -18,6 +18,7 @@ VERBS = {
     "list": ("store", "List models in the local store"),
     "show": ("store", "Show a model's metadata, chat template and tensors"),
     "rm": ("store", "Remove a model from the local store"),
+    "search": ("search", "Search the catalog and see which models fit this computer"),
     "bench": ("bench", "Measure prompt processing and generation speed on this machine"),
 }
 

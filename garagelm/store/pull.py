@@ -73,6 +73,8 @@ def pull(name: str, quiet: bool = False) -> StoredModel:
         raise GarageError(
             f"{name} is not in the model catalog (known: {known}); use `garage run PATH.gguf` for a file"
         )
+    if entry.get("split"):
+        raise GarageError(f"{name} is split into several files; pulling split models is not supported yet")
     file = entry.get("file", "")
     if not isinstance(file, str) or not file or "/" in file or "\\" in file or file.startswith("."):
         raise GarageError(f"catalog entry {name} names an unsafe file {file!r}; fix the catalog")

@@ -1,0 +1,77 @@
+"""Will a model run on this computer? Memory needed by *this* engine, and a verdict.
+
+needed = weights as garagelm holds them + KV cache at the chosen context + runtime + margin:
+- weights: Q4_0/Q4_1/Q8_0 and float files are held at their file size; K-quants and Q5_0/Q5_1
+  are unpacked to int8 values with float32 scales (~1.25 bytes a weight, see quant/ggml_linear);
+- KV cache: layers x 2 (keys, values) x KV heads x head dim x context x 2 bytes (f16), or the
+  catalog's kv_bytes_per_token for attention that compresses it (DeepSeek's MLA);
+- runtime: torch and the tokenizer (~350 MiB measured with SmolLM2) plus buffers that grow with
+  the context; then a 10% margin.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from garagelm.store.hardware import Hardware
+
+RUNTIME_BYTES = 350 * 2**20
+MARGIN = 0.10
+# bytes per weight as the engine holds them, by the file's quantization (None: the file size)
+HELD_BYTES_PER_WEIGHT = {
+    "Q4_K_M": 1.25,
+    "Q5_K_M": 1.25,
+    "Q6_K": 1.25,
+    "Q4_K_S": 1.25,
+    "Q5_0": 1.125,
+    "Q5_1": 1.25,
+}
+
+
+@dataclass
+class Estimate:
+    weights: int
+    kv_cache: int
+    runtime: int
+    total: int
+    context: int
+
+
+def file_size(entry: dict[str, Any]) -> int | None:
+    return entry.get("size") or entry.get("size_estimate")
+
+
+def estimate(entry: dict[str, Any], context: int = 4096) -> Estimate:
+    size = file_size(entry) or 0
+    per_weight = HELD_BYTES_PER_WEIGHT.get(entry.get("quantization", ""))
+    params = entry.get("parameters") or 0
+    weights = int(params * per_weight) if per_weight and params else int(size)
+    context = min(context, entry.get("context_length") or context)
+    if entry.get("kv_bytes_per_token"):
+        kv = int(entry["kv_bytes_per_token"]) * context
+    else:
+        kv = (
+            int(entry.get("layers", 0))
+            * 2
+            * int(entry.get("kv_heads", 0))
+            * int(entry.get("head_dim", 0))
+            * context
+            * 2
+        )
+    hidden = int(entry.get("hidden_size") or 4096)
+    runtime = RUNTIME_BYTES + context * hidden * 4 * 8  # activations of a context-long prefill
+    total = int((weights + kv + runtime) * (1 + MARGIN))
+    return Estimate(weights, kv, runtime, total, context)
+
+
+def verdict(est: Estimate, hw: Hardware) -> str:
+    """'fits in RAM (CPU)', "won't fit", or with a GPU 'fits in GPU' / 'partial GPU'."""
+    vram = max((v for _, v in hw.gpus), default=0)
+    if vram and est.total <= vram:
+        return "fits in GPU"
+    if est.total <= hw.available_ram:
+        return "fits in RAM (CPU)"
+    if vram and est.total <= vram + hw.available_ram:
+        return "partial GPU"
+    return "won't fit"

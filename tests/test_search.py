@@ -1,0 +1,56 @@
+"""Catalog search and the fit estimate."""
+
+from __future__ import annotations
+
+import json
+
+from garagelm.cli import main
+from garagelm.store.fit import estimate, verdict
+from garagelm.store.hardware import Hardware, detect
+from garagelm.store.pull import catalog
+
+GIB = 2**30
+THIS_MACHINE = Hardware(total_ram=24 * GIB, available_ram=23 * GIB, cores=2)  # the project's CPU machine
+
+
+def test_kv_cache_formula():
+    e = catalog()["deepseek-r1:7b"]  # 28 layers, 4 KV heads of 128, f16
+    assert estimate(e, 4096).kv_cache == 28 * 2 * 4 * 128 * 4096 * 2
+    mla = catalog()["deepseek-v3:671b"]  # compressed latent KV: 61 layers x 576 values x 2 bytes
+    assert estimate(mla, 1000).kv_cache == 61 * 576 * 2 * 1000
+
+
+def test_deepseek_verdicts_on_a_24_gib_cpu_machine():
+    cat = catalog()
+    for name in ("deepseek-r1:7b", "deepseek-r1:14b"):
+        assert verdict(estimate(cat[name]), THIS_MACHINE) == "fits in RAM (CPU)", name
+    for name in ("deepseek-r1:70b", "deepseek-v3:671b"):
+        assert verdict(estimate(cat[name]), THIS_MACHINE) == "won't fit", name
+
+
+def test_gpu_verdicts():
+    e = estimate(catalog()["deepseek-r1:7b-q8_0"])
+    small_ram = Hardware(total_ram=8 * GIB, available_ram=6 * GIB, cores=8)
+    assert verdict(e, Hardware(16 * GIB, 14 * GIB, 8, gpus=[("big", 24 * GIB)])) == "fits in GPU"
+    assert verdict(e, Hardware(8 * GIB, 6 * GIB, 8, gpus=[("small", 6 * GIB)])) == "partial GPU"
+    assert verdict(e, small_ram) == "won't fit"
+
+
+def test_estimate_close_to_measured_smollm2():
+    # `garage run smollm2:135m --ctx-size 2048` on a 1645-token prompt peaked at 551 MiB here
+    # (/usr/bin/time -v); the estimate plans for the full 2048 tokens.
+    need = estimate(catalog()["smollm2:135m"], 2048).total / 2**20
+    assert 551 <= need <= 551 * 1.25
+
+
+def test_search_cli(capsys):
+    assert main(["search", "deepseek", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    names = {m["name"] for m in out["models"]}
+    assert {"deepseek-r1:7b", "deepseek-r1:14b", "deepseek-v3:671b"} <= names
+    assert all(m["needs"] > m["weights"] for m in out["models"])
+    assert next(m for m in out["models"] if m["name"] == "deepseek-v3:671b")["verdict"] == "won't fit"
+    assert main(["search", "--fits"]) == 0
+    table = capsys.readouterr().out
+    assert "This computer:" in table and "won't fit" not in table
+    assert detect().total_ram > 0
