@@ -23,7 +23,8 @@ def test_import_list_run_rm(home, smol_path, capsys):
     assert stored.manifest["architecture"] == "llama" and stored.manifest["quantization"] == "Q4_1"
     assert stored.path.read_bytes() == smol_path.read_bytes()
     main(["list"])
-    assert "mine:latest" in capsys.readouterr().out
+    listing = capsys.readouterr().out
+    assert "mine:latest" in listing and "135M" in listing and "PARAMS" in listing
     assert (
         main(["run", "mine", "Say hi.", "--temperature", "0", "--max-tokens", "4"]) == 0
     )  # tag defaults to latest

@@ -52,6 +52,18 @@ def _import(args: argparse.Namespace) -> int:
     return 0
 
 
+def _parameters(path) -> str:
+    """Total weights in the file (its tensors' elements), read from the GGUF header only."""
+    from garagelm.errors import GarageError
+    from garagelm.formats.gguf import GGUFFile
+
+    try:
+        n = sum(t.n_elements for t in GGUFFile(path).tensors.values())
+    except GarageError:
+        return "?"
+    return f"{n / 1e9:.1f}B" if n >= 1e9 else f"{n / 1e6:.0f}M"
+
+
 def _list(args: argparse.Namespace) -> int:
     from garagelm.store.local import list_models
 
@@ -59,13 +71,14 @@ def _list(args: argparse.Namespace) -> int:
     if not models:
         print("No models yet: try `garage pull smollm2:135m`.")
         return 0
-    rows = [("NAME", "ARCH", "QUANT", "SIZE", "MODIFIED")]
+    rows = [("NAME", "ARCH", "PARAMS", "QUANT", "SIZE", "MODIFIED")]
     for m in models:
         mf = m.manifest
         rows.append(
             (
                 m.name,
                 mf.get("architecture", "?"),
+                _parameters(m.path),
                 mf.get("quantization", "?"),
                 _size(mf.get("size", 0)),
                 mf.get("pulled_at", "")[:19],
