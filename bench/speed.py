@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import subprocess
 import sys
 import time
@@ -22,7 +21,7 @@ import time
 def _llama_cpp(path: str, pp: int, tg: int, reps: int, threads: int, decode_ctx: tuple[int, ...]) -> dict:
     from llama_cpp import Llama
 
-    from garagelm.evaluate.speed import bench_tokens, peak_rss_mib
+    from garagelm.evaluate.speed import bench_tokens, summary
     from garagelm.formats.gguf import GGUFFile
     from garagelm.runtime.tokenizer import Tokenizer
 
@@ -53,16 +52,7 @@ def _llama_cpp(path: str, pp: int, tg: int, reps: int, threads: int, decode_ctx:
         tg_rates.append(decode(pp))
         for n in decode_ctx:
             at_ctx[str(n)].append(decode(n))
-    out = {
-        "engine": "llama.cpp",
-        "pp_tok_s": statistics.median(pp_rates),
-        "tg_tok_s": statistics.median(tg_rates),
-        "load_to_first_token_s": load,
-        "peak_rss_mib": peak_rss_mib(),
-    }
-    if decode_ctx:
-        out["tg_tok_s_at_ctx"] = {n: statistics.median(r) for n, r in at_ctx.items()}
-    return out
+    return summary("llama.cpp", pp_rates, tg_rates, at_ctx, load)
 
 
 def _ctx_points(args: argparse.Namespace) -> tuple[int, ...]:

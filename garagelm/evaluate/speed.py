@@ -68,17 +68,19 @@ def measure(
             logits = engine._forward(prompt[:n], 0)
             at_ctx[str(n)].append(_decode(engine, int(logits.argmax()), n, tg))
     del first
+    out = {"model": str(path), "threads": torch.get_num_threads(), "pp_tokens": pp, "tg_tokens": tg}
+    return {**out, **summary("garagelm", pp_rates, tg_rates, at_ctx, load_to_first_token)}
+
+
+def summary(engine: str, pp_rates, tg_rates, at_ctx: dict[str, list[float]], load_s: float) -> dict:
+    """Medians of the repeated measurements, and this process's peak RSS (shared with bench/)."""
     out = {
-        "engine": "garagelm",
-        "model": str(path),
-        "threads": torch.get_num_threads(),
-        "pp_tokens": pp,
-        "tg_tokens": tg,
+        "engine": engine,
         "pp_tok_s": statistics.median(pp_rates),
         "tg_tok_s": statistics.median(tg_rates),
-        "load_to_first_token_s": load_to_first_token,
+        "load_to_first_token_s": load_s,
         "peak_rss_mib": peak_rss_mib(),
     }
-    if decode_ctx:
+    if at_ctx:
         out["tg_tok_s_at_ctx"] = {n: statistics.median(r) for n, r in at_ctx.items()}
     return out
