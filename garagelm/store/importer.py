@@ -10,8 +10,16 @@ from pathlib import Path
 
 from garagelm.errors import GarageError
 from garagelm.formats.gguf import GGUFFile
-from garagelm.store.local import MANIFEST, StoredModel, find, model_dir, parse_name, write_json_atomic
-from garagelm.store.pull import CHUNK, _lock
+from garagelm.store.download import CHUNK
+from garagelm.store.local import (
+    MANIFEST,
+    StoredModel,
+    find,
+    model_dir,
+    model_lock,
+    parse_name,
+    write_json_atomic,
+)
 
 
 def import_file(path: str | os.PathLike[str], name: str, quiet: bool = False) -> StoredModel:
@@ -23,7 +31,7 @@ def import_file(path: str | os.PathLike[str], name: str, quiet: bool = False) ->
     arch = g.architecture
     types = Counter(t.qtype for t in g.tensors.values() if len(t.shape) > 1)
     folder = model_dir(name)
-    with _lock(folder):
+    with model_lock(folder):
         old = find(name) if (folder / MANIFEST).exists() else None
         dest = folder / src.name
         partial = dest.with_name(dest.name + ".partial")

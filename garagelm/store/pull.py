@@ -6,8 +6,6 @@ the user's index, proxy and certificate settings); the catalog lists the Hugging
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import hashlib
 import json
 import os
@@ -20,19 +18,18 @@ from pathlib import Path
 from typing import Any
 
 from garagelm.errors import GarageError
-from garagelm.store.download import sha256_file
+from garagelm.store.download import CHUNK, sha256_file
 from garagelm.store.local import (
     MANIFEST,
     StoredModel,
     find,
     garage_home,
     model_dir,
+    model_lock,
     offline,
     parse_name,
     write_json_atomic,
 )
-
-CHUNK = 1 << 20
 
 
 def catalog() -> dict[str, dict[str, Any]]:
@@ -51,18 +48,6 @@ def catalog_entry(name: str) -> dict[str, Any] | None:
     return catalog().get(f"{family}:{tag}")
 
 
-@contextlib.contextmanager
-def _lock(folder: Path):
-    """One pull per model at a time; a second waits, then finds the model already there."""
-    folder.mkdir(parents=True, exist_ok=True)
-    with open(folder / ".lock", "w") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
-
-
 def pull(name: str, quiet: bool = False) -> StoredModel:
     """Make `name` present in the store; returns it. Safe to run concurrently for the same name."""
     family, tag = parse_name(name)
@@ -79,7 +64,7 @@ def pull(name: str, quiet: bool = False) -> StoredModel:
     if not isinstance(file, str) or not file or "/" in file or "\\" in file or file.startswith("."):
         raise GarageError(f"catalog entry {name} names an unsafe file {file!r}; fix the catalog")
     folder = model_dir(name)
-    with _lock(folder):
+    with model_lock(folder):
         existing = find(name)
         if existing is not None and existing.manifest.get("sha256") == entry.get("sha256"):
             return existing
