@@ -22,9 +22,9 @@ def _set_module(model: nn.Module, dotted: str, module: nn.Module) -> None:
 def from_gguf(gguf: GGUFFile, dtype: torch.dtype = torch.float32, quantized: bool = True) -> nn.Module:
     """Build the model a GGUF file describes, with its weights, without holding them twice.
 
-    quantized: linear layers and the embedding whose GGML type the C kernels read keep their
-    blocks (memory-mapped where no reordering is needed); everything else is dequantized to
-    `dtype`. quantized=False dequantizes everything (for training or as a reference).
+    quantized: linear layers and the embedding whose GGML type the C kernels read stay quantized
+    (packed values and scales, see quant.ggml_linear); everything else is dequantized to `dtype`.
+    quantized=False dequantizes everything (for training or as a reference).
     """
     from garagelm.quant.ggml_linear import QUANTIZED_TYPES, GGMLEmbedding, GGMLLinear, kernels_available
 
@@ -71,8 +71,8 @@ def from_gguf(gguf: GGUFFile, dtype: torch.dtype = torch.float32, quantized: boo
         state[hf] = dequantize(raw, t.qtype, t.shape).to(dtype)
     if "rope_freqs.weight" in gguf.tensors:
         model.rope.freq_factors = gguf.tensors["rope_freqs.weight"].to_float()
-    expected = {k for k in model.state_dict() if k.rsplit(".", 1)[-1] not in ("raw", "q", "d", "m")}
-    missing = expected - set(state) - swapped - ({"lm_head.weight"} if tied else set())
+    # (quantized layers' buffers are non-persistent, so state_dict lists only real parameters)
+    missing = set(model.state_dict()) - set(state) - swapped - ({"lm_head.weight"} if tied else set())
     if missing:
         raise GarageError(
             f"{gguf.path}: tensors missing for {sorted(missing)[:3]}...; the file is incomplete"

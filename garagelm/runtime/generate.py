@@ -16,7 +16,7 @@ from torch import nn
 
 from garagelm.errors import GarageError
 from garagelm.quant.attention import AVAILABLE as decode_kernel_available
-from garagelm.quant.ggml_linear import MAX_KERNEL_ROWS, kernels_available
+from garagelm.quant.ggml_linear import MAX_KERNEL_ROWS, GGMLLinear
 from garagelm.runtime.cache import KVCache
 from garagelm.runtime.sampling import Sampler, SamplingParams
 from garagelm.runtime.tokenizer import Tokenizer
@@ -74,6 +74,7 @@ class Engine:
             cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim, ctx_size, dtype=kv_dtype
         )
         self.cached: list[int] = []  # tokens whose keys/values the cache holds, in order
+        self._kernel_model = any(isinstance(m, GGMLLinear) for m in model.modules())
 
     def reset(self) -> None:
         self.cached = []
@@ -81,7 +82,7 @@ class Engine:
     @torch.inference_mode()
     def _forward(self, ids: list[int], start: int) -> torch.Tensor:
         x = torch.tensor([ids], dtype=torch.long)
-        with _decode_threads(len(ids)):
+        with _decode_threads(len(ids), self._kernel_model):
             logits = self.model(x, cache=self.cache, start=start, last_only=True)
         self.cached = self.cached[:start] + ids
         return logits[0, -1]
@@ -163,10 +164,11 @@ class Engine:
 
 
 @contextlib.contextmanager
-def _decode_threads(n_tokens: int):
-    """Decode steps run torch's tiny ops on one thread: its idle OpenMP workers spin and would
-    steal the cores the quantized-matmul kernel's own threads need."""
-    if n_tokens > MAX_KERNEL_ROWS or not kernels_available():
+def _decode_threads(n_tokens: int, kernel_model: bool):
+    """Decode steps of a quantized model run torch's tiny ops on one thread: its idle OpenMP
+    workers spin and would steal the cores the kernels' own threads need. A float model keeps
+    torch's threads, which do its products."""
+    if n_tokens > MAX_KERNEL_ROWS or not kernel_model:
         yield
         return
     saved = torch.get_num_threads()
