@@ -30,7 +30,7 @@ class KVCache:
         self._shape = (n_layers, batch, n_kv_heads, 0, head_dim)
         self.k = torch.empty(self._shape, dtype=dtype)
         self.v = torch.empty(self._shape, dtype=dtype)
-        self._layers = [(self.k[i], self.v[i]) for i in range(n_layers)]  # per-layer views
+        self._views()
 
     @property
     def capacity(self) -> int:
@@ -39,14 +39,17 @@ class KVCache:
     def _grow(self, need: int) -> None:
         if need > self.max_len:
             raise ContextFullError(f"context of {self.max_len} tokens is full (needs {need})")
-        cap = min(self.max_len, max(need, 2 * self.capacity, self.chunk))
-        cap = -(-cap // self.chunk) * self.chunk if cap < self.max_len else cap
+        want = max(need, 2 * self.capacity, self.chunk)
+        cap = min(self.max_len, -(-want // self.chunk) * self.chunk)  # whole chunks, within the limit
         for name in ("k", "v"):
             old = getattr(self, name)
-            new = old.new_empty((*self._shape[:3], min(cap, self.max_len), self._shape[4]))
+            new = old.new_empty((*self._shape[:3], cap, self._shape[4]))
             new[:, :, :, : old.shape[3]] = old
             setattr(self, name, new)
-        self._layers = [(self.k[i], self.v[i]) for i in range(self._shape[0])]
+        self._views()
+
+    def _views(self) -> None:
+        self._layers = [(self.k[i], self.v[i]) for i in range(self._shape[0])]  # per-layer views
 
     @property
     def dtype(self) -> torch.dtype:
@@ -64,8 +67,7 @@ class KVCache:
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, start: int):
         """Store k/v (B, Hkv, T, hd) at positions start..start+T-1; return all of 0..start+T-1."""
         end = start + k.shape[2]
-        if end > self.capacity:
-            self._grow(end)
+        self.reserve(end)
         kl, vl = self._layers[layer]
         kl[:, :, start:end] = k
         vl[:, :, start:end] = v
