@@ -132,3 +132,44 @@ def test_catalog_file_with_path_tricks_is_refused(server, tmp_path, monkeypatch)
     _catalog(tmp_path, monkeypatch, server, file="../../evil.gguf")
     with pytest.raises(GarageError, match="unsafe file"):
         pull("tiny:test", quiet=True)
+
+
+_FILL_DISK = """
+import resource, signal, sys
+from garagelm.errors import GarageError
+from garagelm.store.download import download
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # writes past the limit fail with EFBIG, as on a full disk
+resource.setrlimit(resource.RLIMIT_FSIZE, (300_000, 300_000))
+try:
+    download(sys.argv[1], __import__("pathlib").Path(sys.argv[2]), sys.argv[3], int(sys.argv[4]), quiet=True)
+except GarageError as e:
+    print(e)
+    sys.exit(3)
+"""
+
+
+def test_disk_filling_up_keeps_the_partial_and_resumes(server, tmp_path):
+    import subprocess
+    import sys
+
+    dest = tmp_path / "m.gguf"
+    args = [sys.executable, "-c", _FILL_DISK, url(server), str(dest), SHA, str(len(PAYLOAD))]
+    r = subprocess.run(args, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 3, r.stderr
+    assert "disk full" in r.stdout and "pull again" in r.stdout
+    assert not dest.exists()  # nothing half-written under the real name
+    kept = (tmp_path / "m.gguf.partial").stat().st_size
+    assert 0 < kept <= 300_000
+    download(url(server), dest, SHA, len(PAYLOAD), quiet=True)  # space again: resumes
+    assert dest.read_bytes() == PAYLOAD and server.ranges[-1] == f"bytes={kept}-"
+
+
+def test_not_enough_free_space_is_refused_before_downloading(server, tmp_path, monkeypatch):
+    import collections
+    import shutil
+
+    usage = collections.namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(10**9, 10**9 - 1000, 1000))
+    with pytest.raises(GarageError, match=r"not enough disk space .* GiB free"):
+        download(url(server), tmp_path / "m.gguf", SHA, len(PAYLOAD), quiet=True)
+    assert server.ranges == [] and not list(tmp_path.iterdir())

@@ -51,3 +51,20 @@ def test_broken_file_leaves_store_untouched(home, tmp_path):
 def test_hostile_name(home, smol_path):
     with pytest.raises(GarageError, match="invalid model name"):
         import_file(smol_path, "../../x:y", quiet=True)
+
+
+@pytest.mark.parametrize("size", [-5, 10**30, "big", None])
+def test_tampered_manifest_size(home, smol_path, capsys, size):
+    import json
+
+    stored = import_file(smol_path, "mine:x", quiet=True)
+    mpath = stored.folder / local.MANIFEST
+    manifest = json.loads(mpath.read_text())
+    manifest["size"] = size
+    mpath.write_text(json.dumps(manifest))
+    with pytest.raises(GarageError, match=r"manifest gives size .* `garage rm mine:x`"):
+        local.find("mine:x")
+    assert main(["list"]) == 0
+    out = capsys.readouterr()
+    assert "mine:x" not in out.out and "skipping mine:x" in out.err
+    assert main(["rm", "mine:x"]) == 0 and not stored.folder.exists()

@@ -131,9 +131,9 @@ def _show(args: argparse.Namespace) -> int:
 
 
 def _rm(args: argparse.Namespace) -> int:
-    from garagelm.store.local import find, model_dir
+    from garagelm.store.local import model_dir
 
-    if find(args.model) is None and not model_dir(args.model).exists():
+    if not model_dir(args.model).exists():  # a damaged entry can still be removed
         raise GarageError(f"model {args.model} is not in the store (see `garage list`)")
     shutil.rmtree(model_dir(args.model))
     print(f"deleted {args.model}", file=sys.stderr)

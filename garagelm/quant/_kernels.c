@@ -22,6 +22,9 @@
 #define MAX_ROWS 8
 #define MAX_THREADS 64
 #define PREFETCH_ROWS 8
+#ifndef ATT_PREFETCH
+#define ATT_PREFETCH 16
+#endif
 
 static inline float f16_to_f32(uint16_t h) {
     uint32_t sign = (uint32_t)(h & 0x8000u) << 16, exp = (h >> 10) & 0x1Fu, mant = h & 0x3FFu, bits;
@@ -434,6 +437,8 @@ static void att_rows(const job_t *j, int s0, int s1) {
         for (int i = 0; i < group; i++) mx[i] = -INFINITY;
         for (int s = s0; s < s1; s++) {
             __m512 kv[ATT_MAX_HD / 16];
+            if (s + ATT_PREFETCH < s1)
+                for (int c = 0; c < hd * 2; c += 64) __builtin_prefetch((const char *)(kg + (size_t)(s + ATT_PREFETCH) * hd) + c, 0, 3);
             for (int c = 0; c < nv; c++)
                 kv[c] = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(kg + (size_t)s * hd + c * 16)));
             for (int i = 0; i < group; i++) {
@@ -468,6 +473,8 @@ static void att_rows(const job_t *j, int s0, int s1) {
             for (int c = 0; c < nv; c++) o[i][c] = _mm512_setzero_ps();
         for (int s = s0; s < s1; s++) {
             __m512 vv[ATT_MAX_HD / 16];
+            if (s + ATT_PREFETCH < s1)
+                for (int c = 0; c < hd * 2; c += 64) __builtin_prefetch((const char *)(vg + (size_t)(s + ATT_PREFETCH) * hd) + c, 0, 3);
             for (int c = 0; c < nv; c++)
                 vv[c] = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(vg + (size_t)s * hd + c * 16)));
             for (int i = 0; i < group; i++) {

@@ -11,6 +11,7 @@ import errno
 import hashlib
 import http.client
 import os
+import shutil
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -49,6 +50,13 @@ def download(
     if size is not None and have > size:
         partial.unlink()  # longer than the file can be: not a prefix of it
         have = 0
+    if size is not None and have < size:
+        free = shutil.disk_usage(dest.parent).free
+        if free < size - have:
+            raise GarageError(
+                f"not enough disk space for {dest.name}: {(size - have) / 2**30:.2f} GiB still to download, "
+                f"{free / 2**30:.2f} GiB free in {dest.parent}; free some space or set GARAGE_HOME to a larger disk"
+            )
     if size is None or have < size:
         _fetch(url, partial, have, size, quiet)
     got = partial.stat().st_size
@@ -129,7 +137,7 @@ def _fetch(url: str, partial: Path, have: int, size: int | None, quiet: bool) ->
                     out.write(block)
                     bar.update(len(block))
         except OSError as e:
-            if e.errno == errno.ENOSPC:
+            if e.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
                 raise GarageError(
                     f"disk full while writing {partial}; free some space and pull again (the download resumes)"
                 ) from None

@@ -7,6 +7,7 @@ import fcntl
 import json
 import os
 import re
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -75,6 +76,12 @@ def find(name: str) -> StoredModel | None:
     model = StoredModel(name, folder, manifest)
     if not model.path.is_file():
         raise GarageError(f"{name}: the store lost {model.path}; run `garage pull {name}` again")
+    size, actual = manifest.get("size"), model.path.stat().st_size
+    if not isinstance(size, int) or isinstance(size, bool) or size != actual:
+        raise GarageError(
+            f"{mpath}: manifest gives size {size!r} but {model.path.name} has {actual} bytes; "
+            f"the store was changed by hand or the pull was cut short: `garage rm {name}`, then pull again"
+        )
     return model
 
 
@@ -85,7 +92,8 @@ def list_models() -> list[StoredModel]:
         name = f"{mpath.parent.parent.name}:{mpath.parent.name}"
         try:
             found = find(name)
-        except GarageError:
+        except GarageError as e:  # one damaged entry must not hide the others
+            print(f"warning: skipping {name}: {e}", file=sys.stderr)
             continue
         if found:
             out.append(found)
