@@ -19,6 +19,8 @@ VERBS = {
     "show": ("store", "Show a model's metadata, chat template and tensors"),
     "rm": ("store", "Remove a model from the local store"),
     "search": ("search", "Search the catalog and see which models fit this computer"),
+    "serve": ("serve", "Serve models over an OpenAI- and Ollama-compatible API, with a chat page"),
+    "ps": ("serve", "Show the models a running server holds in memory"),
     "bench": ("bench", "Measure prompt processing and generation speed on this machine"),
 }
 

@@ -100,10 +100,7 @@ class Session:
             return tok.encode(user_text, add_special=True, parse_special=False)
         messages = ([{"role": "system", "content": self.system}] if self.system else []) + self.messages
         messages = [*messages, {"role": "user", "content": user_text}]
-        text = self.template.render(messages, add_generation_prompt=True)
-        bos = tok.tokens[tok.bos_id] if tok.bos_id is not None else None
-        add_bos = not (bos and text.startswith(bos))  # templates that write BOS themselves
-        return tok.encode(text, add_special=add_bos, parse_special=True)
+        return self.loaded.encode_chat(self.template, messages)
 
     def reply(self, user_text: str, out=None) -> str:
         """Stream the model's reply to `out`; Ctrl-C stops the reply, keeping what was said."""

@@ -51,6 +51,10 @@ class Completion:
     text: str = ""
     finish_reason: str | None = None  # "stop" (end token or stop string) or "length"
     stats: Stats = field(default_factory=Stats)
+    # Set top_logprobs (0..20) to record, per generated token, (id, logprob, [(id, logprob)...])
+    # from the model's own distribution (log-softmax of the raw logits, before any sampling rule).
+    top_logprobs: int | None = None
+    logprobs: list[tuple[int, float, list[tuple[int, float]]]] = field(default_factory=list)
 
 
 class Engine:
@@ -74,6 +78,7 @@ class Engine:
             cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim, ctx_size, dtype=kv_dtype
         )
         self.cached: list[int] = []  # tokens whose keys/values the cache holds, in order
+        self.last_logits: torch.Tensor | None = None  # what the latest yielded token was drawn from
         self._kernel_model = any(isinstance(m, GGMLLinear) for m in model.modules())
 
     def reset(self) -> None:
@@ -119,6 +124,7 @@ class Engine:
             if stats.generated_tokens == 1:
                 t1 = time.perf_counter()
                 stats.time_to_first_token = t1 - t0
+            self.last_logits = logits
             yield tok
             history.append(tok)
             if tok in self.tokenizer.eog_ids or stats.generated_tokens >= limit:
@@ -136,6 +142,8 @@ class Engine:
         limit = params.max_tokens if params.max_tokens is not None else self.ctx_size
         for tok in self.tokens(prompt, params, completion.stats):
             completion.token_ids.append(tok)
+            if completion.top_logprobs is not None:
+                completion.logprobs.append(_logprobs(self.last_logits, tok, completion.top_logprobs))
             if tok in self.tokenizer.eog_ids:
                 completion.finish_reason = "stop"
                 break
@@ -177,6 +185,13 @@ def _decode_threads(n_tokens: int, kernel_model: bool):
         yield
     finally:
         torch.set_num_threads(saved)
+
+
+def _logprobs(logits: torch.Tensor, tok: int, top: int) -> tuple[int, float, list[tuple[int, float]]]:
+    lp = torch.log_softmax(logits.float(), -1)
+    best = torch.topk(lp, top) if top > 0 else None
+    alts = list(zip(best.indices.tolist(), best.values.tolist())) if best is not None else []
+    return tok, float(lp[tok]), alts
 
 
 def _common_prefix(a: list[int], b: list[int]) -> int:

@@ -38,6 +38,14 @@ class LoadedModel:
         eos = tok.tokens[tok.eos_id] if tok.eos_id is not None else ""
         return ChatTemplate(source, bos, eos)
 
+    def encode_chat(self, template: ChatTemplate, messages: list[dict], **extra) -> list[int]:
+        """Token ids of the rendered conversation, ready for the model's reply."""
+        tok = self.tokenizer
+        text = template.render(messages, add_generation_prompt=True, **extra)
+        bos = tok.tokens[tok.bos_id] if tok.bos_id is not None else None
+        add_bos = not (bos and text.startswith(bos))  # templates that write BOS themselves
+        return tok.encode(text, add_special=add_bos, parse_special=True)
+
 
 def load_model(path: str | Path) -> LoadedModel:
     """Load a GGUF file; errors name the file and what to do."""

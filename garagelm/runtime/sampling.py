@@ -20,6 +20,10 @@ class SamplingParams:
     seed: int | None = None
     max_tokens: int | None = None
     stop: list[str] = field(default_factory=list)
+    # OpenAI's: subtracted once per token already generated (presence) / per occurrence (frequency)
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: dict[int, float] = field(default_factory=dict)
 
 
 def repeat_penalty(logits: torch.Tensor, recent: list[int], penalty: float) -> torch.Tensor:
@@ -69,13 +73,29 @@ class Sampler:
             self.gen.manual_seed(params.seed)
         else:
             self.gen.seed()
+        self.counts: dict[int, int] = {}  # tokens this sampler has produced, for OpenAI's penalties
 
     def __call__(self, logits: torch.Tensor, history: list[int]) -> int:
         p = self.params
         recent = history[-p.repeat_last_n :] if p.repeat_last_n > 0 else []
         logits = repeat_penalty(logits.float(), recent, p.repeat_penalty)
+        logits = self._openai_adjust(logits)
         if p.temperature <= 0:
-            return int(torch.argmax(logits))
-        logits = min_p(top_p(top_k(logits, p.top_k), p.top_p), p.min_p)
-        probs = (logits / p.temperature).softmax(-1)
-        return int(torch.multinomial(probs, 1, generator=self.gen))
+            tok = int(torch.argmax(logits))
+        else:
+            logits = min_p(top_p(top_k(logits, p.top_k), p.top_p), p.min_p)
+            probs = (logits / p.temperature).softmax(-1)
+            tok = int(torch.multinomial(probs, 1, generator=self.gen))
+        self.counts[tok] = self.counts.get(tok, 0) + 1
+        return tok
+
+    def _openai_adjust(self, logits: torch.Tensor) -> torch.Tensor:
+        p = self.params
+        if not (p.logit_bias or (self.counts and (p.presence_penalty or p.frequency_penalty))):
+            return logits
+        logits = logits.clone()
+        for tok, n in self.counts.items():
+            logits[tok] -= p.presence_penalty + p.frequency_penalty * n
+        for tok, bias in p.logit_bias.items():
+            logits[tok] += bias
+        return logits

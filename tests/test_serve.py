@@ -1,0 +1,340 @@
+"""`garage serve` driven by the real `openai` and `ollama` client libraries, over real HTTP."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import os
+import socket
+import threading
+import time
+
+import httpx
+import pytest
+
+from garagelm.runtime.generate import Completion, Engine
+from garagelm.runtime.load import load_model
+from garagelm.runtime.sampling import SamplingParams
+from garagelm.serve.app import Server
+from garagelm.serve.models import ModelPool
+
+KEY = "test-key"
+MODEL = "smollm2:135m"
+CTX = 512
+
+
+def start(app):
+    import uvicorn
+
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    for _ in range(200):
+        if server.started:
+            break
+        time.sleep(0.05)
+    return server, thread, f"http://127.0.0.1:{sock.getsockname()[1]}"
+
+
+@pytest.fixture(scope="module")
+def served(smol_path):
+    home = str(smol_path.parents[3])  # the test store the fixture pulled into
+    old = os.environ.get("GARAGE_HOME")
+    os.environ["GARAGE_HOME"] = home
+    pool = ModelPool(ctx_size=CTX, slots=4)
+    server, thread, url = start(Server(pool, api_key=KEY).app())
+    yield url, pool
+    server.should_exit = True
+    thread.join(timeout=30)
+    if old is None:
+        os.environ.pop("GARAGE_HOME", None)
+    else:
+        os.environ["GARAGE_HOME"] = old
+
+
+@pytest.fixture(scope="module")
+def alone(smol_path):
+    """Greedy replies computed directly with the engine, one request at a time: the reference
+    the server's (concurrent) answers must equal."""
+    loaded = load_model(smol_path)
+    engine = Engine(loaded.model, loaded.tokenizer, CTX)
+    template = loaded.chat_template()
+
+    def reply(messages, max_tokens, stop=()):
+        ids = loaded.encode_chat(template, messages)
+        c = Completion()
+        text = "".join(
+            engine.complete(ids, SamplingParams(temperature=0, max_tokens=max_tokens, stop=list(stop)), c)
+        )
+        return text, c
+
+    return reply
+
+
+@pytest.fixture()
+def oai(served):
+    from openai import OpenAI
+
+    return OpenAI(base_url=served[0] + "/v1", api_key=KEY, max_retries=0, timeout=120)
+
+
+def ask(text):
+    return [{"role": "user", "content": text}]
+
+
+def test_chat_equals_the_engine_alone(oai, alone):
+    r = oai.chat.completions.create(
+        model=MODEL, messages=ask("What is the capital of France?"), temperature=0, max_tokens=24
+    )
+    text, c = alone(ask("What is the capital of France?"), 24)
+    assert r.choices[0].message.content == text and text.strip()
+    assert r.choices[0].finish_reason == ("length" if c.finish_reason == "length" else "stop")
+    assert (
+        r.usage.completion_tokens == c.stats.generated_tokens
+        and r.usage.prompt_tokens == c.stats.prompt_tokens
+    )
+
+
+def test_streaming_with_usage(oai, alone):
+    chunks = list(oai.chat.completions.create(
+        model=MODEL, messages=ask("Name three colours."), temperature=0, max_tokens=20, stream=True,
+        stream_options={"include_usage": True},
+    ))  # fmt: skip
+    text = "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
+    ref, c = alone(ask("Name three colours."), 20)
+    assert text == ref
+    finishes = [ch.choices[0].finish_reason for ch in chunks if ch.choices and ch.choices[0].finish_reason]
+    assert finishes == ["length"] and c.finish_reason == "length"
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 20
+
+
+def test_stop_sequences_are_never_emitted(oai, alone):
+    full, _ = alone(ask("Count from one to ten in words."), 40)
+    words = full.split()
+    assert len(words) > 3, full
+    stop = words[2]
+    r = oai.chat.completions.create(
+        model=MODEL,
+        messages=ask("Count from one to ten in words."),
+        temperature=0,
+        max_tokens=40,
+        stop=[stop, "zzz"],
+    )
+    out = r.choices[0].message.content
+    assert stop not in out and full.startswith(out) and r.choices[0].finish_reason == "stop"
+
+
+def test_logprobs_are_the_models_distribution(oai, smol_path):
+    import torch
+
+    r = oai.chat.completions.create(
+        model=MODEL, messages=ask("Hi!"), temperature=0, max_tokens=5, logprobs=True, top_logprobs=20
+    )
+    content = r.choices[0].logprobs.content
+    assert len(content) == 5
+    for entry in content:
+        tops = [t.logprob for t in entry.top_logprobs]
+        assert len(tops) == 20 and tops == sorted(tops, reverse=True) and tops[0] <= 0
+        assert entry.logprob == pytest.approx(tops[0])  # greedy picks the most likely token
+        assert entry.token == entry.top_logprobs[0].token
+    # The first token's distribution computed here, outside the server.
+    loaded = load_model(smol_path)
+    ids = loaded.encode_chat(loaded.chat_template(), ask("Hi!"))
+    engine = Engine(loaded.model, loaded.tokenizer, CTX)
+    lp = torch.log_softmax(engine._forward(ids, 0).float(), -1)
+    best = torch.topk(lp, 20)
+    # A server slot may reuse keys/values of an earlier request (computed by the decode kernels,
+    # not this prefill): the two paths round differently, by about 1e-3 here.
+    assert [t.logprob for t in content[0].top_logprobs] == pytest.approx(best.values.tolist(), abs=5e-3)
+    tok = loaded.tokenizer.token_bytes[int(best.indices[0])]
+    assert bytes(content[0].bytes) == tok
+
+
+def test_legacy_completions_and_n(oai):
+    r = oai.completions.create(
+        model=MODEL, prompt="The capital of France is", temperature=0, max_tokens=8, n=2, logprobs=3
+    )
+    assert len(r.choices) == 2 and r.choices[0].text == r.choices[1].text and r.choices[0].text
+    assert len(r.choices[0].logprobs.tokens) == 8 and all(
+        len(t) == 3 for t in r.choices[0].logprobs.top_logprobs
+    )
+    seeded = [
+        oai.completions.create(model=MODEL, prompt="Once upon a time", max_tokens=12, seed=7, temperature=1.0)
+        .choices[0]
+        .text
+        for _ in range(2)
+    ]
+    assert seeded[0] == seeded[1]  # a seed makes sampling repeatable
+
+
+def test_concurrent_streams_equal_each_alone(oai, alone):
+    prompts = ["Tell me about cats.", "What is 2+2?", "Write a haiku about rain.", "Why is the sky blue?"]
+
+    def run(p):
+        stream = oai.chat.completions.create(
+            model=MODEL, messages=ask(p), temperature=0, max_tokens=24, stream=True
+        )
+        return "".join(ch.choices[0].delta.content or "" for ch in stream if ch.choices)
+
+    with concurrent.futures.ThreadPoolExecutor(4) as ex:
+        got = list(ex.map(run, prompts))
+    assert got == [alone(ask(p), 24)[0] for p in prompts]
+
+
+def test_bad_requests(oai, served):
+    import openai
+
+    url = served[0]
+    with pytest.raises(openai.NotFoundError, match="not found"):
+        oai.chat.completions.create(model="nope:1b", messages=ask("hi"))
+    with pytest.raises(openai.BadRequestError, match="'temperature' must be float"):
+        oai.chat.completions.create(model=MODEL, messages=ask("hi"), temperature="hot")
+    with pytest.raises(openai.BadRequestError, match="'top_logprobs' must be between 0 and 20"):
+        oai.chat.completions.create(model=MODEL, messages=ask("hi"), logprobs=True, top_logprobs=21)
+    with pytest.raises(openai.BadRequestError, match="json_schema is not supported yet"):
+        oai.chat.completions.create(model=MODEL, messages=ask("hi"), response_format={"type": "json_object"})
+    with pytest.raises(openai.BadRequestError) as e:
+        oai.chat.completions.create(model=MODEL, messages=ask("word " * 600))
+    assert e.value.code == "context_length_exceeded" and f"holds {CTX} tokens" in str(e.value)
+    with pytest.raises(openai.BadRequestError, match="lower max_tokens"):
+        oai.chat.completions.create(model=MODEL, messages=ask("hi"), max_tokens=CTX)
+    bad = httpx.post(
+        url + "/v1/chat/completions", content=b"{not json", headers={"Authorization": f"Bearer {KEY}"}
+    )
+    assert bad.status_code == 400 and bad.json()["error"]["type"] == "invalid_request_error"
+    big = httpx.post(
+        url + "/v1/chat/completions", content=b" " * (5 << 20), headers={"Authorization": f"Bearer {KEY}"}
+    )
+    assert big.status_code == 413
+    from openai import OpenAI
+
+    for key in ("wrong", None):
+        client = OpenAI(base_url=url + "/v1", api_key=key or "x", max_retries=0)
+        if key is None:
+            assert httpx.get(url + "/v1/models").status_code == 401
+            assert httpx.get(url + "/api/tags").json()["error"].startswith("missing or wrong API key")
+        else:
+            with pytest.raises(openai.AuthenticationError):
+                client.models.list()
+
+
+def test_client_that_disconnects_frees_its_slot(served, oai):
+    url, pool = served
+    body = {
+        "model": MODEL,
+        "messages": ask("Write a long story about a dragon."),
+        "max_tokens": 400,
+        "stream": True,
+    }
+    with httpx.stream(
+        "POST",
+        url + "/v1/chat/completions",
+        json=body,
+        headers={"Authorization": f"Bearer {KEY}"},
+        timeout=60,
+    ) as r:
+        lines = r.iter_lines()
+        got = [next(lines) for _ in range(6)]
+        assert any(line.startswith("data: ") for line in got)
+    held = pool.held["smollm2:135m"]
+    for _ in range(100):
+        if held.scheduler.busy == 0:
+            break
+        time.sleep(0.05)
+    assert held.scheduler.busy == 0  # cancelled long before its 400 tokens
+    r = oai.chat.completions.create(model=MODEL, messages=ask("Hi"), max_tokens=3, temperature=0)
+    assert r.choices[0].message.content is not None
+
+
+def test_ollama_client(served, alone):
+    import ollama
+
+    url, pool = served
+    client = ollama.Client(host=url, headers={"Authorization": f"Bearer {KEY}"})
+    ref, c = alone(ask("What is the capital of France?"), 16)
+    r = client.chat(
+        model=MODEL,
+        messages=ask("What is the capital of France?"),
+        options={"temperature": 0, "num_predict": 16},
+    )
+    assert r.message.content == ref and r.done and r.eval_count == c.stats.generated_tokens
+    parts = list(
+        client.chat(
+            model=MODEL,
+            messages=ask("What is the capital of France?"),
+            stream=True,
+            options={"temperature": 0, "num_predict": 16},
+        )
+    )
+    assert (
+        "".join(p.message.content for p in parts) == ref
+        and parts[-1].done
+        and parts[-1].done_reason == c.finish_reason
+    )
+    g = client.generate(
+        model=MODEL, prompt="The capital of France is", raw=True, options={"temperature": 0, "num_predict": 8}
+    )
+    assert g.response and g.done
+    assert MODEL in [m.model for m in client.list().models]
+    assert client.show(MODEL).details.family == "llama"
+    assert [m.model for m in client.ps().models] == [MODEL]
+    with pytest.raises(ollama.ResponseError, match="not found"):
+        client.chat(model="nope:1b", messages=ask("hi"))
+    assert httpx.get(url + "/api/version", headers={"Authorization": f"Bearer {KEY}"}).json()["version"]
+    client.generate(model=MODEL, prompt="", keep_alive=0)  # Ollama's way to unload now
+    assert client.ps().models == [] and pool.held == {}
+
+
+def test_keep_alive_expires(served):
+    import ollama
+
+    url, pool = served
+    client = ollama.Client(host=url, headers={"Authorization": f"Bearer {KEY}"})
+    client.generate(model=MODEL, prompt="Hi", raw=True, keep_alive="1s", options={"num_predict": 2})
+    assert [m.model for m in client.ps().models] == [MODEL]
+    for _ in range(60):
+        if not pool.held:
+            break
+        time.sleep(0.1)
+    assert pool.held == {}  # the reaper unloaded it after its keep-alive
+
+
+def test_garage_ps_cli(served, capsys):
+    from garagelm.cli import main
+
+    url, _ = served
+    assert main(["ps", "--server", url, "--api-key", KEY]) == 0
+    assert "NAME" in capsys.readouterr().out
+    assert main(["ps", "--server", "http://127.0.0.1:9"]) == 1
+    assert "no garage server" in capsys.readouterr().err
+
+
+def test_cors_closed_unless_asked():
+    from starlette.testclient import TestClient
+
+    pre = {"Origin": "https://evil.example", "Access-Control-Request-Method": "POST"}
+    closed = TestClient(Server(ModelPool()).app())
+    assert "access-control-allow-origin" not in closed.options("/v1/chat/completions", headers=pre).headers
+    opened = TestClient(Server(ModelPool(), cors_origins=["https://app.example"]).app())
+    ok = opened.options("/v1/chat/completions", headers={**pre, "Origin": "https://app.example"})
+    assert ok.headers["access-control-allow-origin"] == "https://app.example"
+    assert "access-control-allow-origin" not in opened.options("/v1/chat/completions", headers=pre).headers
+
+
+def test_page_is_self_contained(served):
+    page = httpx.get(served[0] + "/")  # no key needed: the page holds no data
+    assert page.status_code == 200 and "default-src 'self'" in page.headers["content-security-policy"]
+    assert "http://" not in page.text and "https://" not in page.text  # nothing fetched from outside
+
+
+def test_serve_warns_when_exposed(capsys, monkeypatch):
+    import uvicorn
+
+    from garagelm.cli import main
+
+    monkeypatch.setattr(uvicorn, "run", lambda *a, **k: None)  # the listening itself is tested above
+    assert main(["serve", "--host", "0.0.0.0"]) == 0
+    assert "without --api-key" in capsys.readouterr().err
+    assert main(["serve", "--host", "0.0.0.0", "--api-key", "k"]) == 0
+    assert "without --api-key" not in capsys.readouterr().err
