@@ -15,6 +15,13 @@ from garagelm.serve.models import Held
 MAX_BODY = 4 << 20  # bytes of a request body
 
 
+class Routes:
+    """One API shape's handlers; `server` gives them models (garagelm.serve.app.Server)."""
+
+    def __init__(self, server):
+        self.server = server
+
+
 class ApiError(Exception):
     """Answered as JSON in the calling API's error shape."""
 

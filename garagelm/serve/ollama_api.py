@@ -15,6 +15,7 @@ from garagelm import __version__
 from garagelm.runtime.sampling import SamplingParams
 from garagelm.serve.common import (
     ApiError,
+    Routes,
     check_context,
     encode_messages,
     field,
@@ -81,10 +82,7 @@ def _num_predict(opts: dict) -> int | None:
     return None if n is None or n < 0 else max(n, 1)
 
 
-class OllamaRoutes:
-    def __init__(self, server):
-        self.server = server
-
+class OllamaRoutes(Routes):
     def routes(self) -> list[Route]:
         return [
             Route("/api/version", self.version, methods=["GET"]),

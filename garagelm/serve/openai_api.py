@@ -14,6 +14,7 @@ from starlette.routing import Route
 from garagelm.runtime.sampling import SamplingParams
 from garagelm.serve.common import (
     ApiError,
+    Routes,
     check_context,
     encode_messages,
     field,
@@ -73,10 +74,7 @@ def _seeded(params: SamplingParams, n: int) -> list[SamplingParams]:
     return [replace(params, seed=params.seed + i) for i in range(n)]
 
 
-class OpenAIRoutes:
-    def __init__(self, server):
-        self.server = server
-
+class OpenAIRoutes(Routes):
     def routes(self) -> list[Route]:
         return [
             Route("/v1/models", self.models, methods=["GET"]),
