@@ -45,6 +45,7 @@ static inline float f16_to_f32(uint16_t h) {
 typedef struct job job_t;
 struct job {
     int qtype, M, N, K;
+    int ldy; /* elements between output rows (N, or more when products sit side by side) */
     const uint8_t *w;
     const float *x;
     float *y;
@@ -207,7 +208,7 @@ static void rows_packed_generic(const job_t *j, int n0, int n1) {
                 acc += kind == P_I8_16 ? d[2 * b] * t + d[2 * b + 1] * t2 : d[b] * (t + t2);
                 if (HAS_MIN(kind)) macc += m[b] * xs[b];
             }
-            j->y[(size_t)r * j->N + n] = acc + macc;
+            j->y[(size_t)r * j->ldy + n] = acc + macc;
         }
     }
 }
@@ -295,8 +296,8 @@ static void rows_packed_avx512(const job_t *j, int n0, int n1) {
                     acc[r][1] = _mm512_fmadd_ps(_mm512_load_ps(m[1] + b), xv, acc[r][1]);
                 }
             }
-            j->y[(size_t)r * j->N + n] = _mm512_reduce_add_ps(acc[r][0]);
-            if (pair == 2) j->y[(size_t)r * j->N + n + 1] = _mm512_reduce_add_ps(acc[r][1]);
+            j->y[(size_t)r * j->ldy + n] = _mm512_reduce_add_ps(acc[r][0]);
+            if (pair == 2) j->y[(size_t)r * j->ldy + n + 1] = _mm512_reduce_add_ps(acc[r][1]);
         }
     }
 }
@@ -304,7 +305,7 @@ static void rows_packed_avx512(const job_t *j, int n0, int n1) {
 
 /* y = x @ W.T for packed W; xs: scratch of M * (K/32 rounded up to 16) floats. */
 static void packed_product(int kind, const uint8_t *q, const uint16_t *d, const uint16_t *m, const float *x, float *y,
-                           int M, int N, int K, float *xs) {
+                           int M, int N, int K, int ldy, float *xs) {
     const int nb = K / QK, nb16 = (nb + 15) & ~15;
     for (int r = 0; r < M; r++)
         for (int b = 0; b < nb16; b++) {
@@ -312,7 +313,7 @@ static void packed_product(int kind, const uint8_t *q, const uint16_t *d, const 
             for (int i = 0; b < nb && i < QK; i++) s += x[(size_t)r * K + b * QK + i];
             xs[r * nb16 + b] = s; /* rows padded to a multiple of 16 blocks with zeros */
         }
-    job_t j = {kind, M, N, K, q, x, y, d, m, xs, rows_packed_generic};
+    job_t j = {kind, M, N, K, ldy, q, x, y, d, m, xs, rows_packed_generic};
 #ifdef HAVE_AVX512
     j.rows = rows_packed_avx512;
 #endif
@@ -332,7 +333,7 @@ static PyObject *py_matmul_packed(PyObject *self, PyObject *args) {
     if (!xs) return PyErr_NoMemory();
     Py_BEGIN_ALLOW_THREADS;
     packed_product(kind, (const uint8_t *)(uintptr_t)q, (const uint16_t *)(uintptr_t)d, (const uint16_t *)(uintptr_t)m,
-                   (const float *)(uintptr_t)x, (float *)(uintptr_t)y, M, N, K, xs);
+                   (const float *)(uintptr_t)x, (float *)(uintptr_t)y, M, N, K, N, xs);
     Py_END_ALLOW_THREADS;
     if (xs != xsum) PyMem_Free(xs);
     Py_RETURN_NONE;
@@ -379,7 +380,7 @@ static PyObject *py_dequantize_packed(PyObject *self, PyObject *args) {
     unsigned long long q, d, m, out;
     if (!PyArg_ParseTuple(args, "iKKKKii", &kind, &q, &d, &m, &out, &N, &K)) return NULL;
     if (kind < 0 || kind > P_I8_16 || K % QK || N < 1) return PyErr_Format(PyExc_ValueError, "bad kind %d, N %d or K %d", kind, N, K);
-    job_t j = {kind, 1, N, K, (const uint8_t *)(uintptr_t)q, NULL, (float *)(uintptr_t)out,
+    job_t j = {kind, 1, N, K, N, (const uint8_t *)(uintptr_t)q, NULL, (float *)(uintptr_t)out,
                (const uint16_t *)(uintptr_t)d, (const uint16_t *)(uintptr_t)m, NULL, dequant_packed_rows};
     Py_BEGIN_ALLOW_THREADS matmul(&j); /* the pool splits rows; nothing here is a product */
     Py_END_ALLOW_THREADS Py_RETURN_NONE;
@@ -613,70 +614,90 @@ static PyObject *py_make_layer(PyObject *self, PyObject *args) {
     L->w_post = (const float *)(uintptr_t)w_post;
     int big = L->D > L->I ? L->D : L->I;
     if (L->H * L->hd > big) big = L->H * L->hd;
+    /* scratch for MAX_ROWS sequences stepped together */
     size_t n_qkv = (size_t)(L->H + 2 * L->Hkv) * L->hd, n_xs = (size_t)big / QK + 16;
-    size_t total = (size_t)L->D + n_qkv + (size_t)L->H * L->hd + 2 * (size_t)L->I + (size_t)big + n_xs;
+    size_t total = MAX_ROWS * ((size_t)L->D + n_qkv + (size_t)L->H * L->hd + 2 * (size_t)L->I + (size_t)big + n_xs);
     float *buf = calloc(total, sizeof(float));
     if (!buf) {
         free(L);
         return PyErr_NoMemory();
     }
     L->xn = buf;
-    L->qkv_out = L->xn + L->D;
-    L->att = L->qkv_out + n_qkv;
-    L->gu_out = L->att + (size_t)L->H * L->hd;
-    L->tmp = L->gu_out + 2 * (size_t)L->I;
-    L->xs = L->tmp + big;
+    L->qkv_out = L->xn + MAX_ROWS * (size_t)L->D;
+    L->att = L->qkv_out + MAX_ROWS * n_qkv;
+    L->gu_out = L->att + MAX_ROWS * (size_t)L->H * L->hd;
+    L->tmp = L->gu_out + MAX_ROWS * 2 * (size_t)L->I;
+    L->xs = L->tmp + MAX_ROWS * (size_t)big;
     return PyCapsule_New(L, "garagelm.layer", layer_free);
 }
 
-/* Products of one input, outputs side by side (a fused product is just one of them). */
-static void products(const prod_t *p, int n, const float *x, float *y, int K, float *xs) {
+/* Products of M input rows; each row's outputs side by side (a fused product is one of them). */
+static void products(const prod_t *p, int n, const float *x, float *y, int M, int K, float *xs) {
+    int ldy = 0;
+    for (int i = 0; i < n; i++) ldy += p[i].N;
     for (int i = 0; i < n; i++) {
-        packed_product(p[i].kind, p[i].q, p[i].d, p[i].m, x, y, 1, p[i].N, K, xs);
+        packed_product(p[i].kind, p[i].q, p[i].d, p[i].m, x, y, M, p[i].N, K, ldy, xs);
         y += p[i].N;
     }
 }
 
+/* decode_layer(layer, index, x, M, table, cos, sin_signed): one token for each of M sequences.
+ * x is (M, D) float32, updated in place; table is int64 [4][M]: each sequence's key and value
+ * cache base pointers (f16, (layers, Hkv, capacity, hd)), its capacity, and its position;
+ * cos and sin_signed are (M, hd). The weights are read once for all M rows. */
 static PyObject *py_decode_layer(PyObject *self, PyObject *args) {
     PyObject *cap;
-    unsigned long long xp, kp, vp, cp, sp;
-    long long stride_h;
-    int pos;
-    if (!PyArg_ParseTuple(args, "OKKKLiKK", &cap, &xp, &kp, &vp, &stride_h, &pos, &cp, &sp)) return NULL;
+    unsigned long long xp, tp, cp, sp;
+    int index, M;
+    if (!PyArg_ParseTuple(args, "OiKiKKK", &cap, &index, &xp, &M, &tp, &cp, &sp)) return NULL;
     layer_t *L = PyCapsule_GetPointer(cap, "garagelm.layer");
     if (!L) return NULL;
+    if (M < 1 || M > MAX_ROWS) return PyErr_Format(PyExc_ValueError, "rows must be 1..%d, got %d", MAX_ROWS, M);
     float *x = (float *)(uintptr_t)xp;
-    uint16_t *kc = (uint16_t *)(uintptr_t)kp, *vc = (uint16_t *)(uintptr_t)vp;
+    const int64_t *table = (const int64_t *)(uintptr_t)tp;
     const float *cs = (const float *)(uintptr_t)cp, *sn = (const float *)(uintptr_t)sp;
     const int D = L->D, H = L->H, Hkv = L->Hkv, hd = L->hd, I = L->I, half = hd / 2;
+    const size_t n_qkv = (size_t)(H + 2 * Hkv) * hd;
     Py_BEGIN_ALLOW_THREADS;
-    rmsnorm(x, L->w_in, L->xn, D, L->eps);
-    products(L->qkv, L->n_qkv, L->xn, L->qkv_out, D, L->xs);
-    /* rotate-half RoPE on the q and k heads: x*cos + roll(x, hd/2)*sin_signed */
-    float rot[ATT_MAX_HD];
-    for (int h = 0; h < H + Hkv; h++) {
-        float *v = L->qkv_out + (size_t)h * hd;
-        for (int i = 0; i < hd; i++) rot[i] = v[i] * cs[i] + v[(i + half) % hd] * sn[i];
-        memcpy(v, rot, sizeof(float) * hd);
-    }
-    for (int g = 0; g < Hkv; g++) /* keys and values into the f16 cache at pos (round to nearest even) */
-        for (int i = 0; i < hd; i++) {
-            kc[g * stride_h + (long)pos * hd + i] =
-                _cvtss_sh(L->qkv_out[(size_t)(H + g) * hd + i], _MM_FROUND_TO_NEAREST_INT);
-            vc[g * stride_h + (long)pos * hd + i] =
-                _cvtss_sh(L->qkv_out[(size_t)(H + Hkv + g) * hd + i], _MM_FROUND_TO_NEAREST_INT);
+    for (int r = 0; r < M; r++) rmsnorm(x + (size_t)r * D, L->w_in, L->xn + (size_t)r * D, D, L->eps);
+    products(L->qkv, L->n_qkv, L->xn, L->qkv_out, M, D, L->xs);
+    for (int r = 0; r < M; r++) {
+        float *row = L->qkv_out + r * n_qkv;
+        const float *c = cs + (size_t)r * hd, *sg = sn + (size_t)r * hd;
+        /* rotate-half RoPE on the q and k heads: x*cos + roll(x, hd/2)*sin_signed */
+        float rot[ATT_MAX_HD];
+        for (int h = 0; h < H + Hkv; h++) {
+            float *v = row + (size_t)h * hd;
+            for (int i = 0; i < hd; i++) rot[i] = v[i] * c[i] + v[(i + half) % hd] * sg[i];
+            memcpy(v, rot, sizeof(float) * hd);
         }
-    attend_core(L->qkv_out, kc, vc, L->att, (long)stride_h, H, Hkv, pos + 1, hd, L->scale);
-    products(&L->o, 1, L->att, L->tmp, H * hd, L->xs);
-    for (int i = 0; i < D; i++) x[i] += L->tmp[i];
-    rmsnorm(x, L->w_post, L->xn, D, L->eps);
-    products(L->gu, L->n_gu, L->xn, L->gu_out, D, L->xs);
-    for (int i = 0; i < I; i++) {
-        float g = L->gu_out[i];
-        L->gu_out[i] = g / (1.0f + expf(-g)) * L->gu_out[I + i]; /* silu(gate) * up */
+        const long capacity = (long)table[2 * M + r], pos = (long)table[3 * M + r], stride_h = capacity * hd;
+        uint16_t *kc = (uint16_t *)(uintptr_t)table[r] + (size_t)index * Hkv * stride_h;
+        uint16_t *vc = (uint16_t *)(uintptr_t)table[M + r] + (size_t)index * Hkv * stride_h;
+        for (int g = 0; g < Hkv; g++) /* keys and values into the f16 cache at pos (round to nearest even) */
+            for (int i = 0; i < hd; i++) {
+                kc[g * stride_h + pos * hd + i] = _cvtss_sh(row[(size_t)(H + g) * hd + i], _MM_FROUND_TO_NEAREST_INT);
+                vc[g * stride_h + pos * hd + i] = _cvtss_sh(row[(size_t)(H + Hkv + g) * hd + i], _MM_FROUND_TO_NEAREST_INT);
+            }
+        attend_core(row, kc, vc, L->att + (size_t)r * H * hd, stride_h, H, Hkv, (int)pos + 1, hd, L->scale);
     }
-    products(&L->down, 1, L->gu_out, L->tmp, I, L->xs);
-    for (int i = 0; i < D; i++) x[i] += L->tmp[i];
+    products(&L->o, 1, L->att, L->tmp, M, H * hd, L->xs);
+    for (size_t i = 0; i < (size_t)M * D; i++) x[i] += L->tmp[i];
+    for (int r = 0; r < M; r++) rmsnorm(x + (size_t)r * D, L->w_post, L->xn + (size_t)r * D, D, L->eps);
+    products(L->gu, L->n_gu, L->xn, L->gu_out, M, D, L->xs);
+    for (int r = 0; r < M; r++) { /* silu(gate) * up, packed to rows of I in place (row r's write
+                                     * lands only on rows already read) for the down product */
+        const float *gu = L->gu_out + (size_t)r * 2 * I;
+        float *h = L->gu_out + (size_t)r * I;
+        for (int i = 0; i < I; i += 16) { /* I is a multiple of 32 (checked in make_layer) */
+            const __m512 g = _mm512_loadu_ps(gu + i);
+            const __m512 e = exp512(_mm512_sub_ps(_mm512_setzero_ps(), g));
+            const __m512 silu = _mm512_div_ps(g, _mm512_add_ps(_mm512_set1_ps(1.0f), e));
+            _mm512_storeu_ps(h + i, _mm512_mul_ps(silu, _mm512_loadu_ps(gu + I + i)));
+        }
+    }
+    products(&L->down, 1, L->gu_out, L->tmp, M, I, L->xs);
+    for (size_t i = 0; i < (size_t)M * D; i++) x[i] += L->tmp[i];
     Py_END_ALLOW_THREADS;
     Py_RETURN_NONE;
 }
@@ -698,7 +719,7 @@ static PyMethodDef methods[] = {
 #ifdef HAVE_AVX512
     {"attend_f16", py_attend_f16, METH_VARARGS, "attend_f16(q, k, v, out, stride_h, H, Hkv, S, hd, scale)"},
     {"make_layer", py_make_layer, METH_VARARGS, "make_layer(D, H, Hkv, hd, I, eps, scale, w_in, w_post, qkv, o, gu, down)"},
-    {"decode_layer", py_decode_layer, METH_VARARGS, "decode_layer(layer, x, k, v, stride_h, pos, cos, sin_signed)"},
+    {"decode_layer", py_decode_layer, METH_VARARGS, "decode_layer(layer, index, x, M, table, cos, sin_signed)"},
 #endif
     {"set_threads", py_set_threads, METH_VARARGS, "set_threads(n) -> threads used"},
     {NULL, NULL, 0, NULL},

@@ -1,4 +1,4 @@
-"""Whole-layer decode steps in C for quantized llama-family models (one token, batch 1).
+"""Whole-layer decode steps in C for quantized llama-family models (one token per sequence).
 
 Decode otherwise spends more time in the dozens of tiny torch ops around each layer's products
 than in the products themselves. A plan binds each layer's packed weights and norm weights once;
@@ -13,14 +13,16 @@ import math
 import torch
 from torch import nn
 
-from garagelm.quant.ggml_linear import GGMLLinear, _kernels
+from garagelm.quant.ggml_linear import MAX_KERNEL_ROWS, GGMLLinear, _kernels
 
 AVAILABLE = _kernels is not None and hasattr(_kernels, "decode_layer")
 
 
 class DecodePlan:
-    """Per-layer C handles for one model. A plan owns scratch buffers, so one model decodes one
-    sequence at a time through it (the server's batching must serialise steps per model)."""
+    """Per-layer C handles for one model. A plan owns scratch buffers, so one thread at a time
+    steps a model through it; one step can carry up to MAX_ROWS sequences (the server's batch)."""
+
+    max_rows = MAX_KERNEL_ROWS  # sequences one step can carry
 
     def __init__(self, layers: list, keep_alive: list):
         self._layers = layers
@@ -72,10 +74,19 @@ class DecodePlan:
                 return None
         return cls(layers, keep)
 
-    def step(self, x: torch.Tensor, cache, pos: int, cos: torch.Tensor, sin_signed: torch.Tensor) -> None:
-        """Run every layer on x (1, 1, hidden) float32 in place; the cache gains position `pos`."""
-        cache.reserve(pos + 1)
-        xp, cp, sp = x.data_ptr(), cos.data_ptr(), sin_signed.data_ptr()
+    def step(
+        self, x: torch.Tensor, caches: list, positions: list[int], cos: torch.Tensor, sin_signed: torch.Tensor
+    ) -> None:
+        """Run every layer on x (M, hidden) float32 in place, one token for each of M sequences
+        (M <= MAX_ROWS); caches[r] (batch 1, float16) gains position positions[r]."""
+        M = len(caches)
+        for cache, pos in zip(caches, positions):
+            cache.reserve(pos + 1)
+        table = torch.tensor(
+            [[c.k.data_ptr() for c in caches], [c.v.data_ptr() for c in caches],
+             [c.capacity for c in caches], positions],
+            dtype=torch.int64,
+        )  # fmt: skip
+        xp, tp, cp, sp = x.data_ptr(), table.data_ptr(), cos.data_ptr(), sin_signed.data_ptr()
         for i, layer in enumerate(self._layers):
-            k, v = cache.layer(i)  # (1, Hkv, capacity, hd) float16
-            _kernels.decode_layer(layer, xp, k.data_ptr(), v.data_ptr(), k.stride(1), pos, cp, sp)
+            _kernels.decode_layer(layer, i, xp, M, tp, cp, sp)

@@ -1,10 +1,11 @@
-"""Many requests, one model: a worker thread serves them side by side for the server.
+"""Continuous batching: many requests, one model, shared decode steps (for the server).
 
-Each request gets a slot (an Engine with its own KV cache); the worker takes the running
-requests in turn, one step each (a text piece, usually one token), so a new request starts
-while others are mid-reply and a finished or cancelled one frees its slot at once. Events go
-out through a callback that must not block (the server hands them to its event loop), so a
-slow reader never holds up the others.
+Each request gets a slot (an Engine with its own KV cache). A worker thread runs steps: new
+requests are prefilled as they arrive, then every running request advances by one token in a
+single batched model call (each weight read once for all of them), so requests join and leave
+the batch between steps. Events go out through a callback that must not block (the server
+hands them to its event loop), so a slow reader never holds up the others; a cancelled
+request leaves the batch at the next step and frees its slot.
 
 A slot remembers the tokens it holds: a follow-up turn of the same conversation lands on
 that slot and only its new tokens are computed.
@@ -17,7 +18,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from garagelm.runtime.generate import Completion, Engine, _common_prefix
+import torch
+
+from garagelm.runtime.generate import Completion, Engine, Generation, _common_prefix, _decode_threads
 from garagelm.runtime.sampling import SamplingParams
 
 
@@ -89,6 +92,7 @@ class Scheduler:
         return best
 
     def _admit(self) -> None:
+        """Move waiting requests into free slots (under the lock); they are prefilled next step."""
         while self._waiting:
             req = self._waiting[0]
             if req.cancelled.is_set():
@@ -96,49 +100,71 @@ class Scheduler:
                 continue
             engine = self._slot_for(req.prompt)
             if engine is None:
-                return
+                break
             self._waiting.pop(0)
             req.completion.top_logprobs = req.top_logprobs
-            gen = engine.complete(req.prompt, req.params, req.completion)
-            self._running.append((req, engine, gen))
+            self._running.append((req, engine, Generation(engine, req.prompt, req.params, req.completion)))
 
     def _loop(self) -> None:
+        logits: dict[int, torch.Tensor] = {}  # id(request) -> logits for its next token
         while True:
             with self._cv:
                 while not self._stop and not self._running and not self._waiting:
                     self._cv.wait()
                 if self._stop:
-                    running, self._running = self._running, []
-                    for req, _, gen in running:
-                        gen.close()
+                    for req, _, _ in self._running:
                         req.on_event("error", RuntimeError("the model was unloaded"))
+                    self._running = []
                     return
                 self._admit()
-                turn = list(self._running)
-            for item in turn:
-                self._step(*item)
-
-    def _step(self, req: Request, engine: Engine, gen) -> None:
-        done = None
-        if req.cancelled.is_set():
-            gen.close()
-            done = ("cancelled", None)
-        else:
-            seen = len(req.completion.logprobs)
+                running = list(self._running)
+            batch = []
+            for item in running:
+                req, engine, gen = item
+                if req.cancelled.is_set():
+                    logits.pop(id(req), None)
+                    self._release(item, None)
+                    continue
+                try:
+                    if id(req) not in logits:  # a newcomer: prefill, then it joins the batch
+                        logits[id(req)] = gen.start()
+                except Exception as e:
+                    engine.reset()
+                    self._release(item, ("error", e))
+                    continue
+                seen = len(req.completion.logprobs)
+                piece = gen.accept(logits.pop(id(req)))
+                if piece or len(req.completion.logprobs) > seen:
+                    req.on_event("text", (piece, req.completion.logprobs[seen:]))
+                if gen.finished:
+                    self._release(item, ("done", req.completion))
+                else:
+                    batch.append(item)
             try:
-                piece = next(gen)
-                req.on_event("text", (piece, req.completion.logprobs[seen:]))
-            except StopIteration:
-                extra = req.completion.logprobs[seen:]
-                if extra:  # tokens that made no text (an end token) still have logprobs
-                    req.on_event("text", ("", extra))
-                done = ("done", req.completion)
-            except Exception as e:  # a failed request must not take the worker down
-                engine.reset()
-                done = ("error", e)
-        if done is not None:
-            with self._cv:
-                self._running.remove((req, engine, gen))
-                self._free.append(engine)
-            if done[0] != "cancelled":
-                req.on_event(*done)
+                self._decode(batch, logits)
+            except Exception as e:  # a failed step ends those requests, never the worker
+                for item in batch:
+                    logits.pop(id(item[0]), None)
+                    item[1].reset()
+                    self._release(item, ("error", e))
+
+    def _decode(self, batch: list, logits: dict) -> None:
+        step = 8  # rows the packed kernels take at once
+        for i in range(0, len(batch), step):
+            group = batch[i : i + step]
+            engines = [e for _, e, _ in group]
+            ids = [g.last for _, _, g in group]
+            positions = [len(e.cached) for e in engines]
+            with torch.inference_mode(), _decode_threads(len(ids), engines[0]._kernel_model):
+                out = self.model.decode_batch(ids, [e.cache for e in engines], positions)
+            for (req, engine, _), tok, row in zip(group, ids, out):
+                engine.cached.append(tok)
+                logits[id(req)] = row
+
+    def _release(self, item, event) -> None:
+        with self._cv:
+            if item in self._running:
+                self._running.remove(item)
+            self._free.append(item[1])
+        if event is not None:
+            item[0].on_event(*event)

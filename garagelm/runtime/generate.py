@@ -78,7 +78,6 @@ class Engine:
             cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim, ctx_size, dtype=kv_dtype
         )
         self.cached: list[int] = []  # tokens whose keys/values the cache holds, in order
-        self.last_logits: torch.Tensor | None = None  # what the latest yielded token was drawn from
         self._kernel_model = any(isinstance(m, GGMLLinear) for m in model.modules())
 
     def reset(self) -> None:
@@ -92,9 +91,8 @@ class Engine:
         self.cached = self.cached[:start] + ids
         return logits[0, -1]
 
-    def tokens(self, prompt: list[int], params: SamplingParams, stats: Stats | None = None) -> Iterator[int]:
-        """Yield sampled token ids after `prompt` until an end token, max_tokens or a full context."""
-        stats = stats if stats is not None else Stats()
+    def prefill(self, prompt: list[int], stats: Stats) -> torch.Tensor:
+        """Bring the cache to `prompt` (reusing the prefix it holds); logits after its last token."""
         if len(prompt) >= self.ctx_size:
             raise GarageError(
                 f"the prompt has {len(prompt)} tokens but the context holds {self.ctx_size}; "
@@ -113,62 +111,95 @@ class Engine:
             logits = self._forward(chunk, pos)
             pos += len(chunk)
         stats.prompt_seconds = time.perf_counter() - t0
-        stats.time_to_first_token = stats.prompt_seconds
-        sampler = Sampler(params)
-        history = list(prompt)
-        limit = params.max_tokens if params.max_tokens is not None else self.ctx_size
-        t1 = time.perf_counter()
+        return logits
+
+    def tokens(self, prompt: list[int], params: SamplingParams, stats: Stats | None = None) -> Iterator[int]:
+        """Yield sampled token ids after `prompt` until an end token, max_tokens or a full context."""
+        gen = Generation(self, prompt, params, Completion(stats=stats if stats is not None else Stats()))
+        logits = gen.start()
         while True:
-            tok = sampler(logits, history)
-            stats.generated_tokens += 1
-            if stats.generated_tokens == 1:
-                t1 = time.perf_counter()
-                stats.time_to_first_token = t1 - t0
-            self.last_logits = logits
-            yield tok
-            history.append(tok)
-            if tok in self.tokenizer.eog_ids or stats.generated_tokens >= limit:
-                break
-            if len(history) >= self.ctx_size:
-                break
-            logits = self._forward([tok], len(history) - 1)
-            stats.generate_seconds = time.perf_counter() - t1
+            gen.accept(logits)
+            yield gen.last
+            if gen.finished:
+                return
+            logits = self._forward([gen.last], len(self.cached))
 
     def complete(self, prompt: list[int], params: SamplingParams, completion: Completion) -> Iterator[str]:
         """Yield text pieces as they are produced; stop strings are held back and never emitted."""
-        stream = self.tokenizer.stream()
-        stops = [s for s in params.stop if s]
-        pending = ""
-        limit = params.max_tokens if params.max_tokens is not None else self.ctx_size
-        for tok in self.tokens(prompt, params, completion.stats):
-            completion.token_ids.append(tok)
-            if completion.top_logprobs is not None:
-                completion.logprobs.append(_logprobs(self.last_logits, tok, completion.top_logprobs))
-            if tok in self.tokenizer.eog_ids:
-                completion.finish_reason = "stop"
-                break
-            pending += stream.push(tok)
-            hit = _first_stop(pending, stops)
-            if hit is not None:
-                completion.text += pending[:hit]
-                yield pending[:hit]
-                completion.finish_reason = "stop"
+        gen = Generation(self, prompt, params, completion)
+        logits = gen.start()
+        while True:
+            piece = gen.accept(logits)
+            if piece:
+                yield piece
+            if gen.finished:
                 return
-            keep = _partial_stop(pending, stops)
-            out, pending = pending[: len(pending) - keep], pending[len(pending) - keep :]
-            if out:
-                completion.text += out
-                yield out
-        else:
-            n = completion.stats.generated_tokens
-            completion.finish_reason = "length" if n >= limit or self._full() else "stop"
-        pending += stream.flush()
-        if pending:
-            completion.text += pending
-            yield pending
+            logits = self._forward([gen.last], len(self.cached))
 
-    def _full(self) -> bool:
-        return len(self.cached) + 1 >= self.ctx_size
+
+class Generation:
+    """One reply being produced: sampling, stop rules, text and logprobs, one token at a time.
+
+    The caller runs the model: `start()` prefills and gives the first logits; each `accept(logits)`
+    takes the next token and returns the text it completes; while not `finished`, the caller
+    computes the logits after `last` (alone, or batched with other sequences by the server).
+    """
+
+    def __init__(self, engine: Engine, prompt: list[int], params: SamplingParams, completion: Completion):
+        self.engine, self.prompt, self.params, self.completion = engine, prompt, params, completion
+        self.sampler = Sampler(params)
+        self.history = list(prompt)
+        self.stream = engine.tokenizer.stream()
+        self.stops = [s for s in params.stop if s]
+        self.pending = ""
+        self.limit = params.max_tokens if params.max_tokens is not None else engine.ctx_size
+        self.finished = False
+        self.last = -1
+        self._t0 = self._t1 = 0.0
+
+    def start(self) -> torch.Tensor:
+        self._t0 = time.perf_counter()
+        return self.engine.prefill(self.prompt, self.completion.stats)
+
+    def accept(self, logits: torch.Tensor) -> str:
+        """Sample the next token from `logits`; return the text that is now safe to show."""
+        c, stats = self.completion, self.completion.stats
+        tok = self.sampler(logits, self.history)
+        self.last = tok
+        stats.generated_tokens += 1
+        now = time.perf_counter()
+        if stats.generated_tokens == 1:
+            self._t1 = now
+            stats.time_to_first_token = now - self._t0
+        else:
+            stats.generate_seconds = now - self._t1
+        c.token_ids.append(tok)
+        if c.top_logprobs is not None:
+            c.logprobs.append(_logprobs(logits, tok, c.top_logprobs))
+        self.history.append(tok)
+        if tok in self.engine.tokenizer.eog_ids:
+            c.finish_reason = "stop"
+            return self._finish()
+        self.pending += self.stream.push(tok)
+        hit = _first_stop(self.pending, self.stops)
+        if hit is not None:
+            out = self.pending[:hit]
+            c.text += out
+            self.pending, self.finished, c.finish_reason = "", True, "stop"
+            return out
+        if stats.generated_tokens >= self.limit or len(self.history) >= self.engine.ctx_size:
+            c.finish_reason = "length"
+            return self._finish()
+        keep = _partial_stop(self.pending, self.stops)
+        out, self.pending = self.pending[: len(self.pending) - keep], self.pending[len(self.pending) - keep :]
+        c.text += out
+        return out
+
+    def _finish(self) -> str:
+        out = self.pending + self.stream.flush()
+        self.completion.text += out
+        self.pending, self.finished = "", True
+        return out
 
 
 @contextlib.contextmanager
