@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import concurrent.futures
+import json
 import os
 import socket
 import threading
@@ -192,8 +193,15 @@ def test_bad_requests(oai, served):
         oai.chat.completions.create(model=MODEL, messages=ask("hi"), temperature="hot")
     with pytest.raises(openai.BadRequestError, match="'top_logprobs' must be between 0 and 20"):
         oai.chat.completions.create(model=MODEL, messages=ask("hi"), logprobs=True, top_logprobs=21)
-    with pytest.raises(openai.BadRequestError, match="json_schema is not supported yet"):
-        oai.chat.completions.create(model=MODEL, messages=ask("hi"), response_format={"type": "json_object"})
+    with pytest.raises(openai.BadRequestError, match=r"invalid JSON schema|cannot be used"):
+        oai.chat.completions.create(
+            model=MODEL,
+            messages=ask("hi"),
+            response_format={
+                "type": "json_schema",
+                "json_schema": {"name": "x", "schema": {"type": "no-such-type"}},
+            },
+        )
     with pytest.raises(openai.BadRequestError) as e:
         oai.chat.completions.create(model=MODEL, messages=ask("word " * 600))
     assert e.value.code == "context_length_exceeded" and f"holds {CTX} tokens" in str(e.value)
@@ -338,3 +346,51 @@ def test_serve_warns_when_exposed(capsys, monkeypatch):
     assert "without --api-key" in capsys.readouterr().err
     assert main(["serve", "--host", "0.0.0.0", "--api-key", "k"]) == 0
     assert "without --api-key" not in capsys.readouterr().err
+
+
+PERSON = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string", "maxLength": 40},
+        "age": {"type": "integer", "minimum": 0, "maximum": 150},
+        "hobbies": {"type": "array", "items": {"type": "string", "maxLength": 30}, "maxItems": 3},
+    },
+    "required": ["name", "age", "hobbies"],
+    "additionalProperties": False,
+}
+
+
+@pytest.mark.parametrize("prompt", ["Describe a person as JSON.", "Tell me a joke.", "Who was Ada Lovelace?"])
+def test_json_schema_output_parses_and_validates(oai, prompt):
+    import jsonschema
+
+    fmt = {"type": "json_schema", "json_schema": {"name": "person", "schema": PERSON, "strict": True}}
+    r = oai.chat.completions.create(
+        model=MODEL, messages=ask(prompt), response_format=fmt, max_tokens=120, seed=1
+    )
+    assert r.choices[0].finish_reason == "stop"
+    jsonschema.validate(json.loads(r.choices[0].message.content), PERSON)
+
+
+def test_json_object_streamed_and_ollama_format(oai, served):
+    import ollama
+
+    stream = oai.chat.completions.create(
+        model=MODEL,
+        messages=ask("List two fruits."),
+        response_format={"type": "json_object"},
+        max_tokens=100,
+        stream=True,
+    )
+    text = "".join(ch.choices[0].delta.content or "" for ch in stream if ch.choices)
+    assert isinstance(json.loads(text), dict)
+    client = ollama.Client(host=served[0], headers={"Authorization": f"Bearer {KEY}"})
+    r = client.chat(
+        model=MODEL,
+        messages=ask("Describe a person."),
+        format=PERSON,
+        options={"num_predict": 120, "seed": 3},
+    )
+    import jsonschema
+
+    jsonschema.validate(json.loads(r.message.content), PERSON)

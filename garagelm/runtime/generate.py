@@ -156,6 +156,11 @@ class Generation:
         self.finished = False
         self.last = -1
         self._t0 = self._t1 = 0.0
+        self.constraint = None
+        if params.grammar is not None:
+            from garagelm.runtime.constrain import Constraint
+
+            self.constraint = Constraint(engine.tokenizer, params.grammar)
 
     def start(self) -> torch.Tensor:
         self._t0 = time.perf_counter()
@@ -164,7 +169,12 @@ class Generation:
     def accept(self, logits: torch.Tensor) -> str:
         """Sample the next token from `logits`; return the text that is now safe to show."""
         c, stats = self.completion, self.completion.stats
-        tok = self.sampler(logits, self.history)
+        if self.constraint is not None:
+            tok = self.sampler(self.constraint.mask(logits), self.history)
+            if tok not in self.engine.tokenizer.eog_ids:
+                self.constraint.accept(tok)
+        else:
+            tok = self.sampler(logits, self.history)
         self.last = tok
         stats.generated_tokens += 1
         now = time.perf_counter()
@@ -187,6 +197,9 @@ class Generation:
             c.text += out
             self.pending, self.finished, c.finish_reason = "", True, "stop"
             return out
+        if self.constraint is not None and self.constraint.done:  # the format is complete
+            c.finish_reason = "stop"
+            return self._finish()
         if stats.generated_tokens >= self.limit or len(self.history) >= self.engine.ctx_size:
             c.finish_reason = "length"
             return self._finish()

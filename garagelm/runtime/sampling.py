@@ -24,6 +24,7 @@ class SamplingParams:
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     logit_bias: dict[int, float] = field(default_factory=dict)
+    grammar: str | None = None  # llguidance grammar the output must follow (see constrain.py)
 
 
 def repeat_penalty(logits: torch.Tensor, recent: list[int], penalty: float) -> torch.Tensor:

@@ -150,3 +150,15 @@ async def generate(
     finally:
         for r in requests:
             r.cancel()
+
+
+def json_format(held: Held, schema: dict | None, param: str) -> str:
+    """The grammar for JSON output (matching `schema` when given); 400 when it cannot be used."""
+    from garagelm.runtime.constrain import Constraint, json_grammar
+
+    try:
+        grammar = json_grammar(schema)
+        Constraint.check(held.loaded.tokenizer, grammar)
+    except GarageError as e:
+        raise ApiError(400, str(e), param=param) from None
+    return grammar

@@ -20,6 +20,7 @@ from garagelm.serve.common import (
     encode_messages,
     field,
     generate,
+    json_format,
     read_json,
     stop_list,
 )
@@ -181,6 +182,12 @@ class OllamaRoutes(Routes):
                 else:  # a base model: the prompt as it is
                     prompt = held.loaded.tokenizer.encode(text, add_special=True)
         check_context(held, prompt, None)
+        fmt = data.get("format")
+        if fmt not in (None, ""):  # "json", or a JSON schema
+            if fmt != "json" and not isinstance(fmt, dict):
+                raise ApiError(400, "'format' must be \"json\" or a JSON schema object", param="format")
+            schema = fmt if isinstance(fmt, dict) else None
+            params.grammar = await asyncio.to_thread(json_format, held, schema, "format")
         job = generate(held, [(prompt, params)], None)
 
         def line(piece: str, **extra) -> str:

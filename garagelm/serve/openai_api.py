@@ -6,6 +6,7 @@ import asyncio
 import json
 import time
 import uuid
+from dataclasses import replace
 from typing import Any
 
 from starlette.responses import JSONResponse, StreamingResponse
@@ -19,6 +20,7 @@ from garagelm.serve.common import (
     encode_messages,
     field,
     generate,
+    json_format,
     read_json,
     stop_list,
 )
@@ -67,8 +69,6 @@ def _params(data: dict, app_defaults: SamplingParams) -> tuple[SamplingParams, i
 
 
 def _seeded(params: SamplingParams, n: int) -> list[SamplingParams]:
-    from dataclasses import replace
-
     if params.seed is None:
         return [params] * n
     return [replace(params, seed=params.seed + i) for i in range(n)]
@@ -102,11 +102,21 @@ class OpenAIRoutes(Routes):
         for key, why in UNSUPPORTED.items():
             if data.get(key):
                 raise ApiError(400, why, param=key)
-        fmt = data.get("response_format")
-        if fmt is not None and (not isinstance(fmt, dict) or fmt.get("type") != "text"):
+        fmt = field(data, "response_format", dict, {"type": "text"})
+        if fmt.get("type") not in ("text", "json_object", "json_schema"):
             raise ApiError(
-                400, "response_format json_object/json_schema is not supported yet", param="response_format"
+                400, "response_format.type must be text, json_object or json_schema", param="response_format"
             )
+        schema = None
+        if fmt["type"] == "json_schema":
+            spec = fmt.get("json_schema")
+            if not isinstance(spec, dict) or not isinstance(spec.get("schema", {}), dict):
+                raise ApiError(
+                    400,
+                    "response_format.json_schema must be an object with a 'schema'",
+                    param="response_format",
+                )
+            schema = spec.get("schema", {})
         model = field(data, "model", str, required=True)
         params, n, max_tokens = _params(data, SamplingParams())
         stream = field(data, "stream", bool, False)
@@ -130,6 +140,9 @@ class OpenAIRoutes(Routes):
                 raise ApiError(400, "'prompt' must be a string", param="prompt")
             prompt = held.loaded.tokenizer.encode(text, add_special=True)
         check_context(held, prompt, max_tokens)
+        if fmt["type"] != "text":
+            grammar = await asyncio.to_thread(json_format, held, schema, "response_format")
+            params = replace(params, grammar=grammar)
         job = generate(held, [(prompt, p) for p in _seeded(params, n)], top_logprobs)
         meta = {
             "id": ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24],
