@@ -394,3 +394,65 @@ def test_json_object_streamed_and_ollama_format(oai, served):
     import jsonschema
 
     jsonschema.validate(json.loads(r.message.content), PERSON)
+
+
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "Current weather in a city",
+        "parameters": {
+            "type": "object",
+            "properties": {
+                "city": {"type": "string", "maxLength": 40},
+                "unit": {"enum": ["celsius", "fahrenheit"]},
+            },
+            "required": ["city", "unit"],
+            "additionalProperties": False,
+        },
+    },
+}
+
+
+def test_tool_calls(oai):
+    import jsonschema
+    import openai
+
+    q = ask("What is the weather in Paris?")
+    r = oai.chat.completions.create(
+        model=MODEL, messages=q, tools=[WEATHER], tool_choice="required", max_tokens=80
+    )
+    choice = r.choices[0]
+    assert choice.finish_reason == "tool_calls" and choice.message.content is None
+    call = choice.message.tool_calls[0]
+    assert call.type == "function" and call.function.name == "get_weather" and call.id.startswith("call_")
+    jsonschema.validate(json.loads(call.function.arguments), WEATHER["function"]["parameters"])
+    # the result goes back; with "auto" the model may answer or call again, and either parses
+    follow = [
+        *q,
+        choice.message.model_dump(exclude_none=True),
+        {"role": "tool", "tool_call_id": call.id, "content": "18 C, sunny"},
+    ]
+    r2 = oai.chat.completions.create(model=MODEL, messages=follow, tools=[WEATHER], max_tokens=80)
+    m2 = r2.choices[0].message
+    assert (m2.content is not None) != bool(m2.tool_calls) and r2.choices[0].finish_reason in (
+        "stop",
+        "tool_calls",
+    )
+    stream = oai.chat.completions.create(
+        model=MODEL, messages=q, tools=[WEATHER], max_tokens=80, stream=True,
+        tool_choice={"type": "function", "function": {"name": "get_weather"}},
+    )  # fmt: skip
+    chunks = list(stream)
+    calls = [tc for ch in chunks if ch.choices for tc in (ch.choices[0].delta.tool_calls or [])]
+    assert calls[0].function.name == "get_weather" and json.loads(calls[0].function.arguments)["city"]
+    assert [ch.choices[0].finish_reason for ch in chunks if ch.choices and ch.choices[0].finish_reason] == [
+        "tool_calls"
+    ]
+    with pytest.raises(openai.BadRequestError, match="not in 'tools'"):
+        oai.chat.completions.create(
+            model=MODEL,
+            messages=q,
+            tools=[WEATHER],
+            tool_choice={"type": "function", "function": {"name": "nope"}},
+        )

@@ -12,7 +12,9 @@ from typing import Any
 from starlette.responses import JSONResponse, StreamingResponse
 from starlette.routing import Route
 
+from garagelm.errors import GarageError
 from garagelm.runtime.sampling import SamplingParams
+from garagelm.runtime.tools import check_tools, choose, parse_reply, prepare_messages, reply_schema
 from garagelm.serve.common import (
     ApiError,
     Routes,
@@ -26,7 +28,6 @@ from garagelm.serve.common import (
 )
 
 UNSUPPORTED = {  # asked for, not built yet: say so rather than ignore it
-    "tools": "tool calling is not supported yet",
     "functions": "function calling is not supported yet",
 }
 
@@ -130,7 +131,21 @@ class OpenAIRoutes(Routes):
         else:
             top_logprobs = field(data, "logprobs", int, lo=0, hi=20)
         held = await self.server.model(model, data.get("keep_alive"))
-        if chat:
+        tools = chat and bool(data.get("tools")) and data.get("tool_choice") != "none"
+        if tools:
+            if fmt["type"] != "text":
+                raise ApiError(400, "use either tools or response_format, not both", param="response_format")
+            try:
+                functions, required = choose(check_tools(data["tools"]), data.get("tool_choice"))
+            except GarageError as e:
+                raise ApiError(400, str(e), param="tools") from None
+            messages = data.get("messages")
+            if isinstance(messages, list) and all(isinstance(m, dict) and "role" in m for m in messages):
+                tool_role = "tool" in (held.loaded.template_source or "")
+                messages = prepare_messages(messages, functions, required, tool_role)
+            prompt = await asyncio.to_thread(encode_messages, held, messages)
+            fmt, schema = {"type": "json_schema"}, reply_schema(functions, required)
+        elif chat:
             prompt = await asyncio.to_thread(encode_messages, held, data.get("messages"))
         else:
             text = data.get("prompt")
@@ -151,6 +166,7 @@ class OpenAIRoutes(Routes):
             "system_fingerprint": None,
         }
         shape = _Shape(chat, held.loaded.tokenizer, meta)
+        shape.tools = tools
         if stream:
             return StreamingResponse(
                 shape.sse(job, len(prompt), n, include_usage), media_type="text/event-stream"
@@ -163,6 +179,19 @@ class _Shape:
 
     def __init__(self, chat: bool, tokenizer, meta: dict):
         self.chat, self.tok, self.meta = chat, tokenizer, meta
+        self.tools = False  # replies are tool-call JSON (runtime/tools.py) to turn into tool_calls
+
+    def tool_message(self, text: str, finish: str) -> tuple[dict, str]:
+        """(the assistant message, finish_reason) of a reply made in the tool-call format."""
+        content, call = parse_reply(text)
+        if call is None:
+            return {"role": "assistant", "content": content}, finish
+        calls = [{"id": "call_" + uuid.uuid4().hex[:24], "type": "function", "function": call}]
+        return {
+            "role": "assistant",
+            "content": None,
+            "tool_calls": calls,
+        }, "tool_calls" if finish == "stop" else finish
 
     def _token(self, tid: int) -> dict:
         raw = self.tok.token_bytes[tid]
@@ -221,6 +250,11 @@ class _Shape:
             else:
                 raise ApiError(500, f"generation failed: {payload}")
         choices = [self.choice(i, texts[i], finish[i], entries[i], want, delta=False) for i in range(n)]
+        if self.tools:
+            for c in choices:
+                c["message"], c["finish_reason"] = self.tool_message(
+                    c["message"]["content"], c["finish_reason"]
+                )
         usage = {
             "prompt_tokens": n_prompt,
             "completion_tokens": generated,
@@ -247,13 +281,26 @@ class _Shape:
                             }
                         ]
                     )
+            held_back = [""] * n  # tool-call replies are sent whole, once they parse
             async for i, kind, payload in job:
-                if kind == "text":
+                if kind == "text" and self.tools:
+                    held_back[i] += payload[0]
+                elif kind == "text":
                     piece, entries = payload
                     yield event([self.choice(i, piece, None, entries, bool(entries), delta=True)])
                 elif kind == "done":
                     generated += payload.stats.generated_tokens
-                    last = self.choice(i, "", payload.finish_reason or "stop", [], False, delta=True)
+                    finish = payload.finish_reason or "stop"
+                    if self.tools:
+                        message, finish = self.tool_message(held_back[i], finish)
+                        calls = message.get("tool_calls")
+                        delta = (
+                            {"tool_calls": [{"index": 0, **calls[0]}]}
+                            if calls
+                            else {"content": message["content"]}
+                        )
+                        yield event([{"index": i, "delta": delta, "logprobs": None, "finish_reason": None}])
+                    last = self.choice(i, "", finish, [], False, delta=True)
                     if self.chat:
                         last["delta"] = {}
                     yield event([last])
