@@ -456,3 +456,70 @@ def test_tool_calls(oai):
             tools=[WEATHER],
             tool_choice={"type": "function", "function": {"name": "nope"}},
         )
+
+
+def test_api_pull_streams_progress(served, tmp_path, monkeypatch):
+    import hashlib
+    import http.server
+
+    import ollama
+
+    payload = bytes(range(256)) * 8192  # 2 MiB
+    files = tmp_path / "files"
+    files.mkdir()
+    (files / "tiny.gguf").write_bytes(payload)
+
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def __init__(self, *a, **k):
+            super().__init__(*a, directory=str(files), **k)
+
+        def log_message(self, *a):
+            pass
+
+    http_server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Quiet)
+    threading.Thread(target=http_server.serve_forever, daemon=True).start()
+    entry = {
+        "file": "tiny.gguf", "size": len(payload), "sha256": hashlib.sha256(payload).hexdigest(),
+        "architecture": "llama", "quantization": "Q4_0",
+        "sources": [{"type": "url", "url": f"http://127.0.0.1:{http_server.server_port}/tiny.gguf"}],
+    }  # fmt: skip
+    (tmp_path / "catalog.json").write_text(json.dumps({"tiny:test": entry}))
+    monkeypatch.setenv("GARAGE_CATALOG", str(tmp_path / "catalog.json"))
+    monkeypatch.setenv("GARAGE_HOME", str(tmp_path / "home"))
+    try:
+        client = ollama.Client(host=served[0], headers={"Authorization": f"Bearer {KEY}"})
+        events = list(client.pull("tiny:test", stream=True))
+        statuses = [e.status for e in events]
+        assert statuses[0] == "pulling tiny:test" and statuses[-1] == "success"
+        progress = [e for e in events if e.status.startswith("downloading")]
+        assert progress and progress[-1].completed == progress[-1].total == len(payload)
+        assert "verifying sha256 digest" in statuses
+        assert "tiny:test" in [m.model for m in client.list().models]
+        with pytest.raises(ollama.ResponseError, match="not in the model catalog"):
+            client.pull("nothing:here", stream=False)
+    finally:
+        http_server.shutdown()
+
+
+def test_run_through_the_server(served, alone, capsys):
+    from garagelm.cli import main
+
+    url = served[0]
+    ref, _ = alone(ask("What is the capital of France?"), 16)
+    args = [
+        "run",
+        MODEL,
+        "What is the capital of France?",
+        "--server",
+        url,
+        "--api-key",
+        KEY,
+        "--temperature",
+        "0",
+        "--max-tokens",
+        "16",
+    ]
+    assert main(args) == 0
+    assert capsys.readouterr().out.strip() == ref.strip()
+    assert main(["run", MODEL, "hi", "--server", url]) == 1  # no key
+    assert "missing or wrong API key" in capsys.readouterr().err

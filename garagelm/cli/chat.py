@@ -54,8 +54,7 @@ def _command(session, text: str) -> bool:
     if cmd in ("/bye", "/exit", "/quit"):
         return False
     if cmd == "/clear":
-        session.messages.clear()
-        session.engine.reset()
+        session.clear()
         print("Cleared the conversation.")
     elif cmd == "/system":
         session.system = rest or None
@@ -86,7 +85,7 @@ def repl(session) -> int:
         pass
     interactive = sys.stdin.isatty()
     if interactive:
-        print(f'{session.loaded.path.name}: type a message, /help for commands, """ for multi-line.')
+        print(f'{session.title}: type a message, /help for commands, """ for multi-line.')
     prompt = ">>> " if interactive else ""
     while True:
         try:

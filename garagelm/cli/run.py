@@ -37,6 +37,9 @@ def add_arguments(verb: str, p: argparse.ArgumentParser) -> None:
         "--template", default=None, help="chat template (Jinja) file or text, replacing the model's"
     )
     p.add_argument("--verbose", action="store_true", help="print timings after each reply")
+    p.add_argument("--server", default=None, metavar="URL",
+                   help="chat through a running `garage serve` (or Ollama) at URL instead of loading the model here")  # fmt: skip
+    p.add_argument("--api-key", default=None, help="the server's key (default $GARAGE_API_KEY)")
     add_sampling_arguments(p)
 
 
@@ -93,6 +96,11 @@ class Session:
         self.template_override = _template_source(args.template)
         self.template = None if self.raw else self.loaded.chat_template(self.template_override)
         self.messages: list[dict[str, str]] = []
+        self.title = self.loaded.path.name
+
+    def clear(self) -> None:
+        self.messages.clear()
+        self.engine.reset()
 
     def prompt_ids(self, user_text: str) -> list[int]:
         tok = self.loaded.tokenizer
@@ -159,7 +167,12 @@ def main(args: argparse.Namespace) -> int:
             prompt = sys.stdin.read()
             if not prompt.strip():
                 raise GarageError("stdin was empty; give a prompt")
-    session = Session(args)
+    if args.server:
+        from garagelm.cli.remote import RemoteSession
+
+        session = RemoteSession(args)
+    else:
+        session = Session(args)
     if interactive:
         from garagelm.cli.chat import repl
 

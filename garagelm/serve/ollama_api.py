@@ -92,7 +92,51 @@ class OllamaRoutes(Routes):
             Route("/api/show", self.show, methods=["POST"]),
             Route("/api/chat", self.chat, methods=["POST"]),
             Route("/api/generate", self.generate, methods=["POST"]),
+            Route("/api/pull", self.pull, methods=["POST"]),
         ]
+
+    async def pull(self, request):
+        """Pull from the catalog into the store; progress as NDJSON status lines, as Ollama."""
+        from garagelm.errors import GarageError
+        from garagelm.store.progress import listening
+        from garagelm.store.pull import pull
+
+        data = await read_json(request)
+        name = data.get("model") or data.get("name")
+        if not isinstance(name, str) or not name:
+            raise ApiError(400, "missing required field 'model'", param="model")
+        stream = field(data, "stream", bool, True)
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue = asyncio.Queue()
+
+        def listener(status, completed, total):
+            event = {"status": status} | ({"completed": completed} if completed is not None else {})
+            loop.call_soon_threadsafe(queue.put_nowait, event | ({"total": total} if total else {}))
+
+        def work():
+            with listening(listener):
+                pull(name, quiet=True)
+
+        task = asyncio.ensure_future(asyncio.to_thread(work))
+        if not stream:
+            try:
+                await task
+            except GarageError as e:
+                raise ApiError(400, str(e)) from None
+            return JSONResponse({"status": "success"})
+
+        async def lines():
+            while not (task.done() and queue.empty()):
+                getter = asyncio.ensure_future(queue.get())
+                await asyncio.wait({getter, task}, return_when=asyncio.FIRST_COMPLETED)
+                if getter.done():
+                    yield json.dumps(getter.result()) + "\n"
+                else:
+                    getter.cancel()
+            err = task.exception()
+            yield json.dumps({"error": str(err)} if err else {"status": "success"}) + "\n"
+
+        return StreamingResponse(lines(), media_type="application/x-ndjson")
 
     async def version(self, request):
         return JSONResponse({"version": __version__})

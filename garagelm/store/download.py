@@ -19,6 +19,7 @@ from pathlib import Path
 from garagelm import __version__
 from garagelm.errors import GarageError
 from garagelm.store.local import offline
+from garagelm.store.progress import report
 
 CHUNK = 1 << 20
 
@@ -66,6 +67,7 @@ def download(
             "sent a wrong length. Run the pull again to resume"
         )
     if sha256 is not None:
+        report("verifying sha256 digest")
         digest = sha256_file(partial)
         if digest != sha256:
             partial.unlink()
@@ -136,6 +138,7 @@ def _fetch(url: str, partial: Path, have: int, size: int | None, quiet: bool) ->
                         raise GarageError(f"{url}: server sent more than the {size} bytes expected; refusing")
                     out.write(block)
                     bar.update(len(block))
+                    report(f"downloading {partial.name[:-8]}", out.tell(), total)
         except OSError as e:
             if e.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
                 raise GarageError(

