@@ -19,6 +19,8 @@ ROOT = Path(__file__).resolve().parents[1]
 CACHE = Path(os.environ.get("GARAGE_TEST_CACHE", ROOT / ".test-cache"))
 LLAMA_CPP_VERSION = "0.3.36"
 SMOL = "smollm2:135m"
+SERVE_KEY = "test-key"  # the API key of the `served` fixture
+SERVE_CTX = 512
 
 # llama.cpp file types for the reference conversions (llama_ftype values).
 FTYPES = {
@@ -168,3 +170,43 @@ def smol_loaded(smol_path: Path):
     from garagelm.runtime.load import load_model
 
     return load_model(smol_path)
+
+
+def start_server(app):
+    """Run an ASGI app with uvicorn in a thread; (server, thread, base URL)."""
+    import socket
+    import threading
+    import time
+
+    import uvicorn
+
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    for _ in range(200):
+        if server.started:
+            break
+        time.sleep(0.05)
+    return server, thread, f"http://127.0.0.1:{sock.getsockname()[1]}"
+
+
+@pytest.fixture(scope="module")
+def served(smol_path):
+    """A `garage serve` app on a free 127.0.0.1 port, holding the test store (API key KEY)."""
+    home = str(smol_path.parents[3])  # the test store the fixture pulled into
+    old = os.environ.get("GARAGE_HOME")
+    os.environ["GARAGE_HOME"] = home
+    from garagelm.serve.app import Server
+    from garagelm.serve.models import ModelPool
+
+    pool = ModelPool(ctx_size=SERVE_CTX, slots=4)
+    server, thread, url = start_server(Server(pool, api_key=SERVE_KEY).app())
+    yield url, pool
+    server.should_exit = True
+    thread.join(timeout=30)
+    if old is None:
+        os.environ.pop("GARAGE_HOME", None)
+    else:
+        os.environ["GARAGE_HOME"] = old

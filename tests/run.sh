@@ -9,6 +9,14 @@ if ! python -c "import llama_cpp" 2>/dev/null; then
   CMAKE_ARGS='-DCMAKE_C_FLAGS="-mno-amx-tile -mno-amx-int8 -mno-amx-bf16" -DCMAKE_CXX_FLAGS="-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"' \
     python -m pip install -q llama-cpp-python==0.3.36
 fi
+# The web page is tested in Debian's Chromium (Playwright cannot download its own browser here).
+if ! command -v chromium >/dev/null; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+  else
+    echo "tests/run.sh: the web test needs Debian's chromium: sudo apt-get install chromium" >&2
+  fi
+fi
 ruff format --check .
 ruff check .
 python -m pytest -q "$@"

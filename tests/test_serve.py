@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import concurrent.futures
 import json
-import os
-import socket
 import threading
 import time
 
 import httpx
 import pytest
+from conftest import SERVE_CTX as CTX
+from conftest import SERVE_KEY as KEY
 
 from garagelm.runtime.generate import Completion, Engine
 from garagelm.runtime.load import load_model
@@ -18,40 +18,7 @@ from garagelm.runtime.sampling import SamplingParams
 from garagelm.serve.app import Server
 from garagelm.serve.models import ModelPool
 
-KEY = "test-key"
 MODEL = "smollm2:135m"
-CTX = 512
-
-
-def start(app):
-    import uvicorn
-
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    for _ in range(200):
-        if server.started:
-            break
-        time.sleep(0.05)
-    return server, thread, f"http://127.0.0.1:{sock.getsockname()[1]}"
-
-
-@pytest.fixture(scope="module")
-def served(smol_path):
-    home = str(smol_path.parents[3])  # the test store the fixture pulled into
-    old = os.environ.get("GARAGE_HOME")
-    os.environ["GARAGE_HOME"] = home
-    pool = ModelPool(ctx_size=CTX, slots=4)
-    server, thread, url = start(Server(pool, api_key=KEY).app())
-    yield url, pool
-    server.should_exit = True
-    thread.join(timeout=30)
-    if old is None:
-        os.environ.pop("GARAGE_HOME", None)
-    else:
-        os.environ["GARAGE_HOME"] = old
 
 
 @pytest.fixture(scope="module")
