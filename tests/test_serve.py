@@ -490,3 +490,34 @@ def test_run_through_the_server(served, alone, capsys):
     assert capsys.readouterr().out.strip() == ref.strip()
     assert main(["run", MODEL, "hi", "--server", url]) == 1  # no key
     assert "missing or wrong API key" in capsys.readouterr().err
+
+
+def test_models_load_only_when_memory_allows(served, oai, monkeypatch):
+    import openai
+
+    from garagelm.store import hardware
+
+    pool = served[1]
+    pool.unload(MODEL)
+    real = hardware.detect()
+    monkeypatch.setattr(
+        hardware, "detect", lambda with_gpu=True: hardware.Hardware(real.total_ram, 100 * 2**20, 2, [], [])
+    )
+    with pytest.raises(openai.APIStatusError) as e:
+        oai.chat.completions.create(model=MODEL, messages=ask("hi"), max_tokens=2)
+    assert e.value.status_code == 503 and "GiB is free" in str(e.value)
+    monkeypatch.setattr(hardware, "detect", lambda with_gpu=True: real)
+    assert oai.chat.completions.create(model=MODEL, messages=ask("hi"), max_tokens=2).choices
+
+
+def test_least_recently_used_idle_model_makes_room(smol_path, tmp_path, monkeypatch):
+    from garagelm.store.importer import import_file
+
+    monkeypatch.setenv("GARAGE_HOME", str(tmp_path / "home"))
+    for name in ("a:1", "b:1"):
+        import_file(smol_path, name, quiet=True)
+    pool = ModelPool(ctx_size=128, slots=1, max_loaded=1)
+    pool.get("a:1")
+    pool.get("b:1")
+    assert list(pool.held) == ["b:1"]  # a:1 was idle, so it gave way
+    pool.close()

@@ -15,7 +15,7 @@ from starlette.responses import JSONResponse
 
 from garagelm.errors import GarageError
 from garagelm.serve.common import ApiError
-from garagelm.serve.models import ModelNotFound, ModelPool
+from garagelm.serve.models import ModelNotFound, ModelPool, NotEnoughMemory
 from garagelm.serve.ollama_api import OllamaRoutes, keep_alive_seconds
 from garagelm.serve.openai_api import OpenAIRoutes, error_body
 
@@ -30,6 +30,8 @@ class Server:
             return await asyncio.to_thread(self.pool.get, name, ttl)
         except ModelNotFound as e:
             raise ApiError(404, str(e), code="model_not_found", param="model") from None
+        except NotEnoughMemory as e:
+            raise ApiError(503, str(e), code="insufficient_memory") from None
         except GarageError as e:
             raise ApiError(500, f"cannot load {name}: {e}") from None
 

@@ -18,6 +18,10 @@ class ModelNotFound(GarageError):
     pass
 
 
+class NotEnoughMemory(GarageError):
+    pass
+
+
 @dataclass
 class Held:
     name: str
@@ -55,7 +59,7 @@ class ModelPool:
                     raise ModelNotFound(f"model {name!r} is not usable: {e}") from None
                 if stored is None:
                     raise ModelNotFound(f"model {name!r} not found; pull it first: garage pull {name}")
-                self._make_room()
+                self._make_room(stored)
                 held = self._load(key, stored.path)
                 held.info = dict(stored.manifest)
                 self.held[key] = held
@@ -74,13 +78,29 @@ class ModelPool:
         ttl = DEFAULT_KEEP_ALIVE if keep_alive is None else keep_alive
         held.expires_at = time.time() + ttl if ttl >= 0 else float("inf")  # negative: keep forever
 
-    def _make_room(self) -> None:
-        """Unload the least recently kept idle model when the limit is reached."""
-        while len(self.held) >= self.max_loaded:
+    def _make_room(self, stored) -> None:
+        """Unload idle models (least recently kept first) until the new one fits: within
+        --max-loaded, and within the memory this computer has free by the store's fit estimate
+        (weights + a KV cache per request slot + runtime + margin)."""
+        from garagelm.store.fit import entry_from_gguf, estimate
+        from garagelm.store.hardware import detect
+
+        entry = entry_from_gguf(stored.path, stored.manifest.get("quantization", ""))
+        ctx = min(self.ctx_size or entry["context_length"], entry["context_length"])
+        need = estimate(entry, ctx * self.slots).total
+        while True:
+            free = detect(with_gpu=False).available_ram
+            if len(self.held) < self.max_loaded and need <= free:
+                return
             idle = [h for h in self.held.values() if h.scheduler.busy == 0]
             if not idle:
-                raise GarageError(
-                    f"{len(self.held)} models are loaded and busy (--max-loaded {self.max_loaded}); try again later"
+                why = (
+                    f"{len(self.held)} models are loaded (--max-loaded {self.max_loaded})"
+                    if len(self.held) >= self.max_loaded
+                    else f"{stored.name} needs about {need / 2**30:.1f} GiB and {free / 2**30:.1f} GiB is free"
+                )
+                raise NotEnoughMemory(
+                    f"cannot load {stored.name} now: {why}; try again later or lower --ctx-size/--parallel"
                 )
             self._unload(min(idle, key=lambda h: h.expires_at).name)
 

@@ -65,6 +65,25 @@ def estimate(entry: dict[str, Any], context: int = 4096) -> Estimate:
     return Estimate(weights, kv, runtime, total, context)
 
 
+def entry_from_gguf(path, quantization: str = "") -> dict[str, Any]:
+    """What estimate() needs, read from a GGUF file's metadata (for files not in the catalog)."""
+    from garagelm.formats.gguf import GGUFFile
+
+    g = GGUFFile(path)
+    arch = g.architecture
+    heads = int(g.get(f"{arch}.attention.head_count", 1) or 1)
+    hidden = int(g.get(f"{arch}.embedding_length", 0))
+    return {
+        "size": g.path.stat().st_size,
+        "quantization": quantization,
+        "context_length": int(g.get(f"{arch}.context_length", 4096)),
+        "layers": int(g.get(f"{arch}.block_count", 0)),
+        "kv_heads": int(g.get(f"{arch}.attention.head_count_kv", heads) or heads),
+        "head_dim": int(g.get(f"{arch}.attention.key_length", hidden // heads if heads else 0)),
+        "hidden_size": hidden,
+    }
+
+
 def verdict(est: Estimate, hw: Hardware) -> str:
     """'fits in RAM (CPU)', "won't fit", or with a GPU 'fits in GPU' / 'partial GPU'."""
     vram = max((v for _, v in hw.gpus), default=0)
