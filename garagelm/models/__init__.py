@@ -9,9 +9,15 @@ from garagelm.errors import GarageError
 from garagelm.formats.ggml_quants import dequantize
 from garagelm.formats.gguf import GGUFFile
 from garagelm.formats.names import gguf_to_hf
+from garagelm.models.gemma3 import Gemma3Config, Gemma3ForCausalLM
 from garagelm.models.llama import LlamaConfig, LlamaForCausalLM, unpermute_qk
 
-SUPPORTED = ("llama",)
+# GGUF architecture -> (config, model, whether llama.cpp permuted the Q/K rows at conversion)
+ARCHITECTURES = {
+    "llama": (LlamaConfig, LlamaForCausalLM, True),
+    "gemma3": (Gemma3Config, Gemma3ForCausalLM, False),
+}
+SUPPORTED = tuple(ARCHITECTURES)
 
 
 def _set_module(model: nn.Module, dotted: str, module: nn.Module) -> None:
@@ -36,12 +42,13 @@ def from_gguf(gguf: GGUFFile, dtype: torch.dtype = torch.float32, quantized: boo
         )
     tied = "output.weight" not in gguf.tensors
     vocab = gguf.tensors["token_embd.weight"].shape[0]
+    config_cls, model_cls, permuted = ARCHITECTURES[arch]
     try:
-        cfg = LlamaConfig.from_gguf(gguf.metadata, arch, vocab, tied)
+        cfg = config_cls.from_gguf(gguf.metadata, arch, vocab, tied)
     except KeyError as e:
         raise GarageError(f"{gguf.path}: {e.args[0]}; the file is incomplete") from None
     with torch.device("meta"):
-        model = LlamaForCausalLM(cfg)
+        model = model_cls(cfg)
     state, swapped = {}, set()
     for name, t in gguf.tensors.items():
         if name == "rope_freqs.weight":
@@ -51,9 +58,9 @@ def from_gguf(gguf: GGUFFile, dtype: torch.dtype = torch.float32, quantized: boo
         except KeyError as e:
             raise GarageError(f"{gguf.path}: {e.args[0]}") from None
         raw = t.raw_bytes()
-        if name.endswith("attn_q.weight"):
+        if permuted and name.endswith("attn_q.weight"):
             raw = unpermute_qk(raw, cfg.num_attention_heads)
-        elif name.endswith("attn_k.weight"):
+        elif permuted and name.endswith("attn_k.weight"):
             raw = unpermute_qk(raw, cfg.num_key_value_heads)
         if keep and t.qtype in QUANTIZED_TYPES and len(t.shape) == 2:
             module = hf.removesuffix(".weight")

@@ -29,6 +29,19 @@ class Embedding(nn.Embedding):
             super().reset_parameters()
 
 
+class CausalLM(nn.Module):
+    """What every decoder offers the runtime besides forward(input_ids, cache, start, last_only)."""
+
+    def decode_batch(self, ids: list[int], caches: list, positions: list[int]) -> torch.Tensor:
+        """One new token for each of several sequences, each with its own cache: logits (M, vocab).
+        Here they run one after another; an architecture with a batched step overrides this."""
+        rows = [
+            self(torch.tensor([[t]]), cache=c, start=p, last_only=True)[0, -1]
+            for t, c, p in zip(ids, caches, positions)
+        ]
+        return torch.stack(rows)
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float = 1e-6, offset: float = 0.0):
         super().__init__()

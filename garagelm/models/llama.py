@@ -14,6 +14,7 @@ from torch import nn
 
 from garagelm.models.base import (
     CAUSAL,
+    CausalLM,
     Embedding,
     Linear,
     RMSNorm,
@@ -146,8 +147,10 @@ class LlamaModel(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
 
-class LlamaForCausalLM(nn.Module):
+class LlamaForCausalLM(CausalLM):
     """Token ids in, next-token logits out."""
+
+    whole_layer_decode = True  # the C decode step (quant/decode.py) implements this block
 
     def __init__(self, cfg: LlamaConfig):
         super().__init__()
@@ -217,11 +220,7 @@ class LlamaForCausalLM(nn.Module):
             x = self.model.embed_tokens(torch.tensor(ids).unsqueeze(1)).reshape(M, -1).contiguous()
             plan.step(x, caches, positions, cos.reshape(M, -1).contiguous(), sin.reshape(M, -1).contiguous())
             return self.lm_head(self.model.norm(x)).float()
-        rows = [
-            self(torch.tensor([[t]]), cache=c, start=p, last_only=True)[0, -1]
-            for t, c, p in zip(ids, caches, positions)
-        ]
-        return torch.stack(rows)
+        return super().decode_batch(ids, caches, positions)
 
 
 def unpermute_qk(raw: torch.Tensor, n_heads: int) -> torch.Tensor:

@@ -31,7 +31,12 @@ class DecodePlan:
     @classmethod
     def build(cls, model: nn.Module) -> DecodePlan | None:
         cfg = getattr(model, "config", None)
-        if not AVAILABLE or cfg is None or cfg.sliding_window:
+        if (
+            not AVAILABLE
+            or cfg is None
+            or not getattr(model, "whole_layer_decode", False)
+            or cfg.sliding_window
+        ):
             return None
         if (cfg.rope_dim or cfg.head_dim) != cfg.head_dim:
             return None

@@ -1,0 +1,215 @@
+"""Gemma 3 text decoder with Hugging Face parameter names.
+
+What sets it apart from llama: embeddings scaled by sqrt(hidden); four RMSNorms per block
+(before and after attention, before and after the MLP); RMSNorm on each query and key head
+(QK-norm); GELU (tanh) gating; sliding-window layers (local RoPE base 10000) interleaved with
+global ones (every `sliding_window_pattern`-th layer, its own RoPE base and scaling); attention
+scaled by query_pre_attn_scalar^-1/2; optional final logit soft-capping. Hugging Face stores the
+norms as weight - 1 (norm_offset 1); llama.cpp's GGUF stores them with the 1 added.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from garagelm.models.base import (
+    CAUSAL,
+    CausalLM,
+    Embedding,
+    Linear,
+    RMSNorm,
+    RopeConfig,
+    RotaryEmbedding,
+    apply_rope,
+    attention,
+    causal_mask,
+)
+
+
+@dataclass
+class Gemma3Config:
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 1_000_000.0  # global layers
+    rope_local_base_freq: float = 10_000.0  # sliding-window layers
+    rope_linear_factor: float = 1.0  # global layers only
+    sliding_window: int = 512
+    sliding_window_pattern: int = 6
+    query_pre_attn_scalar: float | None = None  # None: head_dim
+    max_position_embeddings: int = 32768
+    tie_word_embeddings: bool = True
+    norm_offset: float = 0.0
+    final_logit_softcapping: float | None = None
+
+    def is_sliding(self, layer: int) -> bool:
+        return (layer + 1) % self.sliding_window_pattern != 0
+
+    @classmethod
+    def from_gguf(cls, md: dict[str, Any], arch: str, vocab_size: int, tied: bool) -> Gemma3Config:
+        def key(name: str, default: Any = None) -> Any:
+            v = md.get(f"{arch}.{name}", default)
+            if v is None:
+                raise KeyError(f"GGUF metadata {arch}.{name} is missing")
+            return v
+
+        n_head = int(key("attention.head_count"))
+        hidden = int(key("embedding_length"))
+        head_dim = int(md.get(f"{arch}.attention.key_length", hidden // n_head))
+        scaling = md.get(f"{arch}.rope.scaling.type")
+        factor = float(md.get(f"{arch}.rope.scaling.factor", 1.0)) if scaling == "linear" else 1.0
+        layers = int(key("block_count"))
+        # llama.cpp scales by 1/sqrt(hidden / heads) for the 27B model only (its
+        # query_pre_attn_scalar); every other size uses the head dimension.
+        scalar = hidden / n_head if layers == 62 else head_dim
+        return cls(
+            vocab_size=vocab_size,
+            hidden_size=hidden,
+            intermediate_size=int(key("feed_forward_length")),
+            num_hidden_layers=layers,
+            num_attention_heads=n_head,
+            num_key_value_heads=int(md.get(f"{arch}.attention.head_count_kv", n_head)),
+            head_dim=head_dim,
+            rms_norm_eps=float(key("attention.layer_norm_rms_epsilon", 1e-6)),
+            rope_theta=float(md.get(f"{arch}.rope.freq_base", 1_000_000.0)),
+            rope_linear_factor=factor,
+            sliding_window=int(key("attention.sliding_window", 512)),
+            query_pre_attn_scalar=scalar,
+            max_position_embeddings=int(key("context_length", 32768)),
+            tie_word_embeddings=tied,
+            final_logit_softcapping=md.get(f"{arch}.final_logit_softcapping"),
+        )
+
+
+class Gemma3Attention(nn.Module):
+    def __init__(self, cfg: Gemma3Config, layer: int):
+        super().__init__()
+        self.layer = layer
+        self.n_heads, self.n_kv, self.hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        self.window = cfg.sliding_window if cfg.is_sliding(layer) else None
+        self.scale = (cfg.query_pre_attn_scalar or cfg.head_dim) ** -0.5
+        self.q_proj = Linear(cfg.hidden_size, self.n_heads * self.hd, bias=False)
+        self.k_proj = Linear(cfg.hidden_size, self.n_kv * self.hd, bias=False)
+        self.v_proj = Linear(cfg.hidden_size, self.n_kv * self.hd, bias=False)
+        self.o_proj = Linear(self.n_heads * self.hd, cfg.hidden_size, bias=False)
+        self.q_norm = RMSNorm(self.hd, cfg.rms_norm_eps, cfg.norm_offset)
+        self.k_norm = RMSNorm(self.hd, cfg.rms_norm_eps, cfg.norm_offset)
+        self.qkv_proj: nn.Module | None = None  # fused q/k/v for serving (models.fuse_projections)
+
+    def forward(self, x, cos, sin, mask, cache, start: int) -> torch.Tensor:
+        B, T, _ = x.shape
+        H, Hkv, hd = self.n_heads, self.n_kv, self.hd
+        if self.qkv_proj is not None:
+            q, k, v = self.qkv_proj(x).split([H * hd, Hkv * hd, Hkv * hd], dim=-1)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q = self.q_norm(q.view(B, T, H, hd)).transpose(1, 2)  # (B, H, T, hd)
+        k = self.k_norm(k.view(B, T, Hkv, hd)).transpose(1, 2)
+        v = v.view(B, T, Hkv, hd).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(self.layer, k, v, start)
+        if T == 1 and self.window is not None and k.shape[2] > self.window:
+            # one query: its window is exactly the last `window` keys, no mask needed
+            k, v = k[:, :, -self.window :], v[:, :, -self.window :]
+        y = attention(q, k, v, mask, scale=self.scale)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, H * hd))
+
+
+class Gemma3MLP(nn.Module):
+    def __init__(self, cfg: Gemma3Config):
+        super().__init__()
+        self.gate_proj = Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.up_proj = Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        self.gate_up_proj: nn.Module | None = None
+        self.inter = cfg.intermediate_size
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.gate_up_proj is not None:
+            gate, up = self.gate_up_proj(x).split(self.inter, dim=-1)
+        else:
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        return self.down_proj(nn.functional.gelu(gate, approximate="tanh") * up)
+
+
+class Gemma3DecoderLayer(nn.Module):
+    def __init__(self, cfg: Gemma3Config, layer: int):
+        super().__init__()
+        eps, off = cfg.rms_norm_eps, cfg.norm_offset
+        self.sliding = cfg.is_sliding(layer)
+        self.self_attn = Gemma3Attention(cfg, layer)
+        self.mlp = Gemma3MLP(cfg)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, eps, off)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, eps, off)
+        self.pre_feedforward_layernorm = RMSNorm(cfg.hidden_size, eps, off)
+        self.post_feedforward_layernorm = RMSNorm(cfg.hidden_size, eps, off)
+
+    def forward(self, x, cos, sin, mask, cache, start):
+        a = self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, start)
+        x = x + self.post_attention_layernorm(a)
+        return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
+
+
+class Gemma3Model(nn.Module):
+    def __init__(self, cfg: Gemma3Config):
+        super().__init__()
+        self.embed_tokens = Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(Gemma3DecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.norm_offset)
+
+
+class Gemma3ForCausalLM(CausalLM):
+    def __init__(self, cfg: Gemma3Config):
+        super().__init__()
+        self.config = cfg
+        self.model = Gemma3Model(cfg)
+        self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        hint = min(cfg.max_position_embeddings, 4096)
+        self.rope_local = RotaryEmbedding(RopeConfig(cfg.head_dim, cfg.rope_local_base_freq), hint)
+        self.rope = RotaryEmbedding(RopeConfig(cfg.head_dim, cfg.rope_theta, cfg.rope_linear_factor), hint)
+
+    def tie_weights(self) -> None:
+        if self.config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def forward(
+        self, input_ids: torch.Tensor, cache=None, start: int = 0, last_only: bool = False
+    ) -> torch.Tensor:
+        """input_ids (B, T) at positions start..start+T-1 -> logits (B, T, vocab)."""
+        B, T = input_ids.shape
+        cfg = self.config
+        positions = torch.arange(start, start + T).unsqueeze(0).expand(B, T)
+        ropes = {False: self.rope(positions), True: self.rope_local(positions)}
+        end = start + T
+        masks = {}
+        for sliding in (False, True):
+            window = cfg.sliding_window if sliding else None
+            if T == 1:
+                masks[sliding] = None  # the attention slices the window itself
+            elif start == 0 and (window is None or end <= window):
+                masks[sliding] = CAUSAL
+            else:
+                masks[sliding] = causal_mask(positions, end, window)
+        x = self.model.embed_tokens(input_ids) * math.sqrt(cfg.hidden_size)
+        for layer in self.model.layers:
+            cos, sin = ropes[layer.sliding]
+            x = layer(x, cos, sin, masks[layer.sliding], cache, start)
+        x = self.model.norm(x)
+        if last_only:
+            x = x[:, -1:]
+        logits = self.lm_head(x).float()
+        if cfg.final_logit_softcapping:
+            cap = cfg.final_logit_softcapping
+            logits = torch.tanh(logits / cap) * cap
+        return logits

