@@ -10,9 +10,14 @@ stream never shows half a character.
 from __future__ import annotations
 
 import codecs
+import hashlib
+import os
 from collections.abc import Iterable, Mapping
 from functools import lru_cache
+from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from garagelm.runtime.pretokenizers import pre_tokenizer_for
 
@@ -141,10 +146,36 @@ class Tokenizer:
         return tk
 
     def _build_spm(self, scores):
-        from tokenizers import Tokenizer, models, normalizers
+        """The SentencePiece vocabulary as a `tokenizers` BPE; cached on disk, because deriving
+        the merges of a 262k vocabulary (Gemma 3) takes seconds in Python."""
+        from tokenizers import Tokenizer
 
         if scores is None:
             scores = [0.0] * len(self.tokens)
+        key = hashlib.sha256()
+        key.update(b"spm-v1" + bytes([self.add_space_prefix]))
+        key.update("\x00".join(self.tokens).encode("utf-8", "surrogatepass"))
+        key.update(bytes(self.types) if max(self.types, default=0) < 256 else repr(self.types).encode())
+        key.update(np.asarray(scores, dtype=np.float32).tobytes())
+        cached = _cache_dir() / f"spm-{key.hexdigest()[:32]}.json"
+        if cached.is_file():
+            try:
+                return Tokenizer.from_file(str(cached))
+            except Exception:  # a damaged cache entry is rebuilt
+                cached.unlink(missing_ok=True)
+        tk = self._derive_spm(scores)
+        try:
+            cached.parent.mkdir(parents=True, exist_ok=True)
+            tmp = cached.with_name(f"{cached.name}.{os.getpid()}.tmp")
+            tk.save(str(tmp))
+            os.replace(tmp, cached)
+        except OSError:
+            pass  # no writable cache: build it each time
+        return tk
+
+    def _derive_spm(self, scores):
+        from tokenizers import Tokenizer, models, normalizers
+
         vocab = self._vocab()
         # SentencePiece BPE merges the adjacent pair whose union has the highest score; as
         # ranked merges that is every split (a, b) of a piece with both halves in the vocab.
@@ -217,3 +248,8 @@ class StreamDecoder:
 def _opt_id(metadata: Mapping[str, Any], key: str) -> int | None:
     v = metadata.get(key)
     return None if v is None or int(v) < 0 else int(v)
+
+
+def _cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "garagelm" / "tokenizers"
