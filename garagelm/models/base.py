@@ -30,11 +30,47 @@ class Embedding(nn.Embedding):
 
 
 class CausalLM(nn.Module):
-    """What every decoder offers the runtime besides forward(input_ids, cache, start, last_only)."""
+    """What every decoder offers the runtime besides forward(input_ids, cache, start, last_only).
+
+    A model built with quantized weights may carry a `decode_plan` (quant/decode.py): its
+    single-token steps then run each layer as one C call, for up to 8 sequences at once.
+    Subclasses say how to embed (`embed`), which RoPE tables their layers use (`ropes`), and
+    how hidden states become logits (`logits`).
+    """
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.model.embed_tokens(input_ids)
+
+    def ropes(self) -> list:
+        return [self.rope]
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(self.model.norm(x)).float()
+
+    def planned(self, batch: int, caches: list) -> bool:
+        plan = self.__dict__.get("decode_plan")
+        return (
+            plan is not None
+            and batch <= plan.max_rows
+            and all(c is not None and c.dtype == torch.float16 for c in caches)
+        )
 
     def decode_batch(self, ids: list[int], caches: list, positions: list[int]) -> torch.Tensor:
         """One new token for each of several sequences, each with its own cache: logits (M, vocab).
-        Here they run one after another; an architecture with a batched step overrides this."""
+
+        With a decode plan the M sequences share one step, so each weight is read once for all
+        of them (the server's continuous batching); otherwise they run one after another.
+        """
+        M = len(ids)
+        if self.planned(M, caches):
+            pos = torch.tensor(positions).unsqueeze(1)  # (M, 1)
+            tables = []
+            for rope in self.ropes():
+                cos, sin = rope(pos)  # (M, 1, 1, head_dim)
+                tables.append((cos.reshape(M, -1).contiguous(), sin.reshape(M, -1).contiguous()))
+            x = self.embed(torch.tensor(ids).unsqueeze(1)).reshape(M, -1).contiguous()
+            self.decode_plan.step(x, caches, positions, tables)
+            return self.logits(x)
         rows = [
             self(torch.tensor([[t]]), cache=c, start=p, last_only=True)[0, -1]
             for t, c, p in zip(ids, caches, positions)

@@ -170,6 +170,8 @@ class Gemma3Model(nn.Module):
 
 
 class Gemma3ForCausalLM(CausalLM):
+    whole_layer_decode = True  # the C decode step (quant/decode.py) implements this block too
+
     def __init__(self, cfg: Gemma3Config):
         super().__init__()
         self.config = cfg
@@ -183,11 +185,24 @@ class Gemma3ForCausalLM(CausalLM):
         if self.config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.model.embed_tokens(input_ids) * math.sqrt(self.config.hidden_size)
+
+    def ropes(self) -> list:
+        return [self.rope, self.rope_local]  # the decode plan's table 0 (global) and 1 (sliding)
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        logits = self.lm_head(self.model.norm(x)).float()
+        cap = self.config.final_logit_softcapping
+        return torch.tanh(logits / cap) * cap if cap else logits
+
     def forward(
         self, input_ids: torch.Tensor, cache=None, start: int = 0, last_only: bool = False
     ) -> torch.Tensor:
         """input_ids (B, T) at positions start..start+T-1 -> logits (B, T, vocab)."""
         B, T = input_ids.shape
+        if T == 1 and B == 1 and self.planned(1, [cache]):
+            return self.decode_batch([int(input_ids[0, 0])], [cache], [start]).view(1, 1, -1)
         cfg = self.config
         positions = torch.arange(start, start + T).unsqueeze(0).expand(B, T)
         ropes = {False: self.rope(positions), True: self.rope_local(positions)}
@@ -201,15 +216,10 @@ class Gemma3ForCausalLM(CausalLM):
                 masks[sliding] = CAUSAL
             else:
                 masks[sliding] = causal_mask(positions, end, window)
-        x = self.model.embed_tokens(input_ids) * math.sqrt(cfg.hidden_size)
+        x = self.embed(input_ids)
         for layer in self.model.layers:
             cos, sin = ropes[layer.sliding]
             x = layer(x, cos, sin, masks[layer.sliding], cache, start)
-        x = self.model.norm(x)
         if last_only:
             x = x[:, -1:]
-        logits = self.lm_head(x).float()
-        if cfg.final_logit_softcapping:
-            cap = cfg.final_logit_softcapping
-            logits = torch.tanh(logits / cap) * cap
-        return logits
+        return self.logits(x)

@@ -180,18 +180,9 @@ class LlamaForCausalLM(CausalLM):
         """
         B, T = input_ids.shape
         positions = torch.arange(start, start + T).unsqueeze(0).expand(B, T)
+        if T == 1 and B == 1 and self.planned(1, [cache]):
+            return self.decode_batch([int(input_ids[0, 0])], [cache], [start]).view(1, 1, -1)
         cos, sin = self.rope(positions)
-        plan = self.__dict__.get("decode_plan")
-        if plan is not None and B == 1 and T == 1 and cache is not None and cache.dtype == torch.float16:
-            x = self.model.embed_tokens(input_ids).contiguous()  # (1, 1, hidden)
-            plan.step(
-                x.view(1, -1),
-                [cache],
-                [start],
-                cos.reshape(1, -1).contiguous(),
-                sin.reshape(1, -1).contiguous(),
-            )
-            return self.lm_head(self.model.norm(x)).float()
         window = self.config.sliding_window
         if window is None and T == 1:
             mask = None
@@ -202,25 +193,9 @@ class LlamaForCausalLM(CausalLM):
         x = self.model.embed_tokens(input_ids)
         for layer in self.model.layers:
             x = layer(x, cos, sin, mask, cache, start)
-        x = self.model.norm(x)
         if last_only:
             x = x[:, -1:]
-        return self.lm_head(x).float()
-
-    def decode_batch(self, ids: list[int], caches: list, positions: list[int]) -> torch.Tensor:
-        """One new token for each of several sequences, each with its own cache: logits (M, vocab).
-
-        With a decode plan the M sequences share one step, so each weight is read once for all
-        of them (the server's continuous batching); otherwise they run one after another.
-        """
-        plan = self.__dict__.get("decode_plan")
-        M = len(ids)
-        if plan is not None and M <= plan.max_rows and all(c.dtype == torch.float16 for c in caches):
-            cos, sin = self.rope(torch.tensor(positions).unsqueeze(1))  # (M, 1, rope dim)
-            x = self.model.embed_tokens(torch.tensor(ids).unsqueeze(1)).reshape(M, -1).contiguous()
-            plan.step(x, caches, positions, cos.reshape(M, -1).contiguous(), sin.reshape(M, -1).contiguous())
-            return self.lm_head(self.model.norm(x)).float()
-        return super().decode_batch(ids, caches, positions)
+        return self.logits(x)
 
 
 def unpermute_qk(raw: torch.Tensor, n_heads: int) -> torch.Tensor:

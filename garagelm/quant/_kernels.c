@@ -556,6 +556,10 @@ typedef struct {
     int D, H, Hkv, hd, I, n_qkv, n_gu;
     float eps, scale;
     const float *w_in, *w_post;
+    /* Gemma-style extras, NULL/0 when absent: RMSNorm on each q and k head, RMSNorm on the
+     * attention and MLP outputs, GELU (tanh) instead of SiLU, a sliding attention window */
+    const float *w_qn, *w_kn, *w_post_attn, *w_post_ffn;
+    int gelu, window;
     prod_t qkv[3], o, gu[2], down; /* q/k/v (fused or not), output, gate/up (fused or not), down */
     float *xn, *qkv_out, *att, *gu_out, *tmp, *xs;
 } layer_t;
@@ -596,10 +600,10 @@ static int parse_prods(PyObject *seq, prod_t *out, int max) {
 static PyObject *py_make_layer(PyObject *self, PyObject *args) {
     layer_t *L = calloc(1, sizeof(layer_t));
     if (!L) return PyErr_NoMemory();
-    unsigned long long w_in, w_post;
+    unsigned long long w_in, w_post, w_qn = 0, w_kn = 0, w_pa = 0, w_pf = 0;
     PyObject *qkv, *o, *gu, *down;
-    if (!PyArg_ParseTuple(args, "iiiiiffKKOOOO", &L->D, &L->H, &L->Hkv, &L->hd, &L->I, &L->eps, &L->scale, &w_in,
-                          &w_post, &qkv, &o, &gu, &down) ||
+    if (!PyArg_ParseTuple(args, "iiiiiffKKOOOO|KKKKii", &L->D, &L->H, &L->Hkv, &L->hd, &L->I, &L->eps, &L->scale,
+                          &w_in, &w_post, &qkv, &o, &gu, &down, &w_qn, &w_kn, &w_pa, &w_pf, &L->gelu, &L->window) ||
         (L->n_qkv = parse_prods(qkv, L->qkv, 3)) < 0 || parse_prods(o, &L->o, 1) < 0 ||
         (L->n_gu = parse_prods(gu, L->gu, 2)) < 0 || parse_prods(down, &L->down, 1) < 0) {
         free(L);
@@ -612,6 +616,10 @@ static PyObject *py_make_layer(PyObject *self, PyObject *args) {
     }
     L->w_in = (const float *)(uintptr_t)w_in;
     L->w_post = (const float *)(uintptr_t)w_post;
+    L->w_qn = (const float *)(uintptr_t)w_qn;
+    L->w_kn = (const float *)(uintptr_t)w_kn;
+    L->w_post_attn = (const float *)(uintptr_t)w_pa;
+    L->w_post_ffn = (const float *)(uintptr_t)w_pf;
     int big = L->D > L->I ? L->D : L->I;
     if (L->H * L->hd > big) big = L->H * L->hd;
     /* scratch for MAX_ROWS sequences stepped together */
@@ -668,6 +676,8 @@ static PyObject *py_decode_layer(PyObject *self, PyObject *args) {
         float rot[ATT_MAX_HD];
         for (int h = 0; h < H + Hkv; h++) {
             float *v = row + (size_t)h * hd;
+            const float *wn = h < H ? L->w_qn : L->w_kn;
+            if (wn) rmsnorm(v, wn, v, hd, L->eps); /* QK-norm (in place: the sum is taken first) */
             for (int i = 0; i < hd; i++) rot[i] = v[i] * c[i] + v[(i + half) % hd] * sg[i];
             memcpy(v, rot, sizeof(float) * hd);
         }
@@ -679,9 +689,14 @@ static PyObject *py_decode_layer(PyObject *self, PyObject *args) {
                 kc[g * stride_h + pos * hd + i] = _cvtss_sh(row[(size_t)(H + g) * hd + i], _MM_FROUND_TO_NEAREST_INT);
                 vc[g * stride_h + pos * hd + i] = _cvtss_sh(row[(size_t)(H + Hkv + g) * hd + i], _MM_FROUND_TO_NEAREST_INT);
             }
-        attend_core(row, kc, vc, L->att + (size_t)r * H * hd, stride_h, H, Hkv, (int)pos + 1, hd, L->scale);
+        /* a sliding layer attends to the last `window` positions only */
+        const long first = L->window && pos + 1 > L->window ? pos + 1 - L->window : 0;
+        attend_core(row, kc + first * hd, vc + first * hd, L->att + (size_t)r * H * hd, stride_h, H, Hkv,
+                    (int)(pos + 1 - first), hd, L->scale);
     }
     products(&L->o, 1, L->att, L->tmp, M, H * hd, L->xs);
+    if (L->w_post_attn)
+        for (int r = 0; r < M; r++) rmsnorm(L->tmp + (size_t)r * D, L->w_post_attn, L->tmp + (size_t)r * D, D, L->eps);
     for (size_t i = 0; i < (size_t)M * D; i++) x[i] += L->tmp[i];
     for (int r = 0; r < M; r++) rmsnorm(x + (size_t)r * D, L->w_post, L->xn + (size_t)r * D, D, L->eps);
     products(L->gu, L->n_gu, L->xn, L->gu_out, M, D, L->xs);
@@ -690,13 +705,24 @@ static PyObject *py_decode_layer(PyObject *self, PyObject *args) {
         const float *gu = L->gu_out + (size_t)r * 2 * I;
         float *h = L->gu_out + (size_t)r * I;
         for (int i = 0; i < I; i += 16) { /* I is a multiple of 32 (checked in make_layer) */
-            const __m512 g = _mm512_loadu_ps(gu + i);
-            const __m512 e = exp512(_mm512_sub_ps(_mm512_setzero_ps(), g));
-            const __m512 silu = _mm512_div_ps(g, _mm512_add_ps(_mm512_set1_ps(1.0f), e));
-            _mm512_storeu_ps(h + i, _mm512_mul_ps(silu, _mm512_loadu_ps(gu + I + i)));
+            const __m512 g = _mm512_loadu_ps(gu + i), one = _mm512_set1_ps(1.0f);
+            __m512 act;
+            if (L->gelu) { /* 0.5 g (1 + tanh(u)), u = sqrt(2/pi) (g + 0.044715 g^3); tanh u = 1 - 2/(e^2u + 1) */
+                const __m512 u = _mm512_mul_ps(_mm512_set1_ps(0.7978845608028654f),
+                                               _mm512_fmadd_ps(_mm512_mul_ps(_mm512_set1_ps(0.044715f), g),
+                                                               _mm512_mul_ps(g, g), g));
+                const __m512 e2 = exp512(_mm512_min_ps(_mm512_add_ps(u, u), _mm512_set1_ps(88.0f)));
+                const __m512 th = _mm512_sub_ps(one, _mm512_div_ps(_mm512_set1_ps(2.0f), _mm512_add_ps(e2, one)));
+                act = _mm512_mul_ps(_mm512_mul_ps(_mm512_set1_ps(0.5f), g), _mm512_add_ps(one, th));
+            } else {
+                act = _mm512_div_ps(g, _mm512_add_ps(one, exp512(_mm512_sub_ps(_mm512_setzero_ps(), g))));
+            }
+            _mm512_storeu_ps(h + i, _mm512_mul_ps(act, _mm512_loadu_ps(gu + I + i)));
         }
     }
     products(&L->down, 1, L->gu_out, L->tmp, M, I, L->xs);
+    if (L->w_post_ffn)
+        for (int r = 0; r < M; r++) rmsnorm(L->tmp + (size_t)r * D, L->w_post_ffn, L->tmp + (size_t)r * D, D, L->eps);
     for (size_t i = 0; i < (size_t)M * D; i++) x[i] += L->tmp[i];
     Py_END_ALLOW_THREADS;
     Py_RETURN_NONE;
@@ -718,7 +744,7 @@ static PyMethodDef methods[] = {
     {"dequantize_packed", py_dequantize_packed, METH_VARARGS, "dequantize_packed(kind, q, d, m, out, N, K)"},
 #ifdef HAVE_AVX512
     {"attend_f16", py_attend_f16, METH_VARARGS, "attend_f16(q, k, v, out, stride_h, H, Hkv, S, hd, scale)"},
-    {"make_layer", py_make_layer, METH_VARARGS, "make_layer(D, H, Hkv, hd, I, eps, scale, w_in, w_post, qkv, o, gu, down)"},
+    {"make_layer", py_make_layer, METH_VARARGS, "make_layer(D, H, Hkv, hd, I, eps, scale, w_in, w_post, qkv, o, gu, down[, w_qn, w_kn, w_post_attn, w_post_ffn, gelu, window])"},
     {"decode_layer", py_decode_layer, METH_VARARGS, "decode_layer(layer, index, x, M, table, cos, sin_signed)"},
 #endif
     {"set_threads", py_set_threads, METH_VARARGS, "set_threads(n) -> threads used"},

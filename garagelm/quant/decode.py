@@ -24,23 +24,32 @@ class DecodePlan:
 
     max_rows = MAX_KERNEL_ROWS  # sequences one step can carry
 
-    def __init__(self, layers: list, keep_alive: list):
+    def __init__(self, layers: list, keep_alive: list, rope_of_layer: list[int]):
         self._layers = layers
         self._keep = keep_alive  # tensors whose memory the C side points into
+        self._rope = rope_of_layer  # per layer: which RoPE table of step()'s `tables` it uses
 
     @classmethod
     def build(cls, model: nn.Module) -> DecodePlan | None:
+        """A plan for a llama-family or Gemma 3 model whose products all run in the kernels."""
         cfg = getattr(model, "config", None)
-        if (
-            not AVAILABLE
-            or cfg is None
-            or not getattr(model, "whole_layer_decode", False)
-            or cfg.sliding_window
-        ):
+        if not AVAILABLE or cfg is None or not getattr(model, "whole_layer_decode", False):
             return None
-        if (cfg.rope_dim or cfg.head_dim) != cfg.head_dim:
-            return None
-        layers, keep = [], []
+        if (getattr(cfg, "rope_dim", None) or cfg.head_dim) != cfg.head_dim:
+            return None  # partial RoPE
+        layers, keep, ropes = [], [], []
+
+        def weights(norm) -> int:
+            if norm is None:
+                return 0
+            w = (norm.weight.detach().float() + norm.offset).contiguous()  # Gemma's HF norms: w + 1
+            keep.append(w)
+            return w.data_ptr()
+
+        def prods(group):
+            return tuple((p._kind, p.out_features, *p._pointers()) for p in group)
+
+        gemma = hasattr(model.model.layers[0], "pre_feedforward_layernorm")
         for layer in model.model.layers:
             attn, mlp = layer.self_attn, layer.mlp
             qkv = [attn.qkv_proj] if attn.qkv_proj is not None else [attn.q_proj, attn.k_proj, attn.v_proj]
@@ -48,15 +57,16 @@ class DecodePlan:
             parts = [*qkv, attn.o_proj, *gate_up, mlp.down_proj]
             if not all(isinstance(p, GGMLLinear) and p._kind is not None and p.bias is None for p in parts):
                 return None
-            norms = [layer.input_layernorm, layer.post_attention_layernorm]
-            if any(n.offset != 0.0 for n in norms):
-                return None
-            w_in, w_post = (n.weight.detach().float().contiguous() for n in norms)
-            keep += [w_in, w_post]
-
-            def prods(group):
-                return tuple((p._kind, p.out_features, *p._pointers()) for p in group)
-
+            if gemma:
+                norms = (layer.input_layernorm, layer.pre_feedforward_layernorm, attn.q_norm, attn.k_norm,
+                         layer.post_attention_layernorm, layer.post_feedforward_layernorm)  # fmt: skip
+                window, scale = attn.window or 0, attn.scale
+                ropes.append(1 if layer.sliding else 0)
+            else:
+                norms = (layer.input_layernorm, layer.post_attention_layernorm, None, None, None, None)
+                window, scale = cfg.sliding_window or 0, 1.0 / math.sqrt(cfg.head_dim)
+                ropes.append(0)
+            w_in, w_post, w_qn, w_kn, w_pa, w_pf = (weights(n) for n in norms)
             try:
                 layers.append(
                     _kernels.make_layer(
@@ -66,24 +76,29 @@ class DecodePlan:
                         cfg.head_dim,
                         cfg.intermediate_size,
                         cfg.rms_norm_eps,
-                        1.0 / math.sqrt(cfg.head_dim),
-                        w_in.data_ptr(),
-                        w_post.data_ptr(),
+                        scale,
+                        w_in,
+                        w_post,
                         prods(qkv),
                         prods([attn.o_proj]),
                         prods(gate_up),
                         prods([mlp.down_proj]),
+                        w_qn,
+                        w_kn,
+                        w_pa,
+                        w_pf,
+                        int(gemma),
+                        int(window),
                     )
                 )
             except ValueError:
                 return None
-        return cls(layers, keep)
+        return cls(layers, keep, ropes)
 
-    def step(
-        self, x: torch.Tensor, caches: list, positions: list[int], cos: torch.Tensor, sin_signed: torch.Tensor
-    ) -> None:
+    def step(self, x: torch.Tensor, caches: list, positions: list[int], tables: list) -> None:
         """Run every layer on x (M, hidden) float32 in place, one token for each of M sequences
-        (M <= MAX_ROWS); caches[r] (batch 1, float16) gains position positions[r]."""
+        (M <= MAX_ROWS); caches[r] (batch 1, float16) gains position positions[r]. tables holds
+        (cos, sin_signed), each (M, head_dim), per RoPE the model uses (Gemma: global, local)."""
         M = len(caches)
         for cache, pos in zip(caches, positions):
             cache.reserve(pos + 1)
@@ -92,6 +107,8 @@ class DecodePlan:
              [c.capacity for c in caches], positions],
             dtype=torch.int64,
         )  # fmt: skip
-        xp, tp, cp, sp = x.data_ptr(), table.data_ptr(), cos.data_ptr(), sin_signed.data_ptr()
+        xp, tp = x.data_ptr(), table.data_ptr()
+        ptrs = [(cos.data_ptr(), sin.data_ptr()) for cos, sin in tables]
         for i, layer in enumerate(self._layers):
+            cp, sp = ptrs[self._rope[i]]
             _kernels.decode_layer(layer, i, xp, M, tp, cp, sp)
