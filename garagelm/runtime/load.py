@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -56,14 +57,18 @@ def load_model(path: str | Path) -> LoadedModel:
     if path.is_dir():
         raise GarageError(f"{path}: Hugging Face folders are not supported yet; give a .gguf file")
     gguf = GGUFFile(path)
-    try:
-        tokenizer = Tokenizer(gguf.metadata)
-    except (ValueError, KeyError) as e:
-        raise GarageError(f"{path}: cannot build the tokenizer: {e}") from None
-    from garagelm.quant.ggml_linear import set_threads
+    # The tokenizer is built beside the model: loading a large vocabulary happens mostly in
+    # Rust, without the GIL, while the weights are mapped and packed.
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        pending = pool.submit(Tokenizer, gguf.metadata)
+        from garagelm.quant.ggml_linear import set_threads
 
-    set_threads(torch.get_num_threads())  # the C kernels use as many threads as torch
-    model = from_gguf(gguf, dtype=torch.float32)
+        set_threads(torch.get_num_threads())  # the C kernels use as many threads as torch
+        model = from_gguf(gguf, dtype=torch.float32)
+        try:
+            tokenizer = pending.result()
+        except (ValueError, KeyError) as e:
+            raise GarageError(f"{path}: cannot build the tokenizer: {e}") from None
     arch = gguf.architecture
     ctx = int(gguf.get(f"{arch}.context_length", 2048))
     return LoadedModel(
