@@ -34,7 +34,12 @@ _GEMMA3_BLOCK = {
     "ffn_norm": "pre_feedforward_layernorm",
     "post_ffw_norm": "post_feedforward_layernorm",
 }
-BLOCK_TABLES: dict[str, dict[str, str]] = {"llama": _LLAMA_BLOCK, "gemma3": _GEMMA3_BLOCK}
+BLOCK_TABLES: dict[str, dict[str, str]] = {
+    "llama": _LLAMA_BLOCK,
+    "qwen2": _LLAMA_BLOCK,
+    "qwen3": _LLAMA_BLOCK,
+    "gemma3": _GEMMA3_BLOCK,
+}
 
 _BLOCK_RE = re.compile(r"^blk\.(\d+)\.(\w+)\.(weight|bias)$")
 _GLOBAL_RE = re.compile(r"^(\w+)\.(weight|bias)$")

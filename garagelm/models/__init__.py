@@ -15,9 +15,14 @@ from garagelm.models.llama import LlamaConfig, LlamaForCausalLM, unpermute_qk
 # GGUF architecture -> (config, model, whether llama.cpp permuted the Q/K rows at conversion)
 ARCHITECTURES = {
     "llama": (LlamaConfig, LlamaForCausalLM, True),
+    "qwen2": (LlamaConfig, LlamaForCausalLM, False),  # llama + q/k/v biases
+    "qwen3": (LlamaConfig, LlamaForCausalLM, False),  # llama + QK-norm
     "gemma3": (Gemma3Config, Gemma3ForCausalLM, False),
 }
 SUPPORTED = tuple(ARCHITECTURES)
+# Hugging Face config.json model_type -> GGUF architecture name
+HF_TYPES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3",
+            "gemma3_text": "gemma3", "gemma3": "gemma3"}  # fmt: skip
 
 
 def _set_module(model: nn.Module, dotted: str, module: nn.Module) -> None:
@@ -47,6 +52,9 @@ def from_gguf(gguf: GGUFFile, dtype: torch.dtype = torch.float32, quantized: boo
         cfg = config_cls.from_gguf(gguf.metadata, arch, vocab, tied)
     except KeyError as e:
         raise GarageError(f"{gguf.path}: {e.args[0]}; the file is incomplete") from None
+    if isinstance(cfg, LlamaConfig):  # the variants show in which tensors exist
+        cfg.attention_bias = "blk.0.attn_q.bias" in gguf.tensors
+        cfg.qk_norm = "blk.0.attn_q_norm.weight" in gguf.tensors
     with torch.device("meta"):
         model = model_cls(cfg)
     state, swapped = {}, set()
@@ -92,6 +100,42 @@ def from_gguf(gguf: GGUFFile, dtype: torch.dtype = torch.float32, quantized: boo
 
         fuse_projections(model)
         model.decode_plan = DecodePlan.build(model)  # None where the whole-layer kernel does not fit
+    return model.eval()
+
+
+def from_hf(folder, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """Build the model a Hugging Face folder (formats.safetensors.HFFolder) describes."""
+    model_type = folder.config.get("model_type")
+    arch = HF_TYPES.get(model_type)
+    if arch is None:
+        raise GarageError(
+            f"{folder.path}: model_type {model_type!r} is not supported yet (supported: {', '.join(HF_TYPES)})"
+        )
+    config_cls, model_cls, _ = ARCHITECTURES[arch]
+    try:
+        cfg = config_cls.from_hf(folder.config)
+    except (KeyError, ValueError) as e:
+        raise GarageError(f"{folder.path}/config.json: {e}") from None
+    with torch.device("meta"):
+        model = model_cls(cfg)
+    expected = set(model.state_dict())
+    state = {}
+    for name, tensor in folder.tensors():
+        name = name.removeprefix("language_model.")  # Gemma 3's multimodal checkpoints
+        if name.startswith(("vision_tower.", "multi_modal_projector.")):
+            continue  # the image half is not used by a text model
+        if name not in expected:
+            raise GarageError(f"{folder.path}: unexpected tensor {name!r} for {model_type}")
+        state[name] = tensor.to(dtype)
+    tied = cfg.tie_word_embeddings and "lm_head.weight" not in state
+    missing = expected - set(state) - ({"lm_head.weight"} if tied else set())
+    if missing:
+        raise GarageError(
+            f"{folder.path}: tensors missing for {sorted(missing)[:3]}...; the checkpoint is incomplete"
+        )
+    model.load_state_dict(state, strict=False, assign=True)
+    if tied:
+        model.tie_weights()
     return model.eval()
 
 

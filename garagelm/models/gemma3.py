@@ -51,9 +51,45 @@ class Gemma3Config:
     tie_word_embeddings: bool = True
     norm_offset: float = 0.0
     final_logit_softcapping: float | None = None
+    layer_types: list[str] | None = None  # "sliding_attention" / "full_attention" per layer
 
     def is_sliding(self, layer: int) -> bool:
+        if self.layer_types is not None:
+            return self.layer_types[layer] == "sliding_attention"
         return (layer + 1) % self.sliding_window_pattern != 0
+
+    @classmethod
+    def from_hf(cls, c: dict[str, Any]) -> Gemma3Config:
+        """From a Hugging Face config.json (gemma3_text, or the text part of gemma3)."""
+        c = c.get("text_config", c)
+        n_head = int(c["num_attention_heads"])
+        rope = c.get("rope_parameters") or c.get("rope_scaling") or {}
+        full = rope.get("full_attention", rope) if isinstance(rope, dict) else {}
+        local = rope.get("sliding_attention", {}) if isinstance(rope, dict) else {}
+        kind = full.get("rope_type") or full.get("type") or "default"
+        if kind not in ("default", "linear"):
+            raise ValueError(f"RoPE scaling {kind!r} is not supported for Hugging Face folders yet")
+        return cls(
+            vocab_size=int(c["vocab_size"]),
+            hidden_size=int(c["hidden_size"]),
+            intermediate_size=int(c["intermediate_size"]),
+            num_hidden_layers=int(c["num_hidden_layers"]),
+            num_attention_heads=n_head,
+            num_key_value_heads=int(c.get("num_key_value_heads") or n_head),
+            head_dim=int(c.get("head_dim") or c["hidden_size"] // n_head),
+            rms_norm_eps=float(c.get("rms_norm_eps", 1e-6)),
+            rope_theta=float(c.get("rope_theta") or full.get("rope_theta") or 1_000_000.0),
+            rope_local_base_freq=float(c.get("rope_local_base_freq") or local.get("rope_theta") or 10_000.0),
+            rope_linear_factor=float(full.get("factor", 1.0)) if kind == "linear" else 1.0,
+            sliding_window=int(c.get("sliding_window") or 512),
+            sliding_window_pattern=int(c.get("sliding_window_pattern") or 6),
+            query_pre_attn_scalar=float(c.get("query_pre_attn_scalar") or c.get("head_dim") or 256),
+            max_position_embeddings=int(c.get("max_position_embeddings", 32768)),
+            tie_word_embeddings=bool(c.get("tie_word_embeddings", True)),
+            norm_offset=1.0,  # Hugging Face keeps Gemma's norms as weight - 1
+            final_logit_softcapping=c.get("final_logit_softcapping"),
+            layer_types=c.get("layer_types"),
+        )
 
     @classmethod
     def from_gguf(cls, md: dict[str, Any], arch: str, vocab_size: int, tied: bool) -> Gemma3Config:

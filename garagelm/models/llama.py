@@ -48,6 +48,40 @@ class LlamaConfig:
     max_position_embeddings: int = 4096
     tie_word_embeddings: bool = False
     sliding_window: int | None = None
+    attention_bias: bool = False  # Qwen2: biases on q/k/v
+    qk_norm: bool = False  # Qwen3: RMSNorm on each query and key head
+
+    @classmethod
+    def from_hf(cls, c: dict[str, Any]) -> LlamaConfig:
+        """From a Hugging Face config.json (llama, mistral, qwen2, qwen3)."""
+        n_head = int(c["num_attention_heads"])
+        head_dim = int(c.get("head_dim") or c["hidden_size"] // n_head)
+        rope = c.get("rope_parameters") or {}
+        theta = float(c.get("rope_theta") or rope.get("rope_theta") or 10000.0)
+        scaling = c.get("rope_scaling") or rope
+        kind = scaling.get("rope_type") or scaling.get("type") or "default"
+        if kind not in ("default", "linear"):
+            raise ValueError(f"RoPE scaling {kind!r} is not supported for Hugging Face folders yet")
+        window = c.get("sliding_window")
+        if c.get("model_type") in ("qwen2", "qwen3") and not c.get("use_sliding_window"):
+            window = None  # Qwen configs name a window they do not use
+        return cls(
+            vocab_size=int(c["vocab_size"]),
+            hidden_size=int(c["hidden_size"]),
+            intermediate_size=int(c["intermediate_size"]),
+            num_hidden_layers=int(c["num_hidden_layers"]),
+            num_attention_heads=n_head,
+            num_key_value_heads=int(c.get("num_key_value_heads") or n_head),
+            head_dim=head_dim,
+            rms_norm_eps=float(c.get("rms_norm_eps", 1e-5)),
+            rope_theta=theta,
+            rope_linear_factor=float(scaling.get("factor", 1.0)) if kind == "linear" else 1.0,
+            max_position_embeddings=int(c.get("max_position_embeddings", 4096)),
+            tie_word_embeddings=bool(c.get("tie_word_embeddings", False)),
+            sliding_window=int(window) if window else None,
+            attention_bias=bool(c.get("attention_bias", c.get("model_type") == "qwen2")),
+            qk_norm=c.get("model_type") == "qwen3",
+        )
 
     @classmethod
     def from_gguf(cls, md: dict[str, Any], arch: str, vocab_size: int, tied: bool) -> LlamaConfig:
@@ -85,17 +119,31 @@ class LlamaAttention(nn.Module):
         super().__init__()
         self.layer = layer
         self.n_heads, self.n_kv, self.hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-        self.q_proj = Linear(cfg.hidden_size, self.n_heads * self.hd, bias=False)
-        self.k_proj = Linear(cfg.hidden_size, self.n_kv * self.hd, bias=False)
-        self.v_proj = Linear(cfg.hidden_size, self.n_kv * self.hd, bias=False)
+        bias = cfg.attention_bias
+        self.q_proj = Linear(cfg.hidden_size, self.n_heads * self.hd, bias=bias)
+        self.k_proj = Linear(cfg.hidden_size, self.n_kv * self.hd, bias=bias)
+        self.v_proj = Linear(cfg.hidden_size, self.n_kv * self.hd, bias=bias)
         self.o_proj = Linear(self.n_heads * self.hd, cfg.hidden_size, bias=False)
+        if cfg.qk_norm:
+            self.q_norm = RMSNorm(self.hd, cfg.rms_norm_eps)
+            self.k_norm = RMSNorm(self.hd, cfg.rms_norm_eps)
+        self.qk_norm = cfg.qk_norm
         # Serving may fuse q/k/v into one product (see models.fuse_projections).
         self.qkv_proj: nn.Module | None = None
 
     def forward(self, x, cos, sin, mask, cache: KVCacheLike | None, start: int) -> torch.Tensor:
         B, T, _ = x.shape
         H, Hkv, hd = self.n_heads, self.n_kv, self.hd
-        if self.qkv_proj is not None:
+        if self.qk_norm:  # Qwen3: each head normalised before RoPE
+            if self.qkv_proj is not None:
+                q, k, v = self.qkv_proj(x).split([H * hd, Hkv * hd, Hkv * hd], dim=-1)
+            else:
+                q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+            q = self.q_norm(q.view(B, T, H, hd)).transpose(1, 2)
+            k = self.k_norm(k.view(B, T, Hkv, hd)).transpose(1, 2)
+            v = v.view(B, T, Hkv, hd).transpose(1, 2)
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        elif self.qkv_proj is not None:
             qkv = self.qkv_proj(x).view(B, T, H + 2 * Hkv, hd).transpose(1, 2)  # (B, H+2Hkv, T, hd)
             qk = apply_rope(qkv[:, : H + Hkv], cos, sin)  # one rotation for q and k together
             q, k, v = qk[:, :H], qk[:, H:], qkv[:, H + Hkv :]

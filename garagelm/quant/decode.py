@@ -63,7 +63,8 @@ class DecodePlan:
                 window, scale = attn.window or 0, attn.scale
                 ropes.append(1 if layer.sliding else 0)
             else:
-                norms = (layer.input_layernorm, layer.post_attention_layernorm, None, None, None, None)
+                qn, kn = (attn.q_norm, attn.k_norm) if attn.qk_norm else (None, None)  # Qwen3
+                norms = (layer.input_layernorm, layer.post_attention_layernorm, qn, kn, None, None)
                 window, scale = cfg.sliding_window or 0, 1.0 / math.sqrt(cfg.head_dim)
                 ropes.append(0)
             w_in, w_post, w_qn, w_kn, w_pa, w_pf = (weights(n) for n in norms)

@@ -19,13 +19,14 @@ from garagelm.runtime.tokenizer import Tokenizer
 @dataclass
 class LoadedModel:
     path: Path
-    gguf: GGUFFile
+    gguf: GGUFFile | None  # None for a Hugging Face folder
     model: nn.Module
     tokenizer: Tokenizer
     template_source: str | None
     context_length: int
     load_seconds: float = 0.0
     info: dict = field(default_factory=dict)
+    architecture: str = ""
 
     def chat_template(self, override: str | None = None) -> ChatTemplate:
         source = override or self.template_source
@@ -55,7 +56,7 @@ def load_model(path: str | Path) -> LoadedModel:
     t0 = time.perf_counter()
     path = Path(path)
     if path.is_dir():
-        raise GarageError(f"{path}: Hugging Face folders are not supported yet; give a .gguf file")
+        return _load_hf(path, t0)
     gguf = GGUFFile(path)
     # The tokenizer is built beside the model: loading a large vocabulary happens mostly in
     # Rust, without the GIL, while the weights are mapped and packed.
@@ -78,5 +79,38 @@ def load_model(path: str | Path) -> LoadedModel:
         tokenizer=tokenizer,
         template_source=gguf.get("tokenizer.chat_template"),
         context_length=ctx,
+        architecture=arch,
         load_seconds=time.perf_counter() - t0,
+    )
+
+
+def _load_hf(path: Path, t0: float) -> LoadedModel:
+    """A Hugging Face folder: config.json, safetensors weights (held as float32), tokenizer.json."""
+    import json
+
+    from garagelm.formats.safetensors import HFFolder
+    from garagelm.models import HF_TYPES, from_hf
+
+    folder = HFFolder(path)
+    try:
+        tokenizer = Tokenizer.from_hf(path)
+    except (ValueError, KeyError) as e:
+        raise GarageError(f"{path}: cannot build the tokenizer: {e}") from None
+    model = from_hf(folder)
+    template = None
+    cfg_file, jinja = path / "tokenizer_config.json", path / "chat_template.jinja"
+    if jinja.is_file():
+        template = jinja.read_text()
+    elif cfg_file.is_file():
+        template = json.loads(cfg_file.read_text()).get("chat_template")
+    text_cfg = folder.config.get("text_config", folder.config)
+    return LoadedModel(
+        path=path,
+        gguf=None,
+        model=model,
+        tokenizer=tokenizer,
+        template_source=template if isinstance(template, str) else None,
+        context_length=int(text_cfg.get("max_position_embeddings", 4096)),
+        load_seconds=time.perf_counter() - t0,
+        architecture=HF_TYPES[folder.config["model_type"]],
     )

@@ -75,6 +75,54 @@ class Tokenizer:
         else:
             self._tk = self._build_bpe(metadata.get("tokenizer.ggml.merges") or [], pre)
 
+    @classmethod
+    def from_hf(cls, folder: Path) -> Tokenizer:
+        """From a Hugging Face folder: tokenizer.json run by the `tokenizers` library as it is,
+        special tokens and BOS/EOS from tokenizer_config.json (and generation_config.json)."""
+        import json
+
+        from tokenizers import Tokenizer as HFTokenizer
+
+        path = Path(folder) / "tokenizer.json"
+        if not path.is_file():
+            raise ValueError(f"{folder} has no tokenizer.json")
+        tk = HFTokenizer.from_file(str(path))
+        spec = json.loads(path.read_text())
+        cfg_path = Path(folder) / "tokenizer_config.json"
+        cfg = json.loads(cfg_path.read_text()) if cfg_path.is_file() else {}
+        self = cls.__new__(cls)
+        byte_level = "ByteLevel" in json.dumps(spec.get("pre_tokenizer")) + json.dumps(spec.get("decoder"))
+        self.kind = "gpt2" if byte_level else "llama"
+        vocab = tk.get_vocab(with_added_tokens=True)
+        self.tokens = [""] * (max(vocab.values()) + 1)
+        for text, i in vocab.items():
+            self.tokens[i] = text
+        self.types = [
+            BYTE if self.kind == "llama" and len(t) == 6 and t.startswith("<0x") else NORMAL
+            for t in self.tokens
+        ]
+        for added in spec.get("added_tokens", []):
+            self.types[added["id"]] = CONTROL if added.get("special") else USER_DEFINED
+
+        def token_id(key: str) -> int | None:
+            v = cfg.get(key)
+            v = v.get("content") if isinstance(v, dict) else v
+            return vocab.get(v) if isinstance(v, str) else None
+
+        self.bos_id, self.eos_id = token_id("bos_token"), token_id("eos_token")
+        self.add_bos = bool(cfg.get("add_bos_token", self.kind == "llama")) and self.bos_id is not None
+        self.add_eos = bool(cfg.get("add_eos_token", False))
+        self.add_space_prefix = False  # tokenizer.json's own normalizer does what is needed
+        self.eog_ids = {self.eos_id} if self.eos_id is not None else set()
+        self.eog_ids |= {i for i, t in enumerate(self.tokens) if t in _EOG_TEXTS and self.types[i] == CONTROL}
+        gen = Path(folder) / "generation_config.json"
+        if gen.is_file():
+            eos = json.loads(gen.read_text()).get("eos_token_id")
+            self.eog_ids |= set(eos if isinstance(eos, list) else [eos] if isinstance(eos, int) else [])
+        self.token_bytes = self._token_bytes()
+        self._tk = tk
+        return self
+
     @property
     def vocab_size(self) -> int:
         return len(self.tokens)

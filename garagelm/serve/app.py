@@ -39,7 +39,7 @@ class Server:
         out = []
         for h in list(self.pool.held.values()):
             manifest = {
-                "architecture": h.loaded.gguf.architecture,
+                "architecture": h.loaded.architecture,
                 "quantization": h.info.get("quantization", ""),
             }
             expires = h.expires_at if h.expires_at != float("inf") else time.time() + 10 * 365 * 86400

@@ -1,0 +1,128 @@
+"""Hugging Face folders: tiny random qwen2 / qwen3 / mistral / gemma3 models made and saved with
+`transformers` (config only, nothing downloaded), loaded by us; logits against transformers'."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from garagelm.formats.safetensors import HFFolder
+from garagelm.models import from_hf
+from garagelm.runtime.cache import KVCache
+
+COMMON = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)  # fmt: skip
+TOL = 1e-4  # float32 on both sides; logits spread over a few units
+
+
+def _make(kind: str):
+    import transformers as tf
+
+    if kind == "qwen2":
+        return tf.Qwen2ForCausalLM(tf.Qwen2Config(**COMMON))
+    if kind == "qwen3":
+        return tf.Qwen3ForCausalLM(tf.Qwen3Config(**COMMON, head_dim=32))
+    if kind == "mistral":
+        return tf.MistralForCausalLM(tf.MistralConfig(**COMMON, sliding_window=8, head_dim=16))
+    if kind == "gemma3":
+        cfg = tf.Gemma3TextConfig(**COMMON, head_dim=16, sliding_window=8, query_pre_attn_scalar=16,
+                                  layer_types=["sliding_attention", "full_attention", "sliding_attention"])  # fmt: skip
+        return tf.Gemma3ForCausalLM(cfg)
+    raise ValueError(kind)
+
+
+@pytest.fixture(scope="module", params=["qwen2", "qwen3", "mistral", "gemma3"])
+def pair(request, tmp_path_factory):
+    torch.manual_seed(0)
+    ref = _make(request.param).float().eval()
+    with torch.no_grad():  # random norms and biases, so a misplaced one shows
+        for name, p in ref.named_parameters():
+            if "norm" in name or name.endswith("bias"):
+                p.add_(torch.randn_like(p) * 0.1)
+    folder = tmp_path_factory.mktemp(request.param)
+    ref.save_pretrained(folder)
+    return request.param, ref, from_hf(HFFolder(folder))
+
+
+def test_logits_equal_transformers_batched(pair):
+    kind, ref, ours = pair
+    ids = torch.randint(0, 512, (2, 20))  # batch of 2, longer than the sliding windows
+    with torch.no_grad():
+        expected = ref(ids).logits
+    got = ours(ids)
+    assert got.shape == expected.shape
+    assert (got - expected).abs().max() < TOL, kind
+
+
+def test_cached_decode_equals_transformers(pair):
+    kind, ref, ours = pair
+    ids = torch.randint(0, 512, (2, 16))
+    with torch.no_grad():
+        expected = ref(ids).logits
+    cfg = ours.config
+    cache = KVCache(cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim, 64, batch=2)
+    with torch.inference_mode():
+        first = ours(ids[:, :10], cache=cache, start=0)
+        steps = [ours(ids[:, t : t + 1], cache=cache, start=t) for t in range(10, 16)]
+    got = torch.cat([first, *steps], dim=1)
+    assert (got - expected).abs().max() < TOL, kind
+
+
+def test_unsupported_and_broken_folders(tmp_path):
+    import json
+
+    from garagelm.errors import GarageError
+
+    with pytest.raises(GarageError, match=r"no config\.json"):
+        HFFolder(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "bert"}))
+    (tmp_path / "pytorch_model.bin").write_bytes(b"pickle")
+    with pytest.raises(GarageError, match="never loads"):
+        HFFolder(tmp_path)
+
+
+@pytest.fixture(scope="module")
+def smol_hf(smol_path):
+    """The real SmolLM2 as a Hugging Face folder, written by transformers (weights from the GGUF
+    by its own loader, tokenizer.json and chat template from its own converter)."""
+    import transformers
+    from conftest import CACHE
+
+    folder = CACHE / "smol-hf"
+    if not (folder / "config.json").exists():
+        kw = dict(gguf_file=smol_path.name)
+        loaded = transformers.AutoModelForCausalLM.from_pretrained(
+            str(smol_path.parent), dtype=torch.float32, **kw
+        )
+        tok = transformers.AutoTokenizer.from_pretrained(str(smol_path.parent), **kw)
+        cfg = loaded.config
+        if hasattr(cfg, "quantization_config"):  # transformers will not save a "GGUF-quantized" model
+            del cfg.quantization_config
+        model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+        model.load_state_dict(loaded.state_dict())
+        tmp = folder.with_name("smol-hf.tmp")
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        tmp.rename(folder)
+    return folder
+
+
+def test_real_model_from_a_hf_folder_runs_like_its_gguf(smol_hf, smol_loaded, capsys):
+    from test_reference import _ours_greedy
+
+    from garagelm.cli import main
+    from garagelm.runtime.load import load_model
+
+    hf = load_model(smol_hf)
+    for text in ["Héllo wörld 🦙 — 12345", "def f(x):\n\treturn x  # <|im_start|>", "  spaces  "]:
+        for special in (False, True):
+            assert hf.tokenizer.encode(text, True, special) == smol_loaded.tokenizer.encode(
+                text, True, special
+            )
+    assert hf.tokenizer.eog_ids >= smol_loaded.tokenizer.eog_ids
+    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    ids = hf.encode_chat(hf.chat_template(), messages)
+    assert ids == smol_loaded.encode_chat(smol_loaded.chat_template(), messages)
+    assert _ours_greedy(hf, ids, 24) == _ours_greedy(smol_loaded, ids, 24)
+    assert main(["run", str(smol_hf), "What is 2+2?", "--temperature", "0", "--max-tokens", "8"]) == 0
+    assert capsys.readouterr().out.strip()
