@@ -29,6 +29,20 @@ class Embedding(nn.Embedding):
             super().reset_parameters()
 
 
+def hf_shape(c: dict) -> dict:
+    """The decoder dimensions every Hugging Face config.json states the same way."""
+    n_head = int(c["num_attention_heads"])
+    return dict(
+        vocab_size=int(c["vocab_size"]),
+        hidden_size=int(c["hidden_size"]),
+        intermediate_size=int(c["intermediate_size"]),
+        num_hidden_layers=int(c["num_hidden_layers"]),
+        num_attention_heads=n_head,
+        num_key_value_heads=int(c.get("num_key_value_heads") or n_head),
+        head_dim=int(c.get("head_dim") or c["hidden_size"] // n_head),
+    )
+
+
 class CausalLM(nn.Module):
     """What every decoder offers the runtime besides forward(input_ids, cache, start, last_only).
 

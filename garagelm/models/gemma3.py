@@ -28,6 +28,7 @@ from garagelm.models.base import (
     apply_rope,
     attention,
     causal_mask,
+    hf_shape,
 )
 
 
@@ -62,7 +63,6 @@ class Gemma3Config:
     def from_hf(cls, c: dict[str, Any]) -> Gemma3Config:
         """From a Hugging Face config.json (gemma3_text, or the text part of gemma3)."""
         c = c.get("text_config", c)
-        n_head = int(c["num_attention_heads"])
         rope = c.get("rope_parameters") or c.get("rope_scaling") or {}
         full = rope.get("full_attention", rope) if isinstance(rope, dict) else {}
         local = rope.get("sliding_attention", {}) if isinstance(rope, dict) else {}
@@ -70,13 +70,7 @@ class Gemma3Config:
         if kind not in ("default", "linear"):
             raise ValueError(f"RoPE scaling {kind!r} is not supported for Hugging Face folders yet")
         return cls(
-            vocab_size=int(c["vocab_size"]),
-            hidden_size=int(c["hidden_size"]),
-            intermediate_size=int(c["intermediate_size"]),
-            num_hidden_layers=int(c["num_hidden_layers"]),
-            num_attention_heads=n_head,
-            num_key_value_heads=int(c.get("num_key_value_heads") or n_head),
-            head_dim=int(c.get("head_dim") or c["hidden_size"] // n_head),
+            **hf_shape(c),
             rms_norm_eps=float(c.get("rms_norm_eps", 1e-6)),
             rope_theta=float(c.get("rope_theta") or full.get("rope_theta") or 1_000_000.0),
             rope_local_base_freq=float(c.get("rope_local_base_freq") or local.get("rope_theta") or 10_000.0),

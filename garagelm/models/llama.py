@@ -23,6 +23,7 @@ from garagelm.models.base import (
     apply_rope,
     attention,
     causal_mask,
+    hf_shape,
 )
 
 
@@ -54,8 +55,6 @@ class LlamaConfig:
     @classmethod
     def from_hf(cls, c: dict[str, Any]) -> LlamaConfig:
         """From a Hugging Face config.json (llama, mistral, qwen2, qwen3)."""
-        n_head = int(c["num_attention_heads"])
-        head_dim = int(c.get("head_dim") or c["hidden_size"] // n_head)
         rope = c.get("rope_parameters") or {}
         theta = float(c.get("rope_theta") or rope.get("rope_theta") or 10000.0)
         scaling = c.get("rope_scaling") or rope
@@ -66,13 +65,7 @@ class LlamaConfig:
         if c.get("model_type") in ("qwen2", "qwen3") and not c.get("use_sliding_window"):
             window = None  # Qwen configs name a window they do not use
         return cls(
-            vocab_size=int(c["vocab_size"]),
-            hidden_size=int(c["hidden_size"]),
-            intermediate_size=int(c["intermediate_size"]),
-            num_hidden_layers=int(c["num_hidden_layers"]),
-            num_attention_heads=n_head,
-            num_key_value_heads=int(c.get("num_key_value_heads") or n_head),
-            head_dim=head_dim,
+            **hf_shape(c),
             rms_norm_eps=float(c.get("rms_norm_eps", 1e-5)),
             rope_theta=theta,
             rope_linear_factor=float(scaling.get("factor", 1.0)) if kind == "linear" else 1.0,
