@@ -126,3 +126,49 @@ def test_real_model_from_a_hf_folder_runs_like_its_gguf(smol_hf, smol_loaded, ca
     assert _ours_greedy(hf, ids, 24) == _ours_greedy(smol_loaded, ids, 24)
     assert main(["run", str(smol_hf), "What is 2+2?", "--temperature", "0", "--max-tokens", "8"]) == 0
     assert capsys.readouterr().out.strip()
+
+
+GGUF_KINDS = {  # llama.cpp's own layer layouts: Gemma 3 with its fixed 5-local/1-global pattern
+    "qwen2": ("qwen2", {}),
+    "qwen3": ("qwen3", {"head_dim": 32}),
+    "mistral": ("llama", {"head_dim": 16}),
+    "gemma3": (
+        "gemma3",
+        {"head_dim": 16, "sliding_window": 8, "query_pre_attn_scalar": 16, "num_hidden_layers": 6},
+    ),
+}
+
+
+@pytest.mark.parametrize("kind", list(GGUF_KINDS))
+def test_converted_to_gguf_greedy_equals_llama_cpp(kind, smol_path, tmp_path, llama_cpp_model):
+    """Our GGUF writer: a random model (SmolLM2's vocabulary, so llama.cpp has a tokenizer) runs
+    in llama.cpp with the same 32 greedy tokens as in our engine."""
+    import transformers as tf
+    from test_reference import _ours_greedy, _ref_greedy
+
+    from garagelm.formats.gguf import GGUFFile
+    from garagelm.formats.gguf_write import write_gguf
+    from garagelm.runtime.load import load_model
+
+    arch, extra = GGUF_KINDS[kind]
+    base = {**COMMON, "vocab_size": 49152, **extra}
+    torch.manual_seed(1)
+    cls = {"qwen2": (tf.Qwen2Config, tf.Qwen2ForCausalLM), "qwen3": (tf.Qwen3Config, tf.Qwen3ForCausalLM),
+           "mistral": (tf.MistralConfig, tf.MistralForCausalLM),
+           "gemma3": (tf.Gemma3TextConfig, tf.Gemma3ForCausalLM)}[kind]  # fmt: skip
+    ref = cls[1](cls[0](**base)).float().eval()
+    with torch.no_grad():  # weights large enough that the next token is never a near tie
+        for p in ref.parameters():
+            p.mul_(8.0) if p.dim() > 1 else p.add_(torch.randn_like(p) * 0.1)
+    ref.save_pretrained(tmp_path / "hf")
+    ours = from_hf(HFFolder(tmp_path / "hf"))
+    tokenizer_md = {k: v for k, v in GGUFFile(smol_path).metadata.items() if k.startswith("tokenizer.")}
+    path = write_gguf(tmp_path / f"{kind}.gguf", arch, ours.config, ours.state_dict(), tokenizer_md)
+    loaded = load_model(path)
+    ids = loaded.tokenizer.encode(
+        "The capital of France is Paris, and the capital of Spain is", add_special=True
+    )
+    got = _ours_greedy(loaded, ids, 32)
+    assert got == _ref_greedy(llama_cpp_model(path, logits_all=False), ids, 32, set())
+    with torch.no_grad():  # and the GGUF we read back is the model we wrote
+        assert (loaded.model(torch.tensor([ids])) - ref(torch.tensor([ids])).logits).abs().max() < 1e-3
