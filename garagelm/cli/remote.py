@@ -14,7 +14,7 @@ import time
 import urllib.error
 import urllib.request
 
-from garagelm.cli.run import print_stats, sampling_params
+from garagelm.cli.run import ReplyWriter, print_stats, sampling_params
 from garagelm.errors import GarageError
 from garagelm.runtime.generate import Stats
 
@@ -36,6 +36,7 @@ class RemoteSession:
         self.ctx_size = args.ctx_size
         self.verbose, self.raw, self.system = args.verbose, getattr(args, "raw", False), args.system
         self.messages: list[dict[str, str]] = []
+        self.hide_thinking = getattr(args, "hide_thinking", False)
 
     def clear(self) -> None:
         self.messages.clear()
@@ -76,27 +77,24 @@ class RemoteSession:
                 {"model": self.model, "messages": [*messages, {"role": "user", "content": user_text}]},
             )
         t0 = time.perf_counter()
-        text, last, interrupted = "", {}, False
+        last, interrupted = {}, False
+        writer = ReplyWriter(out, hide=self.hide_thinking)
         try:
             with self._post(path, {**body, "stream": True, "options": self._options()}) as resp:
                 for line in resp:
                     event = json.loads(line)
                     if "error" in event:
                         raise GarageError(f"{self.url}: {event['error']}")
-                    piece = (
-                        event.get("message", {}).get("content", "")
-                        if not self.raw
-                        else event.get("response", "")
+                    message = event.get("message", {})
+                    if message.get("thinking"):  # the server split the reasoning off already
+                        writer.write("thinking", message["thinking"])
+                    writer.write(
+                        "answer", message.get("content", "") if not self.raw else event.get("response", "")
                     )
-                    out.write(piece)
-                    out.flush()
-                    text += piece
                     last = event
         except KeyboardInterrupt:  # closing the connection makes the server stop this reply
             interrupted = True
-        if not text.endswith("\n"):
-            out.write("\n")
-        out.flush()
+        text = writer.close()
         self.messages += [{"role": "user", "content": user_text}, {"role": "assistant", "content": text}]
         if self.verbose and last.get("done"):
             s = Stats(prompt_tokens=last.get("prompt_eval_count", 0), prompt_seconds=last.get("prompt_eval_duration", 0) / 1e9,

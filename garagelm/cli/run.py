@@ -37,6 +37,9 @@ def add_arguments(verb: str, p: argparse.ArgumentParser) -> None:
         "--template", default=None, help="chat template (Jinja) file or text, replacing the model's"
     )
     p.add_argument("--verbose", action="store_true", help="print timings after each reply")
+    p.add_argument(
+        "--hide-thinking", action="store_true", help="do not show a reasoning model's <think> part"
+    )
     p.add_argument("--server", default=None, metavar="URL",
                    help="chat through a running `garage serve` (or Ollama) at URL instead of loading the model here")  # fmt: skip
     p.add_argument("--api-key", default=None, help="the server's key (default $GARAGE_API_KEY)")
@@ -97,6 +100,7 @@ class Session:
         self.template = None if self.raw else self.loaded.chat_template(self.template_override)
         self.messages: list[dict[str, str]] = []
         self.title = self.loaded.path.name
+        self.hide_thinking = getattr(args, "hide_thinking", False)
 
     def clear(self) -> None:
         self.messages.clear()
@@ -113,31 +117,75 @@ class Session:
     def reply(self, user_text: str, out=None) -> str:
         """Stream the model's reply to `out`; Ctrl-C stops the reply, keeping what was said."""
         from garagelm.runtime.generate import Completion
+        from garagelm.runtime.thinking import starts_thinking
 
         out = out or sys.stdout
         ids = self.prompt_ids(user_text)
         completion = Completion()
         t0 = time.perf_counter()
         interrupted = False
+        tok = self.loaded.tokenizer
+        writer = ReplyWriter(out, starts_thinking(tok.decode(ids[-8:], special=True)), self.hide_thinking)
         try:
             for piece in self.engine.complete(ids, self.params, completion):
-                out.write(piece)
-                out.flush()
+                writer.write("answer", piece)
         except KeyboardInterrupt:
             interrupted = True
-        if not completion.text.endswith("\n"):
-            out.write("\n")
-        out.flush()
-        self.messages += [
-            {"role": "user", "content": user_text},
-            {"role": "assistant", "content": completion.text},
-        ]
+        answer = writer.close()
+        # the thinking is not sent back in later turns, as reasoning models expect
+        self.messages += [{"role": "user", "content": user_text}, {"role": "assistant", "content": answer}]
         if self.verbose:
             print_stats(completion.stats, time.perf_counter() - t0, self.load_seconds)
             self.load_seconds = 0.0
         if interrupted:
             print("[reply stopped]", file=sys.stderr)
-        return completion.text
+        return answer
+
+
+class ReplyWriter:
+    """Writes a streamed reply. A reasoning model's <think> part is shown apart, as Ollama does
+    ("Thinking..." ... "...done thinking."), dimmed on a terminal, or hidden (--hide-thinking)."""
+
+    def __init__(self, out, inside: bool = False, hide: bool = False):
+        from garagelm.runtime.thinking import ThinkingSplitter
+
+        self.out, self.hide = out, hide
+        self.split = ThinkingSplitter(inside)
+        self.tty = getattr(out, "isatty", lambda: False)()
+        self.answer, self.thinking, self._state = "", False, "none"
+
+    def write(self, kind: str, piece: str) -> None:
+        """kind "answer" is raw model text (split here); "thinking" is thinking already split."""
+        parts = self.split.feed(piece) if kind == "answer" else [("thinking", piece)]
+        for k, text in parts:
+            self._put(k, text)
+        self.out.flush()
+
+    def _put(self, kind: str, text: str) -> None:
+        if kind == "thinking":
+            self.thinking = True
+            if self.hide:
+                return
+            if self._state != "thinking":
+                self.out.write(("\x1b[2m" if self.tty else "") + "Thinking...\n")
+                self._state = "thinking"
+            self.out.write(text)
+            return
+        if self._state == "thinking":
+            self.out.write("\n...done thinking.\n\n" + ("\x1b[0m" if self.tty else ""))
+        self._state = "answer"
+        self.answer += text
+        self.out.write(text)
+
+    def close(self) -> str:
+        for k, text in self.split.flush():
+            self._put(k, text)
+        if self._state == "thinking":  # stopped while thinking
+            self.out.write("\x1b[0m" if self.tty else "")
+        if not self.answer.endswith("\n"):
+            self.out.write("\n")
+        self.out.flush()
+        return self.answer
 
 
 def print_stats(s, total: float, load: float) -> None:

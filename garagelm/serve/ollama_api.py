@@ -13,6 +13,7 @@ from starlette.routing import Route
 
 from garagelm import __version__
 from garagelm.runtime.sampling import SamplingParams
+from garagelm.runtime.thinking import ThinkingSplitter, starts_thinking
 from garagelm.serve.common import (
     ApiError,
     Routes,
@@ -234,10 +235,20 @@ class OllamaRoutes(Routes):
             params.grammar = await asyncio.to_thread(json_format, held, schema, "format")
         job = generate(held, [(prompt, params)], None)
 
-        def line(piece: str, **extra) -> str:
+        def line(piece: str, thinking: str = "", **extra) -> str:
             body = {"model": model, "created_at": _iso(time.time())}
-            body.update({"message": {"role": "assistant", "content": piece}} if chat else {"response": piece})
+            message = {"role": "assistant", "content": piece} | ({"thinking": thinking} if thinking else {})
+            body.update({"message": message} if chat else {"response": piece})
             return json.dumps({**body, "done": False, **extra}) + "\n"
+
+        # a reasoning model's <think> part goes in message.thinking, as Ollama returns it
+        split = ThinkingSplitter(starts_thinking(held.loaded.tokenizer.decode(prompt[-8:], special=True)))
+        split = split if chat and params.grammar is None else None
+
+        def pieces(text: str, last: bool = False) -> list[tuple[str, str]]:
+            if split is None:
+                return [("answer", text)] if text else []
+            return split.feed(text) + (split.flush() if last else [])
 
         def final(completion) -> dict:
             s = completion.stats
@@ -254,18 +265,22 @@ class OllamaRoutes(Routes):
                 if kind == "text":
                     text += payload[0]
                 elif kind == "done":
-                    return JSONResponse(json.loads(line(text)) | final(payload))
+                    parts = pieces(text, last=True)
+                    answer = "".join(t for k, t in parts if k == "answer")
+                    thinking = "".join(t for k, t in parts if k == "thinking").rstrip("\n")
+                    return JSONResponse(json.loads(line(answer, thinking)) | final(payload))
                 else:
                     raise ApiError(500, f"generation failed: {payload}")
 
         async def lines():
             try:
                 async for _, kind, payload in job:
-                    if kind == "text":
-                        if payload[0]:
-                            yield line(payload[0])
-                    elif kind == "done":
-                        yield json.dumps(json.loads(line("")) | final(payload)) + "\n"
+                    if kind == "text" or kind == "done":
+                        last = kind == "done"
+                        for part, text in pieces(payload[0] if not last else "", last):
+                            yield line(text) if part == "answer" else line("", text)
+                        if last:
+                            yield json.dumps(json.loads(line("")) | final(payload)) + "\n"
                     else:
                         yield json.dumps({"error": f"generation failed: {payload}"}) + "\n"
             finally:

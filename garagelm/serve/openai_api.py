@@ -14,6 +14,7 @@ from starlette.routing import Route
 
 from garagelm.errors import GarageError
 from garagelm.runtime.sampling import SamplingParams
+from garagelm.runtime.thinking import ThinkingSplitter, split_reply, starts_thinking
 from garagelm.runtime.tools import check_tools, choose, parse_reply, prepare_messages, reply_schema
 from garagelm.serve.common import (
     ApiError,
@@ -167,6 +168,8 @@ class OpenAIRoutes(Routes):
         }
         shape = _Shape(chat, held.loaded.tokenizer, meta)
         shape.tools = tools
+        if chat and not tools and fmt["type"] == "text":  # a reasoning model's <think> part apart
+            shape.thinking = starts_thinking(held.loaded.tokenizer.decode(prompt[-8:], special=True))
         if stream:
             return StreamingResponse(
                 shape.sse(job, len(prompt), n, include_usage), media_type="text/event-stream"
@@ -180,6 +183,17 @@ class _Shape:
     def __init__(self, chat: bool, tokenizer, meta: dict):
         self.chat, self.tok, self.meta = chat, tokenizer, meta
         self.tools = False  # replies are tool-call JSON (runtime/tools.py) to turn into tool_calls
+        # not None: split <think> off into reasoning_content (True: the prompt opened it)
+        self.thinking: bool | None = None
+
+    def _split_delta(self, index: int, part: str, text: str, entries) -> dict:
+        delta = {"reasoning_content": text} if part == "thinking" else {"content": text}
+        return {
+            "index": index,
+            "delta": delta,
+            "logprobs": self.logprobs(entries) if entries else None,
+            "finish_reason": None,
+        }
 
     def tool_message(self, text: str, finish: str) -> tuple[dict, str]:
         """(the assistant message, finish_reason) of a reply made in the tool-call format."""
@@ -255,6 +269,11 @@ class _Shape:
                 c["message"], c["finish_reason"] = self.tool_message(
                     c["message"]["content"], c["finish_reason"]
                 )
+        elif self.thinking is not None:
+            for c in choices:
+                reasoning, c["message"]["content"] = split_reply(c["message"]["content"], self.thinking)
+                if reasoning:
+                    c["message"]["reasoning_content"] = reasoning
         usage = {
             "prompt_tokens": n_prompt,
             "completion_tokens": generated,
@@ -282,9 +301,15 @@ class _Shape:
                         ]
                     )
             held_back = [""] * n  # tool-call replies are sent whole, once they parse
+            splitters = (
+                [ThinkingSplitter(self.thinking) for _ in range(n)] if self.thinking is not None else None
+            )
             async for i, kind, payload in job:
                 if kind == "text" and self.tools:
                     held_back[i] += payload[0]
+                elif kind == "text" and splitters is not None:
+                    for part, text in splitters[i].feed(payload[0]):
+                        yield event([self._split_delta(i, part, text, payload[1])])
                 elif kind == "text":
                     piece, entries = payload
                     yield event([self.choice(i, piece, None, entries, bool(entries), delta=True)])
@@ -300,6 +325,8 @@ class _Shape:
                             else {"content": message["content"]}
                         )
                         yield event([{"index": i, "delta": delta, "logprobs": None, "finish_reason": None}])
+                    for part, text in splitters[i].flush() if splitters is not None else []:
+                        yield event([self._split_delta(i, part, text, [])])
                     last = self.choice(i, "", finish, [], False, delta=True)
                     if self.chat:
                         last["delta"] = {}
