@@ -126,6 +126,26 @@ def test_real_model_from_a_hf_folder_runs_like_its_gguf(smol_hf, smol_loaded, ca
     assert _ours_greedy(hf, ids, 24) == _ours_greedy(smol_loaded, ids, 24)
     assert main(["run", str(smol_hf), "What is 2+2?", "--temperature", "0", "--max-tokens", "8"]) == 0
     assert capsys.readouterr().out.strip()
+    assert main(["show", str(smol_hf)]) == 0
+    shown = capsys.readouterr().out
+    assert "llama" in shown and "134.5M" in shown and "<|im_start|>" in shown
+
+
+def test_sharded_folder(tmp_path):
+    torch.manual_seed(0)
+    ref = _make("qwen3").float().eval()
+    ref.save_pretrained(tmp_path, max_shard_size="100KB")
+    assert (tmp_path / "model.safetensors.index.json").is_file() and len(
+        list(tmp_path.glob("*.safetensors"))
+    ) > 2
+    ids = torch.randint(0, 512, (1, 12))
+    with torch.no_grad():
+        assert (from_hf(HFFolder(tmp_path))(ids) - ref(ids).logits).abs().max() < TOL
+    next(tmp_path.glob("model-00002-*.safetensors")).unlink()
+    from garagelm.errors import GarageError
+
+    with pytest.raises(GarageError, match="listed in the index but missing"):
+        HFFolder(tmp_path)
 
 
 GGUF_KINDS = {  # llama.cpp's own layer layouts: Gemma 3 with its fixed 5-local/1-global pattern

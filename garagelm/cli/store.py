@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import shutil
 import sys
 from collections import Counter
@@ -95,6 +96,8 @@ def _show(args: argparse.Namespace) -> int:
     from garagelm.formats.gguf import GGUFFile
 
     path = resolve_model(args.model, pull_missing=False)
+    if path.is_dir():
+        return _show_hf(path, args)
     g = GGUFFile(path)
     template = g.get("tokenizer.chat_template")
     if args.template:
@@ -121,6 +124,54 @@ def _show(args: argparse.Namespace) -> int:
             "tensor types",
             ", ".join(f"{k} x{v}" for k, v in Counter(t.qtype for t in g.tensors.values()).most_common()),
         ),
+    ]
+    for k, v in info:
+        print(f"  {k:18s}{v}")
+    print("\n  chat template:" if template else "\n  chat template: none (use --raw or --template)")
+    if template:
+        print("    " + template.replace("\n", "\n    "))
+    return 0
+
+
+def _show_hf(path, args: argparse.Namespace) -> int:
+    """`show` for a Hugging Face folder: the same facts, read from config.json and the headers."""
+    import json
+
+    from safetensors import safe_open
+
+    from garagelm.formats.safetensors import HFFolder
+    from garagelm.models import HF_TYPES
+
+    folder = HFFolder(path)
+    cfg = folder.config.get("text_config", folder.config)
+    tok_cfg = path / "tokenizer_config.json"
+    template = json.loads(tok_cfg.read_text()).get("chat_template") if tok_cfg.is_file() else None
+    if (path / "chat_template.jinja").is_file():  # where transformers 5 writes it
+        template = (path / "chat_template.jinja").read_text()
+    if args.template:
+        if not template:
+            raise GarageError(f"{args.model} has no chat template")
+        print(template)
+        return 0
+    n_params, dtypes = 0, Counter()
+    for shard in sorted(set(folder._where.values())):
+        with safe_open(shard, framework="pt") as st:
+            for name in st.keys():
+                sl = st.get_slice(name)
+                n_params += math.prod(sl.get_shape())
+                dtypes[sl.get_dtype()] += 1
+    info = [
+        ("folder", str(path)),
+        (
+            "architecture",
+            f"{HF_TYPES.get(folder.config.get('model_type'), '?')} ({folder.config.get('model_type')})",
+        ),
+        ("parameters", f"{n_params / 1e6:.1f}M"),
+        ("context length", cfg.get("max_position_embeddings", "?")),
+        ("embedding length", cfg.get("hidden_size", "?")),
+        ("layers", cfg.get("num_hidden_layers", "?")),
+        ("tokenizer", "tokenizer.json" if (path / "tokenizer.json").is_file() else "none"),
+        ("tensor types", ", ".join(f"{k} x{v}" for k, v in dtypes.most_common())),
     ]
     for k, v in info:
         print(f"  {k:18s}{v}")
