@@ -28,7 +28,8 @@ def page(served):
         pg.goto(served[0] + "/")
         pg.fill("#key", SERVE_KEY)
         pg.dispatch_event("#key", "change")  # stores the key, lists the models
-        _until(lambda: pg.locator("#model option").count() > 0)
+        _until(lambda: pg.locator("#model option[value='smollm2:135m']").count() > 0)
+        pg.select_option("#model", "smollm2:135m")  # the store may hold base models without a chat template
         yield pg
         browser.close()
 

@@ -51,6 +51,10 @@ class GGUFTensor:
     def n_elements(self) -> int:
         return math.prod(self.shape)
 
+    @property
+    def n_bytes(self) -> int:
+        return self.raw.nbytes
+
     def raw_bytes(self) -> torch.Tensor:
         """The tensor's bytes as a uint8 tensor shaped (rows, bytes per row), no copy."""
         with warnings.catch_warnings():

@@ -65,7 +65,7 @@ def write_gguf(
     w = gguf.GGUFWriter(tmp, arch=arch)
     w.add_uint32("general.file_type", 1 if dtype == torch.float16 else 0)
     for key, value in {**model_metadata(arch, cfg), **(extra or {})}.items():
-        _add(w, key, value)
+        add_value(w, key, value)
     offset = getattr(cfg, "norm_offset", 0.0)
     for name, t in state.items():
         if name == "lm_head.weight" and cfg.tie_word_embeddings:
@@ -87,7 +87,8 @@ def write_gguf(
     return path
 
 
-def _add(w, key: str, v: Any) -> None:
+def add_value(w, key: str, v: Any) -> None:
+    """One metadata value, typed as GGUF wants it."""
     if isinstance(v, str):
         w.add_string(key, v)
     elif isinstance(v, bool):

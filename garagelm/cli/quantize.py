@@ -1,0 +1,60 @@
+"""`garage quantize SRC --type T --out NAME|PATH` and `garage convert SRC --type F16|BF16|F32`."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+from pathlib import Path
+
+from garagelm.errors import GarageError
+
+# (written out here so that building the parser does not import torch; a test checks they match)
+QUANT_TYPES = ("Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1")
+FLOAT_TYPES = ("F32", "F16", "BF16")
+
+
+def add_arguments(verb: str, p: argparse.ArgumentParser) -> None:
+    p.add_argument("source", help="store name or .gguf path")
+    types = QUANT_TYPES if verb == "quantize" else FLOAT_TYPES
+    p.add_argument("--type", required=True, type=str.upper, choices=types, help=" | ".join(types))
+    p.add_argument(
+        "--out", default=None, help="a store name (name:tag) or a .gguf path (default: beside the source)"
+    )
+    if verb == "quantize":
+        p.add_argument(
+            "--allow-requantize", action="store_true", help="quantize a source that has fewer bits already"
+        )
+    p.add_argument("--quiet", action="store_true")
+
+
+def main(args: argparse.Namespace) -> int:
+    from garagelm.cli.resolve import looks_like_path, resolve_model
+    from garagelm.quant.convert import bits_per_weight, convert_gguf
+
+    src = resolve_model(args.source, pull_missing=False)
+    if src.is_dir():
+        raise GarageError(f"{src}: quantizing a Hugging Face folder is not supported yet; give a GGUF file")
+    out = args.out or str(src.with_name(f"{src.stem}-{args.type}.gguf"))
+    to_store = not looks_like_path(out)
+    if to_store:
+        from garagelm.store.local import parse_name
+
+        parse_name(out)  # a bad name fails before the work
+        dst = Path(tempfile.mkdtemp(prefix="garage-quantize-")) / f"{Path(src).stem}-{args.type}.gguf"
+    else:
+        dst = Path(out)
+    report = convert_gguf(src, dst, args.type, getattr(args, "allow_requantize", False), args.quiet)
+    for line in report.kept:
+        print(f"note: {line}", file=sys.stderr)
+    if to_store:
+        from garagelm.store.importer import import_file
+
+        stored = import_file(dst, out, quiet=True)
+        dst.unlink(missing_ok=True)
+        dst.parent.rmdir()
+        dst = stored.path
+    mib = 2**20
+    print(f"{out}: {dst} ({report.bytes_out / mib:.1f} MiB from {report.bytes_in / mib:.1f} MiB, "
+          f"{bits_per_weight(dst):.2f} bits a weight)")  # fmt: skip
+    return 0
