@@ -179,4 +179,45 @@ def test_cli_lists_every_type():
     from garagelm.cli.quantize import QUANT_TYPES
     from garagelm.quant.convert import FLOAT_TYPES
 
-    assert set(QUANT_TYPES) == set(TYPES) and set(CLI_FLOATS) == set(FLOAT_TYPES)
+    assert set(QUANT_TYPES) == {*TYPES, "FP8"} and set(CLI_FLOATS) == set(FLOAT_TYPES)
+
+
+def test_fp8_block_scaled_folder(tmp_path, capsys):
+    """SmolLM2 (as a Hugging Face folder) to FP8 E4M3 with 128x128 scales, DeepSeek-V3's layout;
+    loaded back, it stays close to the source."""
+    from conftest import CACHE
+    from safetensors import safe_open
+
+    from garagelm.cli import main
+    from garagelm.formats.safetensors import HFFolder
+    from garagelm.models import from_hf
+    from garagelm.quant.fp8 import FP8Linear
+
+    src = CACHE / "smol-hf"
+    if not (src / "config.json").exists():
+        pytest.skip("made by test_hf_models.py::smol_hf")  # pragma: no cover (ordering within one run)
+    dst = tmp_path / "smol-fp8"
+    assert main(["quantize", str(src), "--type", "FP8", "--out", str(dst), "--quiet"]) == 0
+    assert "weights in FP8" in capsys.readouterr().out
+    config = json.loads((dst / "config.json").read_text())
+    assert config["quantization_config"]["weight_block_size"] == [128, 128]
+    with safe_open(dst / "model.safetensors", framework="pt") as st:
+        q = st.get_tensor("model.layers.0.mlp.down_proj.weight")
+        s = st.get_tensor("model.layers.0.mlp.down_proj.weight_scale_inv")
+        assert q.dtype == torch.float8_e4m3fn and s.shape == (5, 12) and s.dtype == torch.float32
+        # DeepSeek-V3's own reading of the format: each 128x128 tile times its scale
+        tiles = torch.zeros(5 * 128, 12 * 128)
+        tiles[: q.shape[0], : q.shape[1]] = q.float()
+        w = (tiles.view(5, 128, 12, 128) * s[:, None, :, None]).view(640, 1536)[:576, :1536]
+    with safe_open(src / "model.safetensors", framework="pt") as st:
+        ref = st.get_tensor("model.layers.0.mlp.down_proj.weight")
+    assert ((w - ref).norm() / ref.norm()).item() < 0.04  # E4M3 keeps 3 mantissa bits
+    ours, source = from_hf(HFFolder(dst)), from_hf(HFFolder(src))
+    assert isinstance(ours.model.layers[0].mlp.down_proj, FP8Linear)
+    from garagelm.runtime.tokenizer import Tokenizer
+
+    ids = torch.tensor([Tokenizer.from_hf(src).encode(TEXT.read_text()[5000:7000], add_special=True)[:256]])
+    with torch.inference_mode():
+        a, b = ours(ids)[0], source(ids)[0]
+    # measured 0.89: E4M3 keeps 3 mantissa bits, about the error of a 5-bit GGUF type here
+    assert (a.argmax(-1) == b.argmax(-1)).float().mean() > 0.85

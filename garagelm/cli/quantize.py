@@ -10,7 +10,7 @@ from pathlib import Path
 from garagelm.errors import GarageError
 
 # (written out here so that building the parser does not import torch; a test checks they match)
-QUANT_TYPES = ("Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1")
+QUANT_TYPES = ("Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "FP8")
 FLOAT_TYPES = ("F32", "F16", "BF16")
 
 
@@ -33,8 +33,12 @@ def main(args: argparse.Namespace) -> int:
     from garagelm.quant.convert import bits_per_weight, convert_gguf
 
     src = resolve_model(args.source, pull_missing=False)
+    if args.type == "FP8":
+        return _fp8(src, args)
     if src.is_dir():
-        raise GarageError(f"{src}: quantizing a Hugging Face folder is not supported yet; give a GGUF file")
+        raise GarageError(
+            f"{src}: quantizing a Hugging Face folder to GGUF types is not supported yet; give a GGUF file"
+        )
     out = args.out or str(src.with_name(f"{src.stem}-{args.type}.gguf"))
     to_store = not looks_like_path(out)
     if to_store:
@@ -57,4 +61,19 @@ def main(args: argparse.Namespace) -> int:
     mib = 2**20
     print(f"{out}: {dst} ({report.bytes_out / mib:.1f} MiB from {report.bytes_in / mib:.1f} MiB, "
           f"{bits_per_weight(dst):.2f} bits a weight)")  # fmt: skip
+    return 0
+
+
+def _fp8(src: Path, args: argparse.Namespace) -> int:
+    from garagelm.quant.fp8 import write_fp8_folder
+
+    if not src.is_dir():
+        raise GarageError(
+            f"{src}: FP8 output is a Hugging Face folder, made from one (config.json + safetensors)"
+        )
+    dst = Path(args.out or f"{src.as_posix().rstrip('/')}-fp8")
+    stats = write_fp8_folder(src, dst, args.quiet)
+    mib = 2**20
+    print(f"{dst}: {stats['fp8']} weights in FP8 (128x128 block scales), {stats['kept']} kept; "
+          f"{stats['bytes_out'] / mib:.1f} MiB from {stats['bytes_in'] / mib:.1f} MiB")  # fmt: skip
     return 0

@@ -119,14 +119,30 @@ def from_hf(folder, dtype: torch.dtype = torch.float32) -> nn.Module:
     with torch.device("meta"):
         model = model_cls(cfg)
     expected = set(model.state_dict())
-    state = {}
+    state, fp8, scales = {}, {}, {}
     for name, tensor in folder.tensors():
         name = name.removeprefix("language_model.")  # Gemma 3's multimodal checkpoints
         if name.startswith(("vision_tower.", "multi_modal_projector.")):
             continue  # the image half is not used by a text model
+        if name.endswith(".weight_scale_inv"):  # FP8 block scales (quant/fp8.py)
+            scales[name.removesuffix("_scale_inv")] = tensor
+            continue
         if name not in expected:
             raise GarageError(f"{folder.path}: unexpected tensor {name!r} for {model_type}")
-        state[name] = tensor.to(dtype)
+        if tensor.dtype == torch.float8_e4m3fn:
+            fp8[name] = tensor
+        else:
+            state[name] = tensor.to(dtype)
+    if set(fp8) != set(scales):
+        raise GarageError(f"{folder.path}: FP8 weights and weight_scale_inv tensors do not pair up")
+    if fp8:
+        from garagelm.quant.fp8 import FP8Linear
+
+        for name, q in fp8.items():
+            module = name.removesuffix(".weight")
+            bias = state.pop(module + ".bias", None)
+            _set_module(model, module, FP8Linear(q, scales[name], bias))
+        expected = set(model.state_dict())  # the FP8 layers hold their tensors as buffers
     tied = cfg.tie_word_embeddings and "lm_head.weight" not in state
     missing = expected - set(state) - ({"lm_head.weight"} if tied else set())
     if missing:
