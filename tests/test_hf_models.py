@@ -81,32 +81,6 @@ def test_unsupported_and_broken_folders(tmp_path):
         HFFolder(tmp_path)
 
 
-@pytest.fixture(scope="module")
-def smol_hf(smol_path):
-    """The real SmolLM2 as a Hugging Face folder, written by transformers (weights from the GGUF
-    by its own loader, tokenizer.json and chat template from its own converter)."""
-    import transformers
-    from conftest import CACHE
-
-    folder = CACHE / "smol-hf"
-    if not (folder / "config.json").exists():
-        kw = dict(gguf_file=smol_path.name)
-        loaded = transformers.AutoModelForCausalLM.from_pretrained(
-            str(smol_path.parent), dtype=torch.float32, **kw
-        )
-        tok = transformers.AutoTokenizer.from_pretrained(str(smol_path.parent), **kw)
-        cfg = loaded.config
-        if hasattr(cfg, "quantization_config"):  # transformers will not save a "GGUF-quantized" model
-            del cfg.quantization_config
-        model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
-        model.load_state_dict(loaded.state_dict())
-        tmp = folder.with_name("smol-hf.tmp")
-        model.save_pretrained(tmp)
-        tok.save_pretrained(tmp)
-        tmp.rename(folder)
-    return folder
-
-
 def test_real_model_from_a_hf_folder_runs_like_its_gguf(smol_hf, smol_loaded, capsys):
     from test_reference import _ours_greedy
 

@@ -182,7 +182,7 @@ def test_cli_lists_every_type():
     assert set(QUANT_TYPES) == {*TYPES, "FP8"} and set(CLI_FLOATS) == set(FLOAT_TYPES)
 
 
-def test_fp8_block_scaled_folder(tmp_path, capsys):
+def test_fp8_block_scaled_folder(smol_hf, tmp_path, capsys):
     """SmolLM2 (as a Hugging Face folder) to FP8 E4M3 with 128x128 scales, DeepSeek-V3's layout;
     loaded back, it stays close to the source."""
     from conftest import CACHE
