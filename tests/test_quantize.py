@@ -177,9 +177,9 @@ def test_rows_not_in_whole_blocks_stay_f16(tmp_path):
 def test_cli_lists_every_type():
     from garagelm.cli.quantize import FLOAT_TYPES as CLI_FLOATS
     from garagelm.cli.quantize import QUANT_TYPES
-    from garagelm.quant.convert import FLOAT_TYPES
+    from garagelm.quant.convert import FLOAT_TYPES, MIXES
 
-    assert set(QUANT_TYPES) == {*TYPES, "FP8"} and set(CLI_FLOATS) == set(FLOAT_TYPES)
+    assert set(QUANT_TYPES) == {*TYPES, *MIXES, "FP8"} and set(CLI_FLOATS) == set(FLOAT_TYPES)
 
 
 def test_fp8_block_scaled_folder(smol_hf, tmp_path, capsys):
@@ -221,3 +221,39 @@ def test_fp8_block_scaled_folder(smol_hf, tmp_path, capsys):
         a, b = ours(ids)[0], source(ids)[0]
     # measured 0.89: E4M3 keeps 3 mantissa bits, about the error of a 5-bit GGUF type here
     assert (a.argmax(-1) == b.argmax(-1)).float().mean() > 0.85
+
+
+@pytest.mark.parametrize("mix", ["Q4_K_M", "Q6_K"])
+def test_k_quants_match_llama_cpps_choices_and_quality(mix, smol_f32, quantized, tmp_path, llama_cpp_model):
+    """Same tensor types as llama.cpp's quantizer picks, KL from the source no worse than its
+    file's, and llama.cpp runs our file."""
+    from test_reference import teacher_forced_logits
+
+    from garagelm.evaluate.quality import evaluate, windows
+    from garagelm.runtime.load import load_model
+
+    report = convert_gguf(smol_f32, tmp_path / f"{mix}.gguf", mix, quiet=True)
+    theirs_path = quantized(mix)
+    theirs = GGUFFile(theirs_path)
+    assert report.types == {n: t.qtype for n, t in theirs.tensors.items()}
+    assert GGUFFile(report.path).get("general.file_type") == theirs.get("general.file_type")
+    source, ours, ref = load_model(smol_f32), load_model(report.path), load_model(theirs_path)
+    wins = windows(source.tokenizer, TEXT.read_text()[:20_000], 512, 2)
+    kl_ours = evaluate(ours.model, wins, reference=source.model).kl_mean
+    kl_theirs = evaluate(ref.model, wins, reference=source.model).kl_mean
+    assert kl_ours <= kl_theirs * 1.02, (kl_ours, kl_theirs)
+    ids = ours.tokenizer.encode("Once upon a time, in a small village by the sea,", add_special=True)
+    got, expected = teacher_forced_logits(ours, llama_cpp_model(report.path), ids, 24)
+    assert (got.argmax(-1) == expected.argmax(-1)).mean() >= 0.9
+
+
+def test_k_quant_bytes_decode_back(tmp_path):
+    """Each K-quant's blocks read back (by the dequantizer that equals gguf-py's) close to the
+    values they were made from."""
+    from garagelm.formats.kquantize import quantize_k
+
+    torch.manual_seed(0)
+    w = torch.distributions.StudentT(5.0).sample((64, 512)) * 0.02
+    for kind, bound in (("Q6_K", 0.024), ("Q5_K", 0.047), ("Q4_K", 0.093)):  # measured 0.0216, 0.0425, 0.0845
+        back = dequantize(quantize_k(w, kind), kind, tuple(w.shape))
+        assert ((back - w).norm() / w.norm()).item() < bound, kind

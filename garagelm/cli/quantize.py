@@ -10,7 +10,7 @@ from pathlib import Path
 from garagelm.errors import GarageError
 
 # (written out here so that building the parser does not import torch; a test checks they match)
-QUANT_TYPES = ("Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "FP8")
+QUANT_TYPES = ("Q8_0", "Q6_K", "Q5_K_M", "Q5_1", "Q5_0", "Q4_K_M", "Q4_1", "Q4_0", "FP8")
 FLOAT_TYPES = ("F32", "F16", "BF16")
 
 

@@ -19,12 +19,17 @@ from garagelm.errors import GarageError
 from garagelm.formats.ggml_quantize import TYPES as QUANT_TYPES
 from garagelm.formats.ggml_quantize import quantize
 from garagelm.formats.gguf_write import add_value
+from garagelm.formats.kquantize import quantize_k
 
 FLOAT_TYPES = ("F32", "F16", "BF16")
+MIXES = ("Q4_K_M", "Q5_K_M", "Q6_K")  # llama.cpp's K-quant file types
 # llama.cpp's llama_ftype numbers, written as general.file_type
-FILE_TYPES = {"F32": 0, "F16": 1, "Q4_0": 2, "Q4_1": 3, "Q8_0": 7, "Q5_0": 8, "Q5_1": 9, "BF16": 32}
+FILE_TYPES = {"F32": 0, "F16": 1, "Q4_0": 2, "Q4_1": 3, "Q8_0": 7, "Q5_0": 8, "Q5_1": 9, "Q4_K_M": 15,
+              "Q5_K_M": 17, "Q6_K": 18, "BF16": 32}  # fmt: skip
+# a K-quant tensor whose rows are not whole 256-value blocks falls back as llama.cpp does
+K_FALLBACK = {"Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0"}
 BITS = {"F32": 32, "F16": 16, "BF16": 16, "Q8_0": 8.5, "Q5_1": 6, "Q5_0": 5.5, "Q4_1": 5, "Q4_0": 4.5,
-        "Q6_K": 6.5625, "Q5_K": 5.5, "Q4_K": 4.5}  # fmt: skip
+        "Q6_K": 6.5625, "Q5_K": 5.5, "Q4_K": 4.5, "Q5_K_M": 5.5, "Q4_K_M": 4.5}  # fmt: skip
 
 
 @dataclass
@@ -55,11 +60,13 @@ def convert_gguf(
     from garagelm.formats.gguf import GGUFFile
 
     target = target.upper()
-    if target not in QUANT_TYPES + FLOAT_TYPES:
-        raise GarageError(f"unknown type {target!r}; choose one of {', '.join(QUANT_TYPES + FLOAT_TYPES)}")
+    if target not in QUANT_TYPES + MIXES + FLOAT_TYPES:
+        raise GarageError(
+            f"unknown type {target!r}; choose one of {', '.join(QUANT_TYPES + MIXES + FLOAT_TYPES)}"
+        )
     g = GGUFFile(src)
     have = _source_bits(g)
-    if target in QUANT_TYPES and have < BITS[target] and not allow_requantize:
+    if target not in FLOAT_TYPES and have < BITS[target] and not allow_requantize:
         raise GarageError(
             f"{src} holds about {have:.1f} bits a weight, fewer than {target} ({BITS[target]}): quantizing it "
             "cannot bring back what was lost; start from a 16-bit source (or pass --allow-requantize)"
@@ -82,9 +89,14 @@ def convert_gguf(
             if not torch.isfinite(x).all():
                 raise GarageError(f"{src}: tensor {name} holds NaN or infinite values; the source is damaged")
             report.bytes_in += t.n_bytes
-            kind = _type_for(name, x, target, head, report)
+            kind = _type_for(name, x, target, head, report, int(g.get(f"{g.architecture}.block_count", 0)))
             report.types[name] = kind
-            if kind in QUANT_TYPES:
+            if kind in K_FALLBACK:
+                data = quantize_k(x, kind).numpy()
+                w.add_tensor(
+                    name, data, raw_shape=data.shape, raw_dtype=getattr(gguf.GGMLQuantizationType, kind)
+                )
+            elif kind in QUANT_TYPES:
                 data = quantize(x, kind).numpy()
                 w.add_tensor(
                     name, data, raw_shape=data.shape, raw_dtype=getattr(gguf.GGMLQuantizationType, kind)
@@ -108,11 +120,32 @@ def convert_gguf(
     return report
 
 
-def _type_for(name: str, x: torch.Tensor, target: str, head: str, report: Report) -> str:
+def _more_bits(layer: int, n_layers: int) -> bool:
+    """llama.cpp's use_more_bits: the first and last eighth of the layers, and every third between."""
+    return layer < n_layers // 8 or layer >= 7 * n_layers // 8 or (layer - n_layers // 8) % 3 == 2
+
+
+def _mix_type(name: str, target: str, head: str, n_layers: int) -> str:
+    """llama.cpp's choice per tensor for Q4_K_M / Q5_K_M / Q6_K (llama-family tensors)."""
+    if target == "Q6_K" or name == head:
+        return "Q6_K"
+    base = "Q4_K" if target == "Q4_K_M" else "Q5_K"
+    layer = int(name.split(".")[1]) if name.startswith("blk.") else -1
+    if name.endswith(("attn_v.weight", "ffn_down.weight")) and layer >= 0 and _more_bits(layer, n_layers):
+        return "Q6_K"
+    return base
+
+
+def _type_for(name: str, x: torch.Tensor, target: str, head: str, report: Report, n_layers: int = 0) -> str:
     if x.dim() < 2:
         return "F32"
     if target in FLOAT_TYPES:
         return target
+    if target in MIXES:
+        kind = _mix_type(name, target, head, n_layers)
+        if x.shape[-1] % 256 == 0:
+            return kind
+        target = K_FALLBACK[kind]  # then the 32-value rules below
     if x.shape[-1] % 32:
         report.kept.append(f"{name}: rows of {x.shape[-1]} values are not whole 32-value blocks, kept at F16")
         return "F16"
