@@ -25,6 +25,8 @@ def add_arguments(verb: str, p: argparse.ArgumentParser) -> None:
         p.add_argument(
             "--allow-requantize", action="store_true", help="quantize a source that has fewer bits already"
         )
+        p.add_argument("--calibration", default=None, metavar="TEXT",
+                       help="a text file: weight the rounding by how much each input column is used on it (imatrix)")  # fmt: skip
     p.add_argument("--quiet", action="store_true")
 
 
@@ -48,7 +50,17 @@ def main(args: argparse.Namespace) -> int:
         dst = Path(tempfile.mkdtemp(prefix="garage-quantize-")) / f"{Path(src).stem}-{args.type}.gguf"
     else:
         dst = Path(out)
-    report = convert_gguf(src, dst, args.type, getattr(args, "allow_requantize", False), args.quiet)
+    importance = None
+    if getattr(args, "calibration", None):
+        from garagelm.quant.imatrix import collect
+
+        text = Path(args.calibration)
+        if not text.is_file():
+            raise GarageError(f"--calibration {text}: no such file")
+        importance = collect(src, text.read_text(encoding="utf-8", errors="replace"), quiet=args.quiet)
+    report = convert_gguf(
+        src, dst, args.type, getattr(args, "allow_requantize", False), args.quiet, importance
+    )
     for line in report.kept:
         print(f"note: {line}", file=sys.stderr)
     if to_store:

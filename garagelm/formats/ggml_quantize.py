@@ -82,12 +82,33 @@ _QUANTIZERS = {"Q8_0": _q8_0, "Q4_0": _q4_0, "Q4_1": _q4_1, "Q5_0": _q5_0, "Q5_1
 TYPES = tuple(_QUANTIZERS)
 
 
-def quantize(w: torch.Tensor, qtype: str) -> torch.Tensor:
-    """float weights (..., K), K a multiple of 32 -> uint8 (..., K / 32 * block bytes)."""
+def _weighted_symmetric(b: torch.Tensor, qw: torch.Tensor, nmax: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Q4_0 / Q5_0 with an importance matrix: the scale minimising the weighted error (ggml's
+    make_qx_quants), levels 0..2*nmax-1."""
+    from garagelm.formats.kquantize import qx_quants
+
+    d, levels = qx_quants(b, nmax, qw)
+    return d.unsqueeze(-1), (levels + nmax).to(torch.uint8)
+
+
+def quantize(w: torch.Tensor, qtype: str, importance: torch.Tensor | None = None) -> torch.Tensor:
+    """float weights (..., K), K a multiple of 32 -> uint8 (..., K / 32 * block bytes).
+
+    importance (K,), per input column (an imatrix: mean squared activation), makes Q4_0 and
+    Q5_0 choose each block's scale for the least error weighted by it, as llama.cpp does;
+    other types round plainly."""
     if qtype not in _QUANTIZERS:
         raise ValueError(f"unknown quantization type {qtype!r} (one of {', '.join(TYPES)})")
     if w.shape[-1] % QK:
         raise ValueError(f"rows of {w.shape[-1]} values are not whole {QK}-value blocks")
+    if importance is not None and qtype in ("Q4_0", "Q5_0"):
+        from garagelm.formats.kquantize import _row_weights
+
+        x = w.detach().float().reshape(-1, w.shape[-1])
+        qw = _row_weights(x, importance).reshape(-1, QK)
+        d, q = _weighted_symmetric(x.reshape(-1, QK), qw, 8 if qtype == "Q4_0" else 16)
+        parts = [_f16_bytes(d)] + ([_high_bits(q)] if qtype == "Q5_0" else []) + [_pack_nibbles(q)]
+        return torch.cat(parts, -1).reshape(*w.shape[:-1], w.shape[-1] // QK * BLOCK_BYTES[qtype])
     blocks = w.detach().to(torch.float32).reshape(-1, QK)
     out = torch.cat(
         [_QUANTIZERS[qtype](blocks[i : i + CHUNK_BLOCKS]) for i in range(0, len(blocks), CHUNK_BLOCKS)]

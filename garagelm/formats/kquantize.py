@@ -114,36 +114,40 @@ def _q5_k(x: torch.Tensor) -> torch.Tensor:
     return torch.cat([d.view(torch.uint8), dmin.view(torch.uint8), sc, qh, qs], -1)
 
 
-def _qx(x: torch.Tensor, nmax: int) -> torch.Tensor:
-    """make_qx_quants with rmse_type 1 (weights x^2) for rows of x (n, 16): the scale."""
+def qx_quants(x: torch.Tensor, nmax: int, w: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """make_qx_quants for rows of x: a symmetric scale chosen by weighted least squares over a
+    sweep, and the levels (-nmax..nmax-1) it was fitted with. Weights default to x^2 (ggml's
+    rmse_type 1); an importance matrix supplies its own."""
     idx = x.abs().argmax(-1, keepdim=True)
     mx = torch.gather(x, 1, idx)
     zero = mx.abs() < 1e-15
     mx = torch.where(zero, torch.ones_like(mx), mx)
-    w = x * x
+    w = x * x if w is None else w
 
     def fit(iscale):
         lv = torch.round(iscale * x).clamp(-nmax, nmax - 1)
-        return (w * x * lv).sum(-1, keepdim=True), (w * lv * lv).sum(-1, keepdim=True)
+        return lv, (w * x * lv).sum(-1, keepdim=True), (w * lv * lv).sum(-1, keepdim=True)
 
-    sumlx, suml2 = fit(-nmax / mx)
+    levels, sumlx, suml2 = fit(-nmax / mx)
     scale = torch.where(
         suml2 > 0, sumlx / torch.where(suml2 > 0, suml2, torch.ones_like(suml2)), torch.zeros_like(sumlx)
     )
     best = scale * sumlx
     for i in [*range(-9, 0), *range(1, 10)]:
-        sumlx, suml2 = fit(-(nmax + 0.1 * i) / mx)
+        lv, sumlx, suml2 = fit(-(nmax + 0.1 * i) / mx)
         better = (suml2 > 0) & (sumlx * sumlx > best * suml2)
         new = sumlx / torch.where(suml2 > 0, suml2, torch.ones_like(suml2))
         scale = torch.where(better, new, scale)
         best = torch.where(better, new * sumlx, best)
-    return torch.where(zero, torch.zeros_like(scale), scale).squeeze(-1)
+        levels = torch.where(better, lv, levels)
+    scale = torch.where(zero, torch.zeros_like(scale), scale).squeeze(-1)
+    return scale, torch.where(zero, torch.zeros_like(levels), levels)
 
 
-def _q6_k(x: torch.Tensor) -> torch.Tensor:
+def _q6_k(x: torch.Tensor, importance: torch.Tensor | None = None) -> torch.Tensor:
     n = x.shape[0]
     sub = x.view(n * 16, 16)
-    scales = _qx(sub, 32).view(n, 16)
+    scales = qx_quants(sub, 32, None if importance is None else importance.view(n * 16, 16))[0].view(n, 16)
     idx = scales.abs().argmax(-1, keepdim=True)
     max_scale = torch.gather(scales, 1, idx)
     tiny = max_scale.abs() < 1e-15
@@ -172,10 +176,24 @@ def _q6_k(x: torch.Tensor) -> torch.Tensor:
 _QUANTIZERS = {"Q4_K": _q4_k, "Q5_K": _q5_k, "Q6_K": _q6_k}
 
 
-def quantize_k(w: torch.Tensor, qtype: str) -> torch.Tensor:
-    """float weights (..., K), K a multiple of 256 -> uint8 (..., K / 256 * block bytes)."""
+def quantize_k(w: torch.Tensor, qtype: str, importance: torch.Tensor | None = None) -> torch.Tensor:
+    """float weights (..., K), K a multiple of 256 -> uint8 (..., K / 256 * block bytes).
+
+    importance (K,), per input column (an imatrix), weights the rounding error; used by Q6_K
+    (Q4_K and Q5_K take plain rounding so far)."""
     if w.shape[-1] % QK_K:
         raise ValueError(f"rows of {w.shape[-1]} values are not whole {QK_K}-value blocks")
     blocks = w.detach().to(torch.float32).reshape(-1, QK_K)
+    if importance is not None and qtype == "Q6_K":
+        qw = _row_weights(w.detach().float(), importance).reshape(-1, QK_K)
+        parts = [_q6_k(blocks[i : i + CHUNK], qw[i : i + CHUNK]) for i in range(0, len(blocks), CHUNK)]
+        return torch.cat(parts).reshape(*w.shape[:-1], w.shape[-1] // QK_K * BLOCK_BYTES[qtype])
     parts = [_QUANTIZERS[qtype](blocks[i : i + CHUNK]) for i in range(0, len(blocks), CHUNK)]
     return torch.cat(parts).reshape(*w.shape[:-1], w.shape[-1] // QK_K * BLOCK_BYTES[qtype])
+
+
+def _row_weights(w: torch.Tensor, importance: torch.Tensor) -> torch.Tensor:
+    """llama.cpp's weighting with an imatrix: importance[col] * sqrt(sigma2 + x^2), sigma2 the
+    mean square of the row."""
+    sigma2 = w.pow(2).mean(-1, keepdim=True)
+    return importance.float().view(1, -1) * (sigma2 + w * w).sqrt()

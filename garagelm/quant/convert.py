@@ -52,8 +52,14 @@ def _source_bits(g) -> float:
 
 
 def convert_gguf(
-    src: str | Path, dst: str | Path, target: str, allow_requantize: bool = False, quiet: bool = False
+    src: str | Path,
+    dst: str | Path,
+    target: str,
+    allow_requantize: bool = False,
+    quiet: bool = False,
+    importance: dict[str, torch.Tensor] | None = None,
 ) -> Report:
+    """importance: an importance matrix (quant/imatrix.py) by tensor name; weights the rounding."""
     import gguf
     from tqdm import tqdm
 
@@ -91,13 +97,14 @@ def convert_gguf(
             report.bytes_in += t.n_bytes
             kind = _type_for(name, x, target, head, report, int(g.get(f"{g.architecture}.block_count", 0)))
             report.types[name] = kind
+            imp = (importance or {}).get(name)
             if kind in K_FALLBACK:
-                data = quantize_k(x, kind).numpy()
+                data = quantize_k(x, kind, imp).numpy()
                 w.add_tensor(
                     name, data, raw_shape=data.shape, raw_dtype=getattr(gguf.GGMLQuantizationType, kind)
                 )
             elif kind in QUANT_TYPES:
-                data = quantize(x, kind).numpy()
+                data = quantize(x, kind, imp).numpy()
                 w.add_tensor(
                     name, data, raw_shape=data.shape, raw_dtype=getattr(gguf.GGMLQuantizationType, kind)
                 )
