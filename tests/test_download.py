@@ -173,3 +173,45 @@ def test_not_enough_free_space_is_refused_before_downloading(server, tmp_path, m
     with pytest.raises(GarageError, match=r"not enough disk space .* GiB free"):
         download(url(server), tmp_path / "m.gguf", SHA, len(PAYLOAD), quiet=True)
     assert server.ranges == [] and not list(tmp_path.iterdir())
+
+
+def test_pull_by_url_and_hugging_face_path(smol_path, tmp_path, monkeypatch, capsys):
+    """`garage pull URL --name` and `garage pull hf.co/USER/REPO/FILE.gguf` outside the catalog."""
+    import shutil
+
+    from garagelm.cli import main
+
+    root = tmp_path / "www"
+    hf_dir = root / "someone" / "smol-gguf" / "resolve" / "main"
+    hf_dir.mkdir(parents=True)
+    shutil.copy(smol_path, hf_dir / smol_path.name)
+    (root / "not-a-model.gguf").write_bytes(PAYLOAD)
+
+    class Files(http.server.SimpleHTTPRequestHandler):
+        def __init__(self, *a, **k):
+            super().__init__(*a, directory=str(root), **k)
+
+        def log_message(self, *a):
+            pass
+
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Files)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    base = f"http://127.0.0.1:{srv.server_port}"
+    monkeypatch.setenv("GARAGE_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("GARAGE_HF_ENDPOINT", base)
+    monkeypatch.delenv("GARAGE_OFFLINE", raising=False)
+    try:
+        url = f"{base}/someone/smol-gguf/resolve/main/{smol_path.name}"
+        assert main(["pull", url, "--name", "mine:web", "--quiet"]) == 0
+        web = local.find("mine:web")
+        assert web.manifest["sha256"] == hashlib.sha256(smol_path.read_bytes()).hexdigest()
+        assert web.manifest["architecture"] == "llama" and web.manifest["source"] == url
+        assert main(["pull", f"hf.co/someone/smol-gguf/{smol_path.name}", "--quiet"]) == 0
+        hf = local.find("smollm2-135m-instruct.q4_1:latest")
+        assert hf.manifest["source"] == f"hf:someone/smol-gguf/{smol_path.name}"
+        assert main(["pull", f"{base}/not-a-model.gguf", "--quiet"]) == 1
+        assert "not a usable GGUF file" in capsys.readouterr().err
+        assert local.find("not-a-model:latest") is None
+        assert not list((tmp_path / "home" / "models" / "not-a-model" / "latest").glob("*.gguf"))
+    finally:
+        srv.shutdown()

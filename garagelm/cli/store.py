@@ -18,10 +18,15 @@ def add_arguments(verb: str, p: argparse.ArgumentParser) -> None:
         p.add_argument("--quiet", action="store_true", help="no progress output")
     if verb in ("pull", "show", "rm"):
         p.add_argument(
-            "model", help="store name, e.g. smollm2:135m" + (" or a .gguf path" if verb == "show" else "")
+            "model",
+            help="store name, e.g. smollm2:135m"
+            + {"show": " or a .gguf path", "pull": ", a URL, or hf.co/USER/REPO/FILE.gguf"}.get(verb, ""),
         )
     if verb == "pull":
         p.add_argument("--quiet", action="store_true", help="no progress output")
+        p.add_argument(
+            "--name", default=None, help="store name for a pull by URL or hf.co/USER/REPO/FILE.gguf"
+        )
     if verb == "show":
         p.add_argument("--template", action="store_true", help="print only the chat template")
 
@@ -35,9 +40,17 @@ def _size(n: float) -> str:
 
 
 def _pull(args: argparse.Namespace) -> int:
-    from garagelm.store.pull import pull
+    from garagelm.store.pull import is_direct, pull, pull_direct
 
-    stored = pull(args.model, quiet=args.quiet)
+    if getattr(args, "name", None) and not is_direct(args.model):
+        raise GarageError(
+            "--name is for pulls by URL or hf.co/USER/REPO/FILE.gguf; catalog models keep their name"
+        )
+    stored = (
+        pull_direct(args.model, args.name, args.quiet)
+        if is_direct(args.model)
+        else pull(args.model, quiet=args.quiet)
+    )
     print(
         f"{stored.name}: {stored.path} ({_size(stored.manifest['size'])}, sha256 {stored.manifest['sha256'][:12]}…)"
     )

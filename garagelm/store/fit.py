@@ -5,8 +5,9 @@ needed = weights as garagelm holds them + KV cache at the chosen context + runti
   are unpacked to int8 values with float32 scales (~1.25 bytes a weight, see quant/ggml_linear);
 - KV cache: layers x 2 (keys, values) x KV heads x head dim x context x 2 bytes (f16), or the
   catalog's kv_bytes_per_token for attention that compresses it (DeepSeek's MLA);
-- runtime: torch and the tokenizer (~350 MiB measured with SmolLM2) plus buffers that grow with
-  the context; then a 10% margin.
+- runtime: torch and Python (~310 MiB), the tokenizer's tables (measured: ~0.75 KiB a token for
+  byte-level BPE vocabularies, ~1.5 KiB for SentencePiece ones, whose merges we derive from
+  every split of every piece), plus buffers that grow with the context; then a 10% margin.
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ from typing import Any
 
 from garagelm.store.hardware import Hardware
 
-RUNTIME_BYTES = 350 * 2**20
+RUNTIME_BYTES = 310 * 2**20
+TOKENIZER_BYTES_PER_TOKEN = {"bpe": 768, "spm": 1536}
 MARGIN = 0.10
 # bytes per weight as the engine holds them, by the file's quantization (None: the file size)
 HELD_BYTES_PER_WEIGHT = {
@@ -60,7 +62,9 @@ def estimate(entry: dict[str, Any], context: int = 4096) -> Estimate:
             * 2
         )
     hidden = int(entry.get("hidden_size") or 4096)
-    runtime = RUNTIME_BYTES + context * hidden * 4 * 8  # activations of a context-long prefill
+    vocab = int(entry.get("vocab_size") or 50_000)
+    tokenizer = vocab * TOKENIZER_BYTES_PER_TOKEN.get(entry.get("tokenizer", "bpe"), 1536)
+    runtime = RUNTIME_BYTES + tokenizer + context * hidden * 4 * 8  # + activations of a context-long prefill
     total = int((weights + kv + runtime) * (1 + MARGIN))
     return Estimate(weights, kv, runtime, total, context)
 
@@ -81,6 +85,8 @@ def entry_from_gguf(path, quantization: str = "") -> dict[str, Any]:
         "kv_heads": int(g.get(f"{arch}.attention.head_count_kv", heads) or heads),
         "head_dim": int(g.get(f"{arch}.attention.key_length", hidden // heads if heads else 0)),
         "hidden_size": hidden,
+        "vocab_size": len(g.get("tokenizer.ggml.tokens", [])) or None,
+        "tokenizer": "spm" if g.get("tokenizer.ggml.model") == "llama" else "bpe",
     }
 
 

@@ -9,9 +9,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import subprocess
 import sys
 import zipfile
+from collections import Counter
 from datetime import datetime, timezone
 from importlib import resources
 from pathlib import Path
@@ -49,8 +51,60 @@ def catalog_entry(name: str) -> dict[str, Any] | None:
     return catalog().get(f"{family}:{tag}")
 
 
+def is_direct(ref: str) -> bool:
+    """A URL or a Hugging Face file (hf.co/USER/REPO/FILE.gguf) rather than a catalog name."""
+    return ref.startswith(("http://", "https://", "hf.co/", "huggingface.co/"))
+
+
+def pull_direct(ref: str, name: str | None = None, quiet: bool = False) -> StoredModel:
+    """Pull one GGUF file by URL or Hugging Face repo + file, outside the catalog: resumable, its
+    SHA-256 computed and recorded, checked to be a GGUF before it is listed."""
+    from garagelm.formats.gguf import GGUFFile
+    from garagelm.store.download import download, huggingface_url
+
+    if ref.startswith(("hf.co/", "huggingface.co/")):
+        parts = ref.split("/")[1:]
+        if len(parts) < 3:
+            raise GarageError(f"{ref}: give hf.co/USER/REPO/FILE.gguf")
+        repo, file = "/".join(parts[:2]), "/".join(parts[2:])
+        url, source = huggingface_url(repo, file), f"hf:{repo}/{file}"
+    else:
+        url = source = ref
+        file = ref.split("?", 1)[0].rstrip("/").rsplit("/", 1)[-1]
+    filename = file.rsplit("/", 1)[-1]
+    if not filename.endswith(".gguf") or filename.startswith("."):
+        raise GarageError(f"{ref}: not a .gguf file name; garage pulls single GGUF files")
+    if name is None:  # "SmolLM2-135M-Instruct.Q4_1.gguf" -> "smollm2-135m-instruct.q4_1:latest"
+        name = re.sub(r"[^a-z0-9._-]+", "-", filename[:-5].lower()).strip("-.") or "model"
+    family, tag = parse_name(name)
+    name = f"{family}:{tag}"
+    if offline():
+        raise GarageError(f"pulling {ref} needs the network, and GARAGE_OFFLINE=1 forbids it")
+    folder = model_dir(name)
+    with model_lock(folder):
+        report(f"pulling {name}")
+        path = download(url, folder / filename, None, None, quiet)
+        try:
+            g = GGUFFile(path)
+        except GarageError as e:
+            path.unlink(missing_ok=True)
+            raise GarageError(f"{ref} is not a usable GGUF file ({e}); nothing was kept") from None
+        types = Counter(t.qtype for t in g.tensors.values() if len(t.shape) > 1)
+        report("writing manifest")
+        write_json_atomic(folder / MANIFEST, {
+            "name": name, "file": filename, "size": path.stat().st_size, "sha256": sha256_file(path),
+            "architecture": g.architecture, "quantization": types.most_common(1)[0][0] if types else "?",
+            "source": source, "pulled_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        })  # fmt: skip
+    stored = find(name)
+    assert stored is not None
+    return stored
+
+
 def pull(name: str, quiet: bool = False) -> StoredModel:
     """Make `name` present in the store; returns it. Safe to run concurrently for the same name."""
+    if is_direct(name):
+        return pull_direct(name, quiet=quiet)
     family, tag = parse_name(name)
     name = f"{family}:{tag}"
     entry = catalog_entry(name)
