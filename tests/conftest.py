@@ -254,3 +254,21 @@ def smol_hf(smol_path):
         tok.save_pretrained(tmp)
         tmp.rename(folder)
     return folder
+
+
+def serve_dir(root: Path):
+    """Serve the files under root on 127.0.0.1 (a PEP 503 index when root holds simple/); the
+    caller shuts it down."""
+    import http.server
+    import threading
+
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def __init__(self, *a, **kw):
+            super().__init__(*a, directory=str(root), **kw)
+
+        def log_message(self, *a):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Quiet)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server

