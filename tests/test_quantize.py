@@ -197,6 +197,11 @@ def test_fp8_block_scaled_folder(smol_hf, tmp_path, capsys):
     if not (src / "config.json").exists():
         pytest.skip("made by test_hf_models.py::smol_hf")  # pragma: no cover (ordering within one run)
     dst = tmp_path / "smol-fp8"
+    precious = tmp_path / "precious"
+    (precious / "keep.txt").parent.mkdir()
+    (precious / "keep.txt").write_text("mine")
+    assert main(["quantize", str(src), "--type", "FP8", "--out", str(precious), "--quiet"]) == 1
+    assert (precious / "keep.txt").read_text() == "mine"  # an existing folder is never replaced
     assert main(["quantize", str(src), "--type", "FP8", "--out", str(dst), "--quiet"]) == 0
     assert "weights in FP8" in capsys.readouterr().out
     config = json.loads((dst / "config.json").read_text())

@@ -38,12 +38,15 @@ def test_gpu_verdicts():
     assert verdict(e, small_ram) == "won't fit"
 
 
+# VmHWM, not getrusage: a child's ru_maxrss counts the pages it shared with the (large) pytest
+# process it was forked from; VmHWM starts again at exec.
 _MEASURE = """
-import resource, sys
+import sys
 from garagelm.cli import main
 sys.stdin = open(sys.argv[2])
 rc = main(["run", sys.argv[1], "--raw", "--ctx-size", "2048", "--temperature", "0", "--max-tokens", "8"])
-print("PEAK", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+hwm = next(line for line in open("/proc/self/status") if line.startswith("VmHWM"))
+print("PEAK", int(hwm.split()[1]) / 1024)
 """
 
 

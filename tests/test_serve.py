@@ -289,12 +289,47 @@ def test_cors_closed_unless_asked():
     from starlette.testclient import TestClient
 
     pre = {"Origin": "https://evil.example", "Access-Control-Request-Method": "POST"}
-    closed = TestClient(Server(ModelPool()).app())
+    closed = TestClient(Server(ModelPool()).app(), base_url="http://127.0.0.1:11435")
     assert "access-control-allow-origin" not in closed.options("/v1/chat/completions", headers=pre).headers
-    opened = TestClient(Server(ModelPool(), cors_origins=["https://app.example"]).app())
+    opened = TestClient(
+        Server(ModelPool(), cors_origins=["https://app.example"]).app(), base_url="http://127.0.0.1:11435"
+    )
     ok = opened.options("/v1/chat/completions", headers={**pre, "Origin": "https://app.example"})
     assert ok.headers["access-control-allow-origin"] == "https://app.example"
     assert "access-control-allow-origin" not in opened.options("/v1/chat/completions", headers=pre).headers
+
+
+def test_cross_site_and_rebinding_requests_are_refused():
+    """A web page elsewhere cannot make the server work (a "simple" POST needs no preflight), and
+    a DNS-rebinding name is not served; the page's own origin and plain clients are."""
+    from starlette.testclient import TestClient
+
+    client = TestClient(Server(ModelPool()).app(), base_url="http://127.0.0.1:11435")
+    body = b'{"model": "x", "messages": []}'
+    evil = client.post(
+        "/api/chat", content=body, headers={"Origin": "https://evil.example", "Content-Type": "text/plain"}
+    )
+    assert evil.status_code == 403 and "--cors-origin https://evil.example" in evil.json()["error"]
+    assert client.get("/api/version", headers={"Origin": "http://127.0.0.1:11435"}).status_code == 200
+    assert client.get("/api/version").status_code == 200
+    rebound = client.get("/api/version", headers={"Host": "attacker.example:11435"})
+    assert rebound.status_code == 403 and "127.0.0.1 and localhost only" in rebound.json()["error"]
+    exposed = TestClient(
+        Server(ModelPool(), api_key="k", local_only=False).app(), base_url="http://192.168.1.5:11435"
+    )
+    assert exposed.get("/api/version", headers={"Authorization": "Bearer k"}).status_code == 200
+
+
+def test_api_refuses_pulls_by_url_and_bad_bias(served):
+    url = served[0]
+    auth = {"Authorization": f"Bearer {KEY}"}
+    r = httpx.post(url + "/api/pull", json={"model": "https://example.com/x.gguf"}, headers=auth)
+    assert r.status_code == 400 and "catalog models only" in r.json()["error"]
+    body = {"model": MODEL, "messages": ask("hi"), "max_tokens": 2, "logit_bias": {"999999": 5}}
+    r = httpx.post(url + "/v1/chat/completions", json=body, headers=auth)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "logit_bias"
+    body = {"model": MODEL, "messages": ask("hi"), "max_tokens": 2, "seed": 2**70}
+    assert httpx.post(url + "/v1/chat/completions", json=body, headers=auth).status_code == 400
 
 
 def test_page_is_self_contained(served):
@@ -342,14 +377,20 @@ def test_json_schema_output_parses_and_validates(oai, prompt):
 def test_json_object_streamed_and_ollama_format(oai, served):
     import ollama
 
-    stream = oai.chat.completions.create(
-        model=MODEL,
-        messages=ask("List two fruits."),
-        response_format={"type": "json_object"},
-        max_tokens=100,
-        stream=True,
+    chunks = list(
+        oai.chat.completions.create(
+            model=MODEL,
+            messages=ask("List two fruits."),
+            response_format={"type": "json_object"},
+            max_tokens=100,
+            temperature=0,  # sampled, this small model can run a string past max_tokens
+            stream=True,
+        )
     )
-    text = "".join(ch.choices[0].delta.content or "" for ch in stream if ch.choices)
+    text = "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
+    assert [ch.choices[0].finish_reason for ch in chunks if ch.choices and ch.choices[0].finish_reason] == [
+        "stop"
+    ]
     assert isinstance(json.loads(text), dict)
     client = ollama.Client(host=served[0], headers={"Authorization": f"Bearer {KEY}"})
     r = client.chat(

@@ -21,7 +21,7 @@ VERBS = {
     "search": ("search", "Search the catalog and see which models fit this computer"),
     "serve": ("serve", "Serve models over an OpenAI- and Ollama-compatible API, with a chat page"),
     "ps": ("serve", "Show the models a running server holds in memory"),
-    "quantize": ("quantize", "Quantize a GGUF model to Q8_0, Q5_1, Q5_0, Q4_1 or Q4_0"),
+    "quantize": ("quantize", "Quantize a model: GGUF types (Q8_0 ... Q4_K_M ... Q4_0) or FP8"),
     "convert": ("quantize", "Convert a GGUF model's weights to F16, BF16 or F32"),
     "eval": ("eval", "Measure quality: perplexity, or a trade-off table of quantized models vs their source"),
     "bench": ("bench", "Measure prompt processing and generation speed on this machine"),

@@ -83,7 +83,9 @@ def main(args: argparse.Namespace) -> int:
         print(f"warning: listening on {args.host} without --api-key: anyone who can reach this address "
               "can use your models", file=sys.stderr)  # fmt: skip
     pool = ModelPool(ctx_size=args.ctx_size, slots=args.parallel, max_loaded=args.max_loaded)
-    app = Server(pool, api_key=args.api_key, cors_origins=args.cors_origin).app()
+    app = Server(
+        pool, api_key=args.api_key, cors_origins=args.cors_origin, local_only=_loopback(args.host)
+    ).app()
     host = f"[{args.host}]" if ":" in args.host else args.host
     print(
         f"garage serving on http://{host}:{args.port}/  (OpenAI: /v1, Ollama: /api; Ctrl-C stops)",

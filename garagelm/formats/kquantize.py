@@ -31,7 +31,7 @@ def _qkx2(x: torch.Tensor, w: torch.Tensor, nmax: int, rmin: float, rdelta: floa
     sum_w, sum_x = w.sum(-1, keepdim=True), (w * x).sum(-1, keepdim=True)
     iscale = nmax / span
     scale = 1 / iscale
-    levels = torch.round(iscale * (x - lo)).clamp(0, nmax)
+    levels = torch.round(iscale * (x - lo)).clamp(0, nmax)  # (the caller re-derives the levels)
     best = (w * (scale * levels + lo - x) ** 2).sum(-1, keepdim=True)
     mn = lo.clone()
     for i in range(nstep + 1):
@@ -54,14 +54,12 @@ def _qkx2(x: torch.Tensor, w: torch.Tensor, nmax: int, rmin: float, rdelta: floa
         this_min = torch.where(pos, torch.zeros_like(this_min), this_min)
         err = (w * (this_scale * lv + this_min - x) ** 2).sum(-1, keepdim=True)
         better = ok & (err < best)
-        levels = torch.where(better, lv, levels)
         best, scale, mn = (
             torch.where(better, err, best),
             torch.where(better, this_scale, scale),
             torch.where(better, this_min, mn),
         )
     scale = torch.where(flat, torch.zeros_like(scale), scale)
-    levels = torch.where(flat, torch.zeros_like(levels), levels)
     return scale.squeeze(-1), -mn.squeeze(-1)
 
 

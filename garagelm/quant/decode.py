@@ -3,7 +3,8 @@
 Decode otherwise spends more time in the dozens of tiny torch ops around each layer's products
 than in the products themselves. A plan binds each layer's packed weights and norm weights once;
 a step then runs every layer with one call each. Models that do not fit the kernel (other
-architectures, unpacked types, partial RoPE, sliding windows) simply have no plan.
+architectures, unpacked types, biases, partial RoPE) simply have no plan; sliding windows and
+Gemma 3's extra norms are options of the layer.
 """
 
 from __future__ import annotations

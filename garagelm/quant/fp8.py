@@ -80,6 +80,10 @@ def write_fp8_folder(src: str | Path, dst: str | Path, quiet: bool = False) -> d
     from garagelm.formats.safetensors import HFFolder
 
     src, dst = Path(src), Path(dst)
+    if dst.exists() and not _is_fp8_folder(dst):
+        raise GarageError(
+            f"{dst} exists and is not an earlier FP8 output; choose another --out (nothing was changed)"
+        )
     folder = HFFolder(src)
     if (folder.config.get("quantization_config") or {}).get("quant_method") == "fp8":
         raise GarageError(f"{src} is FP8 already")
@@ -114,3 +118,11 @@ def write_fp8_folder(src: str | Path, dst: str | Path, quiet: bool = False) -> d
         shutil.rmtree(dst)
     tmp.rename(dst)
     return stats
+
+
+def _is_fp8_folder(path: Path) -> bool:
+    try:
+        config = json.loads((path / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return (config.get("quantization_config") or {}).get("quant_method") == "fp8"

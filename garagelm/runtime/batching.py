@@ -47,7 +47,7 @@ class Scheduler:
         self.engines: list[Engine] = []  # made on demand: each holds a KV cache
         self._free: list[Engine] = []
         self._waiting: list[Request] = []
-        self._running: list[tuple[Request, Engine, Any]] = []
+        self._running: list[_Running] = []
         self._cv = threading.Condition()
         self._stop = False
         self._thread = threading.Thread(target=self._loop, name="garage-scheduler", daemon=True)
@@ -102,8 +102,7 @@ class Scheduler:
             if engine is None:
                 break
             self._waiting.pop(0)
-            req.completion.top_logprobs = req.top_logprobs
-            self._running.append((req, engine, Generation(engine, req.prompt, req.params, req.completion)))
+            self._running.append(_Running(req, engine))
 
     def _loop(self) -> None:
         logits: dict[int, torch.Tensor] = {}  # id(request) -> logits for its next token
@@ -112,31 +111,34 @@ class Scheduler:
                 while not self._stop and not self._running and not self._waiting:
                     self._cv.wait()
                 if self._stop:
-                    for req, _, _ in self._running:
-                        req.on_event("error", RuntimeError("the model was unloaded"))
+                    for item in self._running:
+                        item.req.on_event("error", RuntimeError("the model was unloaded"))
                     self._running = []
                     return
                 self._admit()
                 running = list(self._running)
             batch = []
             for item in running:
-                req, engine, gen = item
+                req = item.req
                 if req.cancelled.is_set():
                     logits.pop(id(req), None)
                     self._release(item, None)
                     continue
-                try:
-                    if id(req) not in logits:  # a newcomer: prefill, then it joins the batch
-                        logits[id(req)] = gen.start()
+                try:  # whatever one request does wrong ends that request, never the worker
+                    if item.gen is None:  # a newcomer: its state (a grammar may take a while), prefill
+                        req.completion.top_logprobs = req.top_logprobs
+                        item.gen = Generation(item.engine, req.prompt, req.params, req.completion)
+                        logits[id(req)] = item.gen.start()
+                    seen = len(req.completion.logprobs)
+                    piece = item.gen.accept(logits.pop(id(req)))
+                    if piece or len(req.completion.logprobs) > seen:
+                        req.on_event("text", (piece, req.completion.logprobs[seen:]))
                 except Exception as e:
-                    engine.reset()
+                    logits.pop(id(req), None)
+                    item.engine.reset()
                     self._release(item, ("error", e))
                     continue
-                seen = len(req.completion.logprobs)
-                piece = gen.accept(logits.pop(id(req)))
-                if piece or len(req.completion.logprobs) > seen:
-                    req.on_event("text", (piece, req.completion.logprobs[seen:]))
-                if gen.finished:
+                if item.gen.finished:
                     self._release(item, ("done", req.completion))
                 else:
                     batch.append(item)
@@ -144,27 +146,37 @@ class Scheduler:
                 self._decode(batch, logits)
             except Exception as e:  # a failed step ends those requests, never the worker
                 for item in batch:
-                    logits.pop(id(item[0]), None)
-                    item[1].reset()
+                    logits.pop(id(item.req), None)
+                    item.engine.reset()
                     self._release(item, ("error", e))
 
-    def _decode(self, batch: list, logits: dict) -> None:
+    def _decode(self, batch: list[_Running], logits: dict) -> None:
         step = 8  # rows the packed kernels take at once
         for i in range(0, len(batch), step):
             group = batch[i : i + step]
-            engines = [e for _, e, _ in group]
-            ids = [g.last for _, _, g in group]
+            engines = [item.engine for item in group]
+            ids = [item.gen.last for item in group]
             positions = [len(e.cached) for e in engines]
             with torch.inference_mode(), _decode_threads(len(ids), engines[0]._kernel_model):
                 out = self.model.decode_batch(ids, [e.cache for e in engines], positions)
-            for (req, engine, _), tok, row in zip(group, ids, out):
-                engine.cached.append(tok)
-                logits[id(req)] = row
+            for item, tok, row in zip(group, ids, out):
+                item.engine.cached.append(tok)
+                logits[id(item.req)] = row
 
-    def _release(self, item, event) -> None:
+    def _release(self, item: _Running, event) -> None:
         with self._cv:
             if item in self._running:
                 self._running.remove(item)
-            self._free.append(item[1])
+            self._free.append(item.engine)
         if event is not None:
-            item[0].on_event(*event)
+            try:
+                item.req.on_event(*event)
+            except Exception:  # a listener that fails must not take the worker down
+                pass
+
+
+@dataclass(eq=False)
+class _Running:
+    req: Request
+    engine: Engine
+    gen: Generation | None = None

@@ -57,7 +57,10 @@ def _lltokenizer(tokenizer):
 
 def json_grammar(schema: dict[str, Any] | None) -> str:
     """A grammar for JSON matching `schema` (None: any JSON object), compact as the model likes."""
-    import llguidance
+    try:
+        import llguidance
+    except ImportError:
+        raise GarageError("structured output needs llguidance: pip install llguidance") from None
 
     try:
         return llguidance.LLMatcher.grammar_from_json_schema(

@@ -134,14 +134,19 @@ async def generate(
     loop = asyncio.get_running_loop()
     queue: asyncio.Queue = asyncio.Queue()
     requests = []
-    for i, (prompt, params) in enumerate(prompts):
-
-        def emit(kind, payload, i=i):
-            loop.call_soon_threadsafe(queue.put_nowait, (i, kind, payload))
-
-        requests.append(held.scheduler.submit(Request(prompt, params, emit, top_logprobs)))
-    open_ = len(requests)
     try:
+        for i, (prompt, params) in enumerate(prompts):
+
+            def emit(kind, payload, i=i):
+                loop.call_soon_threadsafe(queue.put_nowait, (i, kind, payload))
+
+            try:
+                requests.append(held.scheduler.submit(Request(prompt, params, emit, top_logprobs)))
+            except RuntimeError:  # unloaded between loading and now
+                raise ApiError(
+                    503, "the model was unloaded while this request started; send it again"
+                ) from None
+        open_ = len(requests)
         while open_:
             i, kind, payload = await queue.get()
             if kind in ("done", "error"):

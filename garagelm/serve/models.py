@@ -12,6 +12,7 @@ from garagelm.runtime.batching import Scheduler
 from garagelm.runtime.load import LoadedModel
 
 DEFAULT_KEEP_ALIVE = 300.0  # seconds, as Ollama
+GRACE = 2.0  # seconds between handing a model to a request and its submitting work
 
 
 class ModelNotFound(GarageError):
@@ -32,6 +33,8 @@ class Held:
     size: int  # bytes of the model file
     expires_at: float = 0.0
     info: dict = field(default_factory=dict)
+    # a request that just got the model may not have submitted yet: the reaper waits this long
+    grace_until: float = 0.0
 
 
 class ModelPool:
@@ -64,6 +67,7 @@ class ModelPool:
                 held.info = dict(stored.manifest)
                 self.held[key] = held
             self.touch(held, keep_alive)
+            held.grace_until = time.time() + GRACE
             return held
 
     def _load(self, name: str, path: Path) -> Held:
@@ -121,7 +125,7 @@ class ModelPool:
         now = time.time()
         with self._lock:
             for name, held in list(self.held.items()):
-                if held.expires_at <= now and held.scheduler.busy == 0:
+                if held.expires_at <= now and held.grace_until <= now and held.scheduler.busy == 0:
                     self._unload(name)
 
     def close(self) -> None:

@@ -12,6 +12,7 @@ from starlette.responses import JSONResponse, StreamingResponse
 from starlette.routing import Route
 
 from garagelm import __version__
+from garagelm.errors import GarageError
 from garagelm.runtime.sampling import SamplingParams
 from garagelm.runtime.thinking import ThinkingSplitter, starts_thinking
 from garagelm.serve.common import (
@@ -73,7 +74,7 @@ def _options(data: dict) -> SamplingParams:
         repeat_last_n=field(opts, "repeat_last_n", int, p.repeat_last_n, lo=0),
         presence_penalty=field(opts, "presence_penalty", float, 0.0),
         frequency_penalty=field(opts, "frequency_penalty", float, 0.0),
-        seed=field(opts, "seed", int),
+        seed=field(opts, "seed", int, lo=-(2**63), hi=2**63 - 1),
         max_tokens=_num_predict(opts),
         stop=stop_list(opts.get("stop")),
     )
@@ -97,15 +98,20 @@ class OllamaRoutes(Routes):
         ]
 
     async def pull(self, request):
-        """Pull from the catalog into the store; progress as NDJSON status lines, as Ollama."""
-        from garagelm.errors import GarageError
+        """Pull from the catalog into the store; progress as NDJSON status lines, as Ollama.
+        Only catalog names: a pull by URL is for the command line, not for whoever can reach
+        the API."""
         from garagelm.store.progress import listening
-        from garagelm.store.pull import pull
+        from garagelm.store.pull import is_direct, pull
 
         data = await read_json(request)
         name = data.get("model") or data.get("name")
         if not isinstance(name, str) or not name:
             raise ApiError(400, "missing required field 'model'", param="model")
+        if is_direct(name):
+            raise ApiError(
+                400, "the API pulls catalog models only; pull a URL with `garage pull URL`", param="model"
+            )
         stream = field(data, "stream", bool, True)
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
@@ -164,12 +170,15 @@ class OllamaRoutes(Routes):
         name = data.get("model") or data.get("name")
         if not isinstance(name, str):
             raise ApiError(400, "missing required field 'model'", param="model")
-        stored = await asyncio.to_thread(find, name if ":" in name else f"{name}:latest")
+        try:
+            stored = await asyncio.to_thread(find, self.server.pool.canonical(name))
+        except GarageError as e:
+            raise ApiError(400, str(e), param="model") from None
         if stored is None:
             raise ApiError(404, f"model '{name}' not found")
         from garagelm.formats.gguf import GGUFFile
 
-        g = GGUFFile(stored.path)
+        g = await asyncio.to_thread(GGUFFile, stored.path)
         info = {
             k: v
             for k, v in g.metadata.items()
@@ -197,7 +206,7 @@ class OllamaRoutes(Routes):
         empty = not data.get("messages") if chat else not data.get("prompt")
         if empty:  # Ollama's way to load (or with keep_alive 0, unload) a model
             if keep_alive == 0:
-                self.server.pool.unload(model)
+                await asyncio.to_thread(self.server.pool.unload, model)
             else:
                 await self.server.model(model, keep_alive)
             body = {

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
 import uuid
@@ -59,7 +60,7 @@ def _params(data: dict, app_defaults: SamplingParams) -> tuple[SamplingParams, i
         top_p=field(data, "top_p", float, 1.0, lo=0.0, hi=1.0),
         top_k=0,  # OpenAI has no top-k or min-p: sample from the whole distribution
         min_p=0.0,
-        seed=field(data, "seed", int),
+        seed=field(data, "seed", int, lo=-(2**63), hi=2**63 - 1),
         max_tokens=max_tokens,
         stop=stop_list(data.get("stop")),
         presence_penalty=field(data, "presence_penalty", float, 0.0, lo=-2.0, hi=2.0),
@@ -156,6 +157,11 @@ class OpenAIRoutes(Routes):
                 raise ApiError(400, "'prompt' must be a string", param="prompt")
             prompt = held.loaded.tokenizer.encode(text, add_special=True)
         check_context(held, prompt, max_tokens)
+        vocab = held.loaded.tokenizer.vocab_size
+        if any(not 0 <= t < vocab for t in params.logit_bias):
+            raise ApiError(
+                400, f"'logit_bias' token ids must be between 0 and {vocab - 1}", param="logit_bias"
+            )
         if fmt["type"] != "text":
             grammar = await asyncio.to_thread(json_format, held, schema, "response_format")
             params = replace(params, grammar=grammar)
@@ -249,6 +255,10 @@ class _Shape:
         return "text_completion"
 
     async def whole(self, job, n_prompt: int, n: int) -> dict:
+        async with contextlib.aclosing(job):  # an error (or n > 1 cut short) cancels the rest
+            return await self._whole(job, n_prompt, n)
+
+    async def _whole(self, job, n_prompt: int, n: int) -> dict:
         texts, entries, finish = [""] * n, [[] for _ in range(n)], [None] * n
         generated = 0
         want = False

@@ -83,11 +83,13 @@ def _fetch(url: str, partial: Path, have: int, size: int | None, quiet: bool) ->
     headers = {"User-Agent": f"garagelm/{__version__}"}
     if have:
         headers["Range"] = f"bytes={have}-"
+    request = urllib.request.Request(url, headers=headers)
     token = os.environ.get("HF_TOKEN")
-    if token and "huggingface" in url:
-        headers["Authorization"] = f"Bearer {token}"
+    if token and _same_host(url, huggingface_url("x/y", "z")):
+        # only to the Hugging Face host itself, and not forwarded to where it redirects
+        request.add_unredirected_header("Authorization", f"Bearer {token}")
     try:
-        resp = urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=60)
+        resp = urllib.request.urlopen(request, timeout=60)
     except urllib.error.HTTPError as e:
         if e.code == 416 and have:  # nothing left to send: the partial file may be complete
             return
@@ -145,3 +147,9 @@ def _fetch(url: str, partial: Path, have: int, size: int | None, quiet: bool) ->
                     f"disk full while writing {partial}; free some space and pull again (the download resumes)"
                 ) from None
             raise
+
+
+def _same_host(a: str, b: str) -> bool:
+    from urllib.parse import urlparse
+
+    return urlparse(a).hostname is not None and urlparse(a).hostname == urlparse(b).hostname
