@@ -12,7 +12,6 @@ import sys
 import tarfile
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -87,23 +86,11 @@ def write_f32_copy(src: Path, dst: Path) -> None:
     g = GGUFFile(src)
     tmp = dst.with_name(dst.name + ".tmp")
     w = gguf.GGUFWriter(tmp, arch=g.architecture)
+    from garagelm.formats.gguf_write import add_value
+
     for k, v in g.metadata.items():
-        if k == "general.architecture":
-            continue
-        if k == "general.file_type":
-            w.add_uint32(k, 0)
-        elif isinstance(v, str):
-            w.add_string(k, v)
-        elif isinstance(v, bool):
-            w.add_bool(k, v)
-        elif isinstance(v, int):
-            w.add_uint32(k, v) if v >= 0 else w.add_int32(k, v)
-        elif isinstance(v, float):
-            w.add_float32(k, v)
-        elif isinstance(v, np.ndarray):
-            w.add_array(k, v.tolist())
-        else:
-            w.add_array(k, list(v))
+        if k != "general.architecture":
+            add_value(w, k, 0 if k == "general.file_type" else v)
     for name, t in g.tensors.items():
         w.add_tensor(name, t.to_float().numpy())
     w.write_header_to_file()

@@ -138,11 +138,7 @@ def _show(args: argparse.Namespace) -> int:
             ", ".join(f"{k} x{v}" for k, v in Counter(t.qtype for t in g.tensors.values()).most_common()),
         ),
     ]
-    for k, v in info:
-        print(f"  {k:18s}{v}")
-    print("\n  chat template:" if template else "\n  chat template: none (use --raw or --template)")
-    if template:
-        print("    " + template.replace("\n", "\n    "))
+    _print_info(info, template)
     return 0
 
 
@@ -186,12 +182,16 @@ def _show_hf(path, args: argparse.Namespace) -> int:
         ("tokenizer", "tokenizer.json" if (path / "tokenizer.json").is_file() else "none"),
         ("tensor types", ", ".join(f"{k} x{v}" for k, v in dtypes.most_common())),
     ]
+    _print_info(info, template)
+    return 0
+
+
+def _print_info(info: list[tuple[str, object]], template: str | None) -> None:
     for k, v in info:
         print(f"  {k:18s}{v}")
     print("\n  chat template:" if template else "\n  chat template: none (use --raw or --template)")
     if template:
         print("    " + template.replace("\n", "\n    "))
-    return 0
 
 
 def _rm(args: argparse.Namespace) -> int:

@@ -29,6 +29,32 @@ class Embedding(nn.Embedding):
             super().reset_parameters()
 
 
+def gguf_key(md: dict, arch: str, name: str, default=None):
+    """`{arch}.{name}` from GGUF metadata; KeyError naming it when absent and no default."""
+    v = md.get(f"{arch}.{name}", default)
+    if v is None:
+        raise KeyError(f"GGUF metadata {arch}.{name} is missing")
+    return v
+
+
+def gguf_shape(md: dict, arch: str, vocab_size: int, default_eps: float) -> dict:
+    """The decoder dimensions (and linear RoPE scaling) every llama.cpp architecture states alike."""
+    n_head = int(gguf_key(md, arch, "attention.head_count"))
+    hidden = int(gguf_key(md, arch, "embedding_length"))
+    linear = md.get(f"{arch}.rope.scaling.type") == "linear"
+    return dict(
+        vocab_size=int(md.get(f"{arch}.vocab_size", vocab_size)),
+        hidden_size=hidden,
+        intermediate_size=int(gguf_key(md, arch, "feed_forward_length")),
+        num_hidden_layers=int(gguf_key(md, arch, "block_count")),
+        num_attention_heads=n_head,
+        num_key_value_heads=int(md.get(f"{arch}.attention.head_count_kv", n_head)),
+        head_dim=int(md.get(f"{arch}.attention.key_length", hidden // n_head)),
+        rms_norm_eps=float(gguf_key(md, arch, "attention.layer_norm_rms_epsilon", default_eps)),
+        rope_linear_factor=float(md.get(f"{arch}.rope.scaling.factor", 1.0)) if linear else 1.0,
+    )
+
+
 def hf_shape(c: dict) -> dict:
     """The decoder dimensions every Hugging Face config.json states the same way."""
     n_head = int(c["num_attention_heads"])

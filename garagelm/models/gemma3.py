@@ -28,6 +28,8 @@ from garagelm.models.base import (
     apply_rope,
     attention,
     causal_mask,
+    gguf_key,
+    gguf_shape,
     hf_shape,
 )
 
@@ -87,35 +89,18 @@ class Gemma3Config:
 
     @classmethod
     def from_gguf(cls, md: dict[str, Any], arch: str, vocab_size: int, tied: bool) -> Gemma3Config:
-        def key(name: str, default: Any = None) -> Any:
-            v = md.get(f"{arch}.{name}", default)
-            if v is None:
-                raise KeyError(f"GGUF metadata {arch}.{name} is missing")
-            return v
-
-        n_head = int(key("attention.head_count"))
-        hidden = int(key("embedding_length"))
-        head_dim = int(md.get(f"{arch}.attention.key_length", hidden // n_head))
-        scaling = md.get(f"{arch}.rope.scaling.type")
-        factor = float(md.get(f"{arch}.rope.scaling.factor", 1.0)) if scaling == "linear" else 1.0
-        layers = int(key("block_count"))
+        shape = gguf_shape(md, arch, vocab_size, 1e-6)
+        shape["vocab_size"] = vocab_size
         # llama.cpp scales by 1/sqrt(hidden / heads) for the 27B model only (its
         # query_pre_attn_scalar); every other size uses the head dimension.
-        scalar = hidden / n_head if layers == 62 else head_dim
+        big = shape["num_hidden_layers"] == 62
+        scalar = shape["hidden_size"] / shape["num_attention_heads"] if big else shape["head_dim"]
         return cls(
-            vocab_size=vocab_size,
-            hidden_size=hidden,
-            intermediate_size=int(key("feed_forward_length")),
-            num_hidden_layers=layers,
-            num_attention_heads=n_head,
-            num_key_value_heads=int(md.get(f"{arch}.attention.head_count_kv", n_head)),
-            head_dim=head_dim,
-            rms_norm_eps=float(key("attention.layer_norm_rms_epsilon", 1e-6)),
+            **shape,
             rope_theta=float(md.get(f"{arch}.rope.freq_base", 1_000_000.0)),
-            rope_linear_factor=factor,
-            sliding_window=int(key("attention.sliding_window", 512)),
+            sliding_window=int(gguf_key(md, arch, "attention.sliding_window", 512)),
             query_pre_attn_scalar=scalar,
-            max_position_embeddings=int(key("context_length", 32768)),
+            max_position_embeddings=int(gguf_key(md, arch, "context_length", 32768)),
             tie_word_embeddings=tied,
             final_logit_softcapping=md.get(f"{arch}.final_logit_softcapping"),
         )

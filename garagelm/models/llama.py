@@ -23,6 +23,8 @@ from garagelm.models.base import (
     apply_rope,
     attention,
     causal_mask,
+    gguf_key,
+    gguf_shape,
     hf_shape,
 )
 
@@ -78,30 +80,12 @@ class LlamaConfig:
 
     @classmethod
     def from_gguf(cls, md: dict[str, Any], arch: str, vocab_size: int, tied: bool) -> LlamaConfig:
-        def key(name: str, default: Any = None) -> Any:
-            v = md.get(f"{arch}.{name}", default)
-            if v is None:
-                raise KeyError(f"GGUF metadata {arch}.{name} is missing")
-            return v
-
-        n_head = int(key("attention.head_count"))
-        hidden = int(key("embedding_length"))
-        head_dim = int(md.get(f"{arch}.attention.key_length", hidden // n_head))
-        scaling = md.get(f"{arch}.rope.scaling.type")
-        factor = float(md.get(f"{arch}.rope.scaling.factor", 1.0)) if scaling == "linear" else 1.0
+        shape = gguf_shape(md, arch, vocab_size, 1e-5)
         return cls(
-            vocab_size=int(md.get(f"{arch}.vocab_size", vocab_size)),
-            hidden_size=hidden,
-            intermediate_size=int(key("feed_forward_length")),
-            num_hidden_layers=int(key("block_count")),
-            num_attention_heads=n_head,
-            num_key_value_heads=int(md.get(f"{arch}.attention.head_count_kv", n_head)),
-            head_dim=head_dim,
-            rms_norm_eps=float(key("attention.layer_norm_rms_epsilon", 1e-5)),
+            **shape,
             rope_theta=float(md.get(f"{arch}.rope.freq_base", 10000.0)),
-            rope_dim=int(md.get(f"{arch}.rope.dimension_count", head_dim)),
-            rope_linear_factor=factor,
-            max_position_embeddings=int(key("context_length", 4096)),
+            rope_dim=int(md.get(f"{arch}.rope.dimension_count", shape["head_dim"])),
+            max_position_embeddings=int(gguf_key(md, arch, "context_length", 4096)),
             tie_word_embeddings=tied,
             sliding_window=md.get(f"{arch}.attention.sliding_window"),
         )
