@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -47,7 +48,8 @@ def main(args: argparse.Namespace) -> int:
         from garagelm.store.local import parse_name
 
         parse_name(out)  # a bad name fails before the work
-        dst = Path(tempfile.mkdtemp(prefix="garage-quantize-")) / f"{Path(src).stem}-{args.type}.gguf"
+        tmp_dir = Path(tempfile.mkdtemp(prefix="garage-quantize-"))
+        dst = tmp_dir / f"{Path(src).stem}-{args.type}.gguf"
     else:
         dst = Path(out)
     importance = None
@@ -58,18 +60,19 @@ def main(args: argparse.Namespace) -> int:
         if not text.is_file():
             raise GarageError(f"--calibration {text}: no such file")
         importance = collect(src, text.read_text(encoding="utf-8", errors="replace"), quiet=args.quiet)
-    report = convert_gguf(
-        src, dst, args.type, getattr(args, "allow_requantize", False), args.quiet, importance
-    )
+    try:
+        report = convert_gguf(
+            src, dst, args.type, getattr(args, "allow_requantize", False), args.quiet, importance
+        )
+        if to_store:
+            from garagelm.store.importer import import_file
+
+            dst = import_file(dst, out, quiet=True).path
+    finally:
+        if to_store:  # the temporary folder goes, whether the work finished or not
+            shutil.rmtree(tmp_dir, ignore_errors=True)
     for line in report.kept:
         print(f"note: {line}", file=sys.stderr)
-    if to_store:
-        from garagelm.store.importer import import_file
-
-        stored = import_file(dst, out, quiet=True)
-        dst.unlink(missing_ok=True)
-        dst.parent.rmdir()
-        dst = stored.path
     mib = 2**20
     print(f"{out}: {dst} ({report.bytes_out / mib:.1f} MiB from {report.bytes_in / mib:.1f} MiB, "
           f"{bits_per_weight(dst):.2f} bits a weight)")  # fmt: skip

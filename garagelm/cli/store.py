@@ -163,7 +163,7 @@ def _show_hf(path, args: argparse.Namespace) -> int:
         print(template)
         return 0
     n_params, dtypes = 0, Counter()
-    for shard in sorted(set(folder._where.values())):
+    for shard in folder.shards:
         with safe_open(shard, framework="pt") as st:
             for name in st.keys():
                 sl = st.get_slice(name)

@@ -59,8 +59,8 @@ class HFFolder:
         return where
 
     @property
-    def names(self) -> list[str]:
-        return list(self._where)
+    def shards(self) -> list[Path]:
+        return sorted(set(self._where.values()))
 
     def tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
         """(name, tensor) for every tensor, shard by shard."""

@@ -183,6 +183,10 @@ class OpenAIRoutes(Routes):
         return JSONResponse(await shape.whole(job, len(prompt), n))
 
 
+def _usage(n_prompt: int, generated: int) -> dict:
+    return {"prompt_tokens": n_prompt, "completion_tokens": generated, "total_tokens": n_prompt + generated}
+
+
 class _Shape:
     """Turns generation events into OpenAI's objects."""
 
@@ -284,12 +288,12 @@ class _Shape:
                 reasoning, c["message"]["content"] = split_reply(c["message"]["content"], self.thinking)
                 if reasoning:
                     c["message"]["reasoning_content"] = reasoning
-        usage = {
-            "prompt_tokens": n_prompt,
-            "completion_tokens": generated,
-            "total_tokens": n_prompt + generated,
+        return {
+            **self.meta,
+            "object": self._object(False),
+            "choices": choices,
+            "usage": _usage(n_prompt, generated),
         }
-        return {**self.meta, "object": self._object(False), "choices": choices, "usage": usage}
 
     async def sse(self, job, n_prompt: int, n: int, include_usage: bool):
         def event(choices: list, **extra) -> str:
@@ -353,12 +357,7 @@ class _Shape:
                     yield f"data: {json.dumps(err)}\n\n"
                     return
             if include_usage:
-                usage = {
-                    "prompt_tokens": n_prompt,
-                    "completion_tokens": generated,
-                    "total_tokens": n_prompt + generated,
-                }
-                yield event([], usage=usage)
+                yield event([], usage=_usage(n_prompt, generated))
             yield "data: [DONE]\n\n"
         finally:
             await job.aclose()  # a client that went away cancels its generations
