@@ -128,3 +128,30 @@ def test_openai_shape_returns_reasoning_content():
     ]
     assert "".join(d.get("reasoning_content", "") for d in deltas) == "Okay, the user asks 2+2.\nThat is 4.\n"
     assert "".join(d.get("content", "") for d in deltas) == "The answer is **4**."
+
+
+def test_streamed_logprobs_are_sent_once_when_thinking_is_split():
+    import json
+
+    from garagelm.serve.openai_api import _Shape
+
+    class Tok:  # token id -> bytes, all the shape needs for logprobs
+        token_bytes = (b"<think>", b"a", b"</think>", b"b")
+
+    async def job():
+        for tid, piece in enumerate(["<think>", "a", "</think>", "b"]):
+            yield 0, "text", (piece, [(tid, -0.5, [])])
+        c = Completion(text="<think>a</think>b", finish_reason="stop")
+        yield 0, "done", c
+
+    shape = _Shape(True, Tok(), {"id": "x", "created": 0, "model": "m", "system_fingerprint": None})
+    shape.thinking = False
+
+    async def collect():
+        return [c async for c in shape.sse(job(), 1, 1, False)]
+
+    chunks = [json.loads(c[6:]) for c in asyncio.run(collect()) if c != "data: [DONE]\n\n"]
+    tokens = [
+        e["token"] for ch in chunks for e in ((ch["choices"][0].get("logprobs") or {}).get("content") or [])
+    ]
+    assert tokens == ["<think>", "a", "</think>", "b"]  # each once, none lost to a held-back tag

@@ -322,8 +322,9 @@ class _Shape:
                 if kind == "text" and self.tools:
                     held_back[i] += payload[0]
                 elif kind == "text" and splitters is not None:
-                    for part, text in splitters[i].feed(payload[0]):
-                        yield event([self._split_delta(i, part, text, payload[1])])
+                    parts = splitters[i].feed(payload[0]) or [("answer", "")] * bool(payload[1])
+                    for n, (part, text) in enumerate(parts):  # the tokens' logprobs go out once
+                        yield event([self._split_delta(i, part, text, payload[1] if n == 0 else [])])
                 elif kind == "text":
                     piece, entries = payload
                     yield event([self.choice(i, piece, None, entries, bool(entries), delta=True)])
