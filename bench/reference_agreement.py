@@ -1,21 +1,29 @@
-"""How closely garagelm follows llama.cpp and transformers on the same GGUF file.
+"""How closely garagelm follows llama.cpp on the same GGUF file, and llama.cpp follows itself.
 
-Prints, per file: greedy tokens equal to llama.cpp's (of 64, per prompt), top-1 agreement when
-both read llama.cpp's own greedy text, and logit differences. Usage:
+llama.cpp is run twice: as it loads by default (weights repacked into interleaved blocks for
+this CPU where it can) and with repacking off (`use_extra_bufts = false`, the plain kernels it
+uses on other CPUs). Both are llama.cpp; on quantized files they round activations to 8 bits in
+slightly different places, so comparing them shows how far "the same tokens as llama.cpp" is
+defined at all. Prints, per file: for each prompt, how many greedy tokens (of 64) equal
+llama.cpp's for garagelm and for llama.cpp-without-repacking; top-1 agreement when reading
+llama.cpp's own greedy text; logit differences. Usage:
 
-    python bench/reference_agreement.py MODEL.gguf [MORE.gguf ...] [--json out.json]
+    python bench/reference_agreement.py MODEL.gguf [MORE.gguf ...] [--raw-only] [--json out.json]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
+from pathlib import Path
 
 import numpy as np
 import torch
 
-sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[1] / "tests"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from test_gemma3 import PROMPTS as GEMMA_PROMPTS
 from test_reference import CHAT_PROMPTS, RAW_PROMPTS, _prompt_ids, _ref_greedy, teacher_forced_logits
 
 from garagelm.runtime.generate import Engine
@@ -23,28 +31,59 @@ from garagelm.runtime.load import load_model
 from garagelm.runtime.sampling import SamplingParams
 
 
-def measure(path: str) -> dict:
+@contextlib.contextmanager
+def _no_repacking():
+    """llama-cpp-python has no argument for it: patch the default model params it starts from."""
+    import llama_cpp
+    import llama_cpp.llama as module
+
+    original = llama_cpp.llama_model_default_params
+
+    def params():
+        p = original()
+        p.use_extra_bufts = False
+        return p
+
+    module.llama_cpp.llama_model_default_params = params
+    try:
+        yield
+    finally:
+        module.llama_cpp.llama_model_default_params = original
+
+
+def _open(path: str, repack: bool):
     from llama_cpp import Llama
 
+    with contextlib.nullcontext() if repack else _no_repacking():
+        return Llama(path, n_ctx=1024, n_threads=2, verbose=False, logits_all=True)
+
+
+def _equal_prefix(a: list[int], b: list[int]) -> int:
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+
+
+def measure(path: str, raw_only: bool) -> dict:
     loaded = load_model(path)
-    ref = Llama(path, n_ctx=1024, n_threads=2, verbose=False, logits_all=True)
+    ref, plain = _open(path, repack=True), _open(path, repack=False)
+    prompts = [(p, False) for p in dict.fromkeys(RAW_PROMPTS + GEMMA_PROMPTS)]
+    if not raw_only:
+        prompts += [(p, True) for p in CHAT_PROMPTS]
     rows, agree, total, maxdiff, meandiff = [], 0, 0, 0.0, []
-    for text, chat in [(p, False) for p in RAW_PROMPTS] + [(p, True) for p in CHAT_PROMPTS]:
+    eog = loaded.tokenizer.eog_ids
+    for text, chat in prompts:
         ids = _prompt_ids(loaded, text, chat)
-        ours = list(
-            Engine(loaded.model, loaded.tokenizer, 1024).tokens(
-                ids, SamplingParams(temperature=0, max_tokens=64)
-            )
-        )
-        theirs = _ref_greedy(ref, ids, 64, loaded.tokenizer.eog_ids)
-        same = next((i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b), min(len(ours), len(theirs)))
+        params = SamplingParams(temperature=0, max_tokens=64)
+        ours = list(Engine(loaded.model, loaded.tokenizer, 1024).tokens(ids, params))
+        theirs, theirs_plain = _ref_greedy(ref, ids, 64, eog), _ref_greedy(plain, ids, 64, eog)
         got, expected = teacher_forced_logits(loaded, ref, ids)
         agree += int((got.argmax(-1) == expected.argmax(-1)).sum())
         total += len(expected)
         d = np.abs(got - expected)
         maxdiff = max(maxdiff, float(d.max()))
         meandiff.append(float(d.mean()))
-        rows.append({"prompt": text, "chat": chat, "equal_prefix": same, "of": len(theirs)})
+        rows.append({"prompt": text, "chat": chat, "of": len(theirs),
+                     "garagelm_equal_prefix": _equal_prefix(ours, theirs),
+                     "llama_cpp_plain_equal_prefix": _equal_prefix(theirs_plain, theirs)})  # fmt: skip
     return {
         "file": path,
         "greedy": rows,
@@ -58,22 +97,21 @@ def measure(path: str) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("files", nargs="+")
+    ap.add_argument("--raw-only", action="store_true", help="skip the chat prompts (base models)")
     ap.add_argument("--json")
     args = ap.parse_args()
     torch.set_num_threads(2)
-    results = [measure(f) for f in args.files]
+    results = [measure(f, args.raw_only) for f in args.files]
     for r in results:
-        print(f"\n{r['file']}")
+        print(f"\n{r['file']}\n  greedy tokens equal to llama.cpp's:      garagelm   llama.cpp unrepacked")
         for row in r["greedy"]:
             kind = "chat" if row["chat"] else "raw "
-            print(
-                f"  {kind} {row['prompt'][:45]:45s} greedy tokens equal: {row['equal_prefix']:2d}/{row['of']}"
-            )
+            print(f"  {kind} {row['prompt'][:34]:34s} {row['garagelm_equal_prefix']:5d}/{row['of']:<5d}"
+                  f" {row['llama_cpp_plain_equal_prefix']:8d}/{row['of']}")  # fmt: skip
         print(f"  top-1 agreement {r['top1_agreement']:.4f} over {r['positions']} positions; "
               f"logits |diff| max {r['logit_max_abs_diff']:.4f} mean {r['logit_mean_abs_diff']:.5f}")  # fmt: skip
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=2)
+        Path(args.json).write_text(json.dumps(results, indent=2))
 
 
 if __name__ == "__main__":
