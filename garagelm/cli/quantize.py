@@ -16,7 +16,7 @@ FLOAT_TYPES = ("F32", "F16", "BF16")
 
 
 def add_arguments(verb: str, p: argparse.ArgumentParser) -> None:
-    p.add_argument("source", help="store name or .gguf path")
+    p.add_argument("source", help="store name, .gguf path or Hugging Face folder")
     types = QUANT_TYPES if verb == "quantize" else FLOAT_TYPES
     p.add_argument("--type", required=True, type=str.upper, choices=types, help=" | ".join(types))
     p.add_argument(
@@ -38,11 +38,7 @@ def main(args: argparse.Namespace) -> int:
     src = resolve_model(args.source, pull_missing=False)
     if args.type == "FP8":
         return _fp8(src, args)
-    if src.is_dir():
-        raise GarageError(
-            f"{src}: quantizing a Hugging Face folder to GGUF types is not supported yet; give a GGUF file"
-        )
-    out = args.out or str(src.with_name(f"{src.stem}-{args.type}.gguf"))
+    out = args.out or str(src.with_name(f"{src.name if src.is_dir() else src.stem}-{args.type}.gguf"))
     to_store = not looks_like_path(out)
     if to_store:
         from garagelm.store.local import parse_name

@@ -1,6 +1,7 @@
-"""Re-encode a GGUF file's weights: quantize (Q8_0, Q5_1, Q5_0, Q4_1, Q4_0) or convert to float
-(F32, F16, BF16). Metadata (tokenizer, chat template, architecture) is carried over and
-`general.file_type` set; the file is written under a temporary name and renamed.
+"""Re-encode a model's weights as a GGUF: quantize (Q8_0, Q5_1, Q5_0, Q4_1, Q4_0, K-quant mixes)
+or convert to float (F32, F16, BF16). The source is a GGUF file or a Hugging Face folder (read
+through formats/hf_gguf.py). Metadata (tokenizer, chat template, architecture) is carried over
+and `general.file_type` set; the file is written under a temporary name and renamed.
 
 Which tensors get which type, in llama.cpp's spirit: 1-D tensors (norms, biases) stay F32; the
 output head (or the embedding that doubles as it) keeps Q8_0 when the target has fewer bits,
@@ -29,7 +30,7 @@ FILE_TYPES = {"F32": 0, "F16": 1, "Q4_0": 2, "Q4_1": 3, "Q8_0": 7, "Q5_0": 8, "Q
 # a K-quant tensor whose rows are not whole 256-value blocks falls back as llama.cpp does
 K_FALLBACK = {"Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0"}
 BITS = {"F32": 32, "F16": 16, "BF16": 16, "Q8_0": 8.5, "Q5_1": 6, "Q5_0": 5.5, "Q4_1": 5, "Q4_0": 4.5,
-        "Q6_K": 6.5625, "Q5_K": 5.5, "Q4_K": 4.5, "Q5_K_M": 5.5, "Q4_K_M": 4.5}  # fmt: skip
+        "Q6_K": 6.5625, "Q5_K": 5.5, "Q4_K": 4.5, "Q5_K_M": 5.5, "Q4_K_M": 4.5, "FP8": 8.25}  # fmt: skip
 
 
 @dataclass
@@ -63,14 +64,12 @@ def convert_gguf(
     import gguf
     from tqdm import tqdm
 
-    from garagelm.formats.gguf import GGUFFile
-
     target = target.upper()
     if target not in QUANT_TYPES + MIXES + FLOAT_TYPES:
         raise GarageError(
             f"unknown type {target!r}; choose one of {', '.join(QUANT_TYPES + MIXES + FLOAT_TYPES)}"
         )
-    g = GGUFFile(src)
+    g = open_source(src)
     have = _source_bits(g)
     if target not in FLOAT_TYPES and have < BITS[target] and not allow_requantize:
         raise GarageError(
@@ -125,6 +124,17 @@ def convert_gguf(
         tmp.unlink(missing_ok=True)
         raise
     return report
+
+
+def open_source(src: str | Path):
+    """A GGUFFile, or a Hugging Face folder behind the same interface."""
+    from garagelm.formats.gguf import GGUFFile
+
+    if Path(src).is_dir():
+        from garagelm.formats.hf_gguf import HFSource
+
+        return HFSource(src)
+    return GGUFFile(src)
 
 
 def _more_bits(layer: int, n_layers: int) -> bool:

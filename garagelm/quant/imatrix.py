@@ -17,17 +17,21 @@ from garagelm.errors import GarageError
 def collect(
     path: str | Path, text: str, ctx: int = 512, max_windows: int = 16, quiet: bool = False
 ) -> dict[str, torch.Tensor]:
-    """{GGUF tensor name: mean squared input per column} for the linear weights of a GGUF model."""
+    """{GGUF tensor name: mean squared input per column} for the linear weights of a model (a
+    GGUF file or a Hugging Face folder)."""
     from tqdm import tqdm
 
-    from garagelm.formats.gguf import GGUFFile
     from garagelm.formats.names import hf_to_gguf
-    from garagelm.models import from_gguf
+    from garagelm.models import from_gguf, from_hf
+    from garagelm.quant.convert import open_source
     from garagelm.runtime.tokenizer import Tokenizer
 
-    g = GGUFFile(path)
-    model = from_gguf(g, quantized=False)  # plain float layers, one per weight
-    ids = Tokenizer(g.metadata).encode(text, add_special=True)
+    g = open_source(path)
+    if Path(path).is_dir():
+        model, tokenizer = from_hf(g.folder), Tokenizer.from_hf(Path(path))
+    else:
+        model, tokenizer = from_gguf(g, quantized=False), Tokenizer(g.metadata)  # one float layer per weight
+    ids = tokenizer.encode(text, add_special=True)
     if len(ids) < 64:
         raise GarageError(f"the calibration text has only {len(ids)} tokens; give at least a few paragraphs")
     sums: dict[str, torch.Tensor] = {}

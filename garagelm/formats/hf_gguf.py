@@ -1,0 +1,222 @@
+"""A Hugging Face folder read as if it were a GGUF file, so the quantizer takes either.
+
+`HFSource` offers what quant/convert.py reads from a GGUFFile: the architecture, the metadata
+llama.cpp expects (model keys from config.json, tokenizer keys from tokenizer.json) and the
+tensors under GGUF names, in GGUF's layout (llama's Q/K rows permuted, Gemma's norms with the 1
+added, FP8 weights dequantized), each read from its memory-mapped shard only when asked for.
+
+Tokenizers: byte-level BPE (Llama 3, Qwen2/3, the DeepSeek-R1 distills, SmolLM) is converted;
+the pre-tokenizer name written is the one in runtime/pretokenizers.py whose splits are those
+of tokenizer.json. SentencePiece-style tokenizer.json files (Gemma, Llama 2, Mistral v0.1)
+are refused with a message: their scores are not in tokenizer.json.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from garagelm.errors import GarageError
+from garagelm.formats.gguf_write import model_metadata, permute_qk
+from garagelm.formats.names import hf_to_gguf
+from garagelm.formats.safetensors import HFFolder
+
+_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float8_e4m3fn: "FP8"}
+# tokenizer.json writes the contractions case-insensitively; llama.cpp's tables spell them out
+_CONTRACTIONS_HF = "(?i:'s|'t|'re|'ve|'m|'ll|'d)"
+
+
+@dataclass
+class HFTensor:
+    """One weight of the folder, loaded and laid out as GGUF wants it on to_float()."""
+
+    source: HFSource
+    hf_name: str
+    shape: tuple[int, ...]
+    qtype: str
+
+    @property
+    def n_elements(self) -> int:
+        return int(torch.Size(self.shape).numel())
+
+    @property
+    def n_bytes(self) -> int:
+        return self.n_elements * {"F32": 4, "F16": 2, "BF16": 2, "FP8": 1}[self.qtype]
+
+    def to_float(self) -> torch.Tensor:
+        return self.source.load(self.hf_name)
+
+
+class HFSource:
+    """config.json + safetensors + tokenizer files, seen through the GGUFFile interface."""
+
+    def __init__(self, path: str | Path):
+        from garagelm.models import ARCHITECTURES, HF_TYPES
+
+        self.path = Path(path)
+        self.folder = HFFolder(self.path)
+        model_type = self.folder.config.get("model_type")
+        if model_type not in HF_TYPES:
+            raise GarageError(f"{self.path}: model_type {model_type!r} is not supported yet "
+                              f"(supported: {', '.join(HF_TYPES)})")  # fmt: skip
+        self.architecture = HF_TYPES[model_type]
+        try:
+            self.config = ARCHITECTURES[self.architecture][0].from_hf(self.folder.config)
+        except (KeyError, ValueError) as e:
+            raise GarageError(f"{self.path}/config.json: {e}") from None
+        self.metadata: dict[str, Any] = {
+            "general.architecture": self.architecture,
+            "general.name": self.path.name,
+            **model_metadata(self.architecture, self.config),
+            **tokenizer_metadata(self.path),
+        }
+        self.tensors = self._tensors()
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return self.metadata.get(key, default)
+
+    def _tensors(self) -> dict[str, HFTensor]:
+        from safetensors import safe_open
+
+        out: dict[str, HFTensor] = {}
+        self._scales: dict[str, str] = {}
+        for shard in self.folder.shards:
+            with safe_open(shard, framework="pt") as st:
+                for name in st.keys():
+                    plain = name.removeprefix("language_model.")  # Gemma 3's multimodal checkpoints
+                    if plain.startswith(("vision_tower.", "multi_modal_projector.")):
+                        continue
+                    if plain.endswith(".weight_scale_inv"):  # FP8 block scales, applied in load()
+                        self._scales[plain.removesuffix("_scale_inv")] = name
+                        continue
+                    if plain == "lm_head.weight" and self.config.tie_word_embeddings:
+                        continue
+                    sl = st.get_slice(name)
+                    dtype = _DTYPES.get(getattr(torch, _torch_dtype(sl.get_dtype())))
+                    if dtype is None:
+                        raise GarageError(f"{self.path}: tensor {name} is {sl.get_dtype()}; "
+                                          "expected F32, F16, BF16 or FP8")  # fmt: skip
+                    try:
+                        gguf_name = hf_to_gguf(plain, self.architecture)
+                    except KeyError as e:
+                        raise GarageError(f"{self.path}: {e.args[0]}") from None
+                    out[gguf_name] = HFTensor(self, name, tuple(sl.get_shape()), dtype)
+        return out
+
+    def load(self, hf_name: str) -> torch.Tensor:
+        """One tensor as float32 in GGUF layout."""
+        from safetensors import safe_open
+
+        with safe_open(self.folder._where[hf_name], framework="pt") as st:
+            t = st.get_tensor(hf_name)
+            plain = hf_name.removeprefix("language_model.")
+            if t.dtype == torch.float8_e4m3fn:
+                from garagelm.quant.fp8 import dequantize_fp8
+
+                scale_name = self._scales.get(plain)
+                if scale_name is None:
+                    raise GarageError(f"{self.path}: FP8 tensor {hf_name} has no weight_scale_inv")
+                with safe_open(self.folder._where[scale_name], framework="pt") as sc:
+                    t = dequantize_fp8(t, sc.get_tensor(scale_name), torch.float32)
+        t = t.float()
+        cfg = self.config
+        if self.architecture == "llama" and plain.endswith(("q_proj.weight", "k_proj.weight")):
+            t = permute_qk(t, cfg.num_attention_heads if "q_proj" in plain else cfg.num_key_value_heads)
+        if getattr(cfg, "norm_offset", 0.0) and plain.endswith("norm.weight"):
+            t = t + cfg.norm_offset  # Gemma: GGUF keeps the norm weights with the 1 added
+        return t
+
+
+def _torch_dtype(st_dtype: str) -> str:
+    """safetensors dtype names -> torch attribute names."""
+    return {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F8_E4M3": "float8_e4m3fn"}.get(
+        st_dtype, "uint8"
+    )
+
+
+def tokenizer_metadata(folder: Path) -> dict[str, Any]:
+    """The tokenizer.* keys llama.cpp reads, from tokenizer.json and tokenizer_config.json."""
+    import numpy as np
+
+    from garagelm.runtime.tokenizer import Tokenizer
+
+    path = folder / "tokenizer.json"
+    if not path.is_file():
+        raise GarageError(f"{folder}: no tokenizer.json; a GGUF file must carry its tokenizer")
+    spec = json.loads(path.read_text(encoding="utf-8"))
+    tok = Tokenizer.from_hf(folder)
+    model = spec.get("model") or {}
+    if tok.kind != "gpt2" or model.get("type") != "BPE":
+        raise GarageError(
+            f"{path}: a SentencePiece-style tokenizer (no byte-level BPE); its piece scores are not in "
+            "tokenizer.json, so it is not converted yet. Quantize the model's GGUF instead"
+        )
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
+    md: dict[str, Any] = {
+        "tokenizer.ggml.model": "gpt2",
+        "tokenizer.ggml.pre": pre_tokenizer_name(spec, path),
+        "tokenizer.ggml.tokens": tok.tokens,
+        "tokenizer.ggml.token_type": np.array(tok.types, dtype=np.int32),
+        "tokenizer.ggml.merges": merges,
+        "tokenizer.ggml.add_bos_token": bool(tok.add_bos),
+        "tokenizer.ggml.add_eos_token": bool(tok.add_eos),
+    }
+    cfg_path = folder / "tokenizer_config.json"
+    cfg = json.loads(cfg_path.read_text(encoding="utf-8")) if cfg_path.is_file() else {}
+    vocab = {t: i for i, t in enumerate(tok.tokens)}
+    for key, gguf_key in (
+        ("bos_token", "bos"),
+        ("eos_token", "eos"),
+        ("unk_token", "unknown"),
+        ("pad_token", "padding"),
+    ):
+        v = cfg.get(key)
+        v = v.get("content") if isinstance(v, dict) else v
+        if isinstance(v, str) and v in vocab:
+            md[f"tokenizer.ggml.{gguf_key}_token_id"] = vocab[v]
+    template = folder / "chat_template.jinja"
+    chat = template.read_text(encoding="utf-8") if template.is_file() else cfg.get("chat_template")
+    if isinstance(chat, str):
+        md["tokenizer.chat_template"] = chat
+    return md
+
+
+def _splits(node: dict | None, path: Path) -> list[str]:
+    """The regexes a tokenizer.json pre_tokenizer applies, in order."""
+    from garagelm.runtime.pretokenizers import _GPT2
+
+    if not node:
+        return []
+    kind = node.get("type")
+    if kind == "Sequence":
+        return [r for part in node.get("pretokenizers", []) for r in _splits(part, path)]
+    if kind == "ByteLevel":
+        return [_GPT2] if node.get("use_regex", True) else []
+    if kind == "Digits":
+        return [r"\p{N}" if node.get("individual_digits") else r"\p{N}+"]
+    if kind == "Split" and node.get("behavior", "Isolated") == "Isolated" and not node.get("invert"):
+        pattern = node.get("pattern") or {}
+        if "Regex" in pattern:
+            return [pattern["Regex"]]
+    raise GarageError(f"{path}: pre-tokenizer step {json.dumps(node)[:120]} is not one llama.cpp knows")
+
+
+def pre_tokenizer_name(spec: dict, path: Path) -> str:
+    """The tokenizer.ggml.pre value whose splits equal tokenizer.json's (first name in the table)."""
+    from garagelm.runtime.pretokenizers import _CONTRACTIONS, PRE_TOKENIZERS
+
+    found = tuple(
+        r.replace(_CONTRACTIONS_HF, _CONTRACTIONS) for r in _splits(spec.get("pre_tokenizer"), path)
+    )
+    ignore_merges = bool((spec.get("model") or {}).get("ignore_merges"))
+    for name, pre in PRE_TOKENIZERS.items():
+        if pre.regexes == found and pre.ignore_merges == ignore_merges:
+            return name
+    raise GarageError(
+        f"{path}: its pre-tokenizer splits ({' then '.join(found) or 'none'}) match no llama.cpp "
+        "pre-tokenizer garagelm knows; the GGUF would tokenize differently, so it is not written"
+    )

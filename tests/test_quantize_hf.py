@@ -1,0 +1,155 @@
+"""Hugging Face folder -> GGUF (`garage quantize FOLDER`, `garage convert FOLDER`): the same
+bytes llama.cpp's quantizer makes from the same weights, the tokenizer llama.cpp reads back
+tokenizing like the folder's tokenizer.json, and models llama.cpp runs."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from garagelm.cli import main
+from garagelm.formats.gguf import GGUFFile
+
+STRINGS = [
+    "Héllo wörld 🦙 — 12345 numbers and   spaces",
+    "Привет, мир! 日本語のテキスト 1,234,567.89",
+    "def f(x):\n\treturn x ** 2  # it's, they're, I'LL, we'VE",
+    "<|im_start|>user\nHi<|im_end|>  trailing   \n\n",
+    "e\u0301 ﬁ 🦙🔥👩‍👩‍👧‍👦 ١٢٣ ⅷ",
+    "Hello\n\nWorld\n\n\n  x\r\n\ty",
+    "don't DON'T (hello) [world] {x: 3.14159, y: 1000000}",
+    "",
+]
+# tokenizer.json's own spelling of the pre-tokenizers (as the models' repositories ship them)
+_HF_CONTRACTIONS = "(?i:'s|'t|'re|'ve|'m|'ll|'d)"
+_LLAMA3 = (
+    _HF_CONTRACTIONS
+    + r"|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+_QWEN2 = (
+    _HF_CONTRACTIONS + r"|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+_BYTES = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False}
+PRE = {  # name written -> (pre_tokenizer, the BPE's ignore_merges)
+    "starcoder": (  # SmolLM2's: single digits, then GPT-2's splits
+        {"type": "Sequence", "pretokenizers": [
+            {"type": "Digits", "individual_digits": True}, {**_BYTES, "use_regex": True}]},
+        False,
+    ),
+    "llama3": (
+        {"type": "Sequence", "pretokenizers": [
+            {"type": "Split", "pattern": {"Regex": _LLAMA3}, "behavior": "Isolated", "invert": False}, _BYTES]},
+        True,
+    ),
+    "qwen2": (
+        {"type": "Sequence", "pretokenizers": [
+            {"type": "Split", "pattern": {"Regex": _QWEN2}, "behavior": "Isolated", "invert": False}, _BYTES]},
+        False,
+    ),
+}  # fmt: skip
+
+
+def test_folder_to_q8_0_equals_llama_cpps_file(smol_hf, smol_path, quantized, tmp_path):
+    """SmolLM2 as a Hugging Face folder, quantized by us, against the same weights in GGUF
+    quantized by llama.cpp: every tensor byte-equal; the tokenizer keys as the original GGUF's."""
+    out = tmp_path / "smol-Q8_0.gguf"
+    assert main(["quantize", str(smol_hf), "--type", "Q8_0", "--out", str(out), "--quiet"]) == 0
+    ours, theirs, original = GGUFFile(out), GGUFFile(quantized("Q8_0")), GGUFFile(smol_path)
+    assert set(ours.tensors) == set(theirs.tensors)
+    for name, t in ours.tensors.items():
+        assert t.qtype == theirs.tensors[name].qtype, name
+        assert np.array_equal(t.raw, theirs.tensors[name].raw), name
+    for key in ("tokens", "token_type", "merges", "bos_token_id", "eos_token_id", "unknown_token_id",
+                "padding_token_id", "model", "add_bos_token"):  # fmt: skip
+        got, want = ours.get(f"tokenizer.ggml.{key}"), original.get(f"tokenizer.ggml.{key}")
+        assert list(np.atleast_1d(got)) == list(np.atleast_1d(want)), key
+    assert ours.get("tokenizer.chat_template") == original.get("tokenizer.chat_template")
+    assert ours.get("general.file_type") == 7
+
+
+def _tiny_folder(root: Path, smol_hf: Path, arch: str, pre: dict, ignore_merges: bool) -> Path:
+    """A small random model with SmolLM2's vocabulary and the given pre-tokenizer."""
+    import transformers as tf
+
+    torch.manual_seed(2)
+    common = dict(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)  # fmt: skip
+    cls = {"llama": (tf.LlamaConfig, tf.LlamaForCausalLM), "qwen2": (tf.Qwen2Config, tf.Qwen2ForCausalLM)}[
+        arch
+    ]
+    model = cls[1](cls[0](**common)).float().eval()
+    with torch.no_grad():  # large weights: greedy text without near ties
+        for p in model.parameters():
+            p.mul_(8.0) if p.dim() > 1 else p.add_(torch.randn_like(p) * 0.1)
+    folder = root / f"{arch}-{id(pre)}"
+    model.save_pretrained(folder)
+    spec = json.loads((smol_hf / "tokenizer.json").read_text())
+    spec["pre_tokenizer"], spec["model"]["ignore_merges"] = pre, ignore_merges
+    (folder / "tokenizer.json").write_text(json.dumps(spec))
+    shutil.copy(smol_hf / "tokenizer_config.json", folder)
+    return folder
+
+
+@pytest.mark.parametrize("name,arch", [("starcoder", "llama"), ("llama3", "llama"), ("qwen2", "qwen2")])
+def test_converted_tokenizer_and_model_run_in_llama_cpp(name, arch, smol_hf, tmp_path, llama_cpp_model):
+    """The pre-tokenizer is recognised from tokenizer.json; llama.cpp, reading our GGUF,
+    tokenizes as the `tokenizers` library does with the folder's tokenizer.json, and its greedy
+    tokens equal ours on the F32 file."""
+    from llama_cpp import Llama
+    from test_reference import _ours_greedy, _ref_greedy
+    from tokenizers import Tokenizer as HFTokenizer
+
+    from garagelm.runtime.load import load_model
+
+    folder = _tiny_folder(tmp_path, smol_hf, arch, *PRE[name])
+    out = tmp_path / f"{name}.gguf"
+    assert main(["convert", str(folder), "--type", "F32", "--out", str(out), "--quiet"]) == 0
+    assert GGUFFile(out).get("tokenizer.ggml.pre") == name
+    reference = HFTokenizer.from_file(str(folder / "tokenizer.json"))
+    vocab = Llama(str(out), vocab_only=True, verbose=False)
+    for text in STRINGS:
+        assert vocab.tokenize(text.encode(), add_bos=False, special=True) == reference.encode(text).ids, text
+    loaded = load_model(out)
+    ids = loaded.tokenizer.encode("The capital of France is Paris, and 12345", add_special=True)
+    assert _ours_greedy(loaded, ids, 16) == _ref_greedy(
+        llama_cpp_model(out, logits_all=False), ids, 16, set()
+    )
+
+
+def test_folders_that_cannot_be_converted(smol_hf, tmp_path, capsys):
+    unknown = {"type": "Split", "pattern": {"Regex": r"\w+"}, "behavior": "Isolated", "invert": False}
+    folder = _tiny_folder(tmp_path, smol_hf, "llama", unknown, False)
+    out = tmp_path / "x.gguf"
+
+    def refused(match: str) -> None:
+        assert main(["quantize", str(folder), "--type", "Q8_0", "--out", str(out), "--quiet"]) == 1
+        assert match in capsys.readouterr().err
+
+    refused("match no llama.cpp pre-tokenizer")
+    spec = json.loads((folder / "tokenizer.json").read_text())
+    spec["pre_tokenizer"] = {"type": "Metaspace", "replacement": "▁", "prepend_scheme": "first"}
+    spec["decoder"] = {"type": "Metaspace", "replacement": "▁", "prepend_scheme": "first"}
+    (folder / "tokenizer.json").write_text(json.dumps(spec))
+    refused("SentencePiece")
+    (folder / "tokenizer.json").unlink()
+    refused("no tokenizer.json")
+    assert not out.exists() and not list(tmp_path.glob("*.tmp"))
+
+
+def test_calibration_from_a_folder_equals_from_its_gguf(smol_hf, smol_f32):
+    """The importance matrix measured on the folder is the GGUF's (same weights, same text)."""
+    from garagelm.quant.imatrix import collect
+
+    text = (Path(__file__).resolve().parents[2] / "shared" / "data" / "austen" / "emma.txt").read_text()[
+        :4000
+    ]
+    a = collect(smol_hf, text, ctx=128, max_windows=2, quiet=True)
+    b = collect(smol_f32, text, ctx=128, max_windows=2, quiet=True)
+    assert set(a) == set(b) and "token_embd.weight" in a
+    for name in a:
+        assert torch.allclose(a[name], b[name], rtol=1e-4, atol=1e-6), name
