@@ -298,3 +298,25 @@ def test_importance_matrix_lowers_the_error_at_the_same_size(smol_f32, tmp_path,
     kl_weighted = evaluate(load_model(weighted).model, wins, reference=source.model).kl_mean
     kl_plain = evaluate(load_model(plain).model, wins, reference=source.model).kl_mean
     assert kl_weighted < 0.8 * kl_plain, (kl_weighted, kl_plain)
+
+
+@pytest.mark.parametrize("kind", ["Q4_K", "Q5_K", "Q6_K", "Q4_1", "Q5_1", "Q4_0", "Q5_0"])
+def test_importance_lowers_the_output_error_of_every_type(kind):
+    """Weights whose input columns are used unevenly (as real activations are): with the
+    importance measured on one sample of inputs, the product on another sample errs less than
+    with plain rounding, at the same size. Measured ratios 0.41 (Q4_1) to 0.68 (Q5_0)."""
+    from garagelm.formats.kquantize import quantize_k
+
+    torch.manual_seed(0)
+    n, k = 256, 1024
+    w = torch.distributions.StudentT(5.0).sample((n, k)) * 0.02
+    used = torch.exp(torch.randn(k))
+    calibration, held_out = torch.randn(4096, k) * used, torch.randn(4096, k) * used
+    importance = (calibration**2).mean(0)
+    make = quantize_k if kind.endswith("_K") else quantize
+    errors = []
+    for imp in (None, importance):
+        blocks = make(w, kind, imp)
+        errors.append(((held_out @ (w - dequantize(blocks, kind, (n, k))).T) ** 2).mean().item())
+        assert blocks.shape == make(w, kind).shape
+    assert errors[1] < 0.8 * errors[0], errors

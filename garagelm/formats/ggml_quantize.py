@@ -91,12 +91,25 @@ def _weighted_symmetric(b: torch.Tensor, qw: torch.Tensor, nmax: int) -> tuple[t
     return d.unsqueeze(-1), (levels + nmax).to(torch.uint8)
 
 
+def _weighted_affine(b: torch.Tensor, qw: torch.Tensor, nmax: int) -> tuple[torch.Tensor, ...]:
+    """Q4_1 / Q5_1 with an importance matrix: scale and minimum by weighted least squares over
+    a sweep (ggml's make_qkx searches), levels 0..nmax against the f16-rounded pair."""
+    from garagelm.formats.kquantize import _qkx2
+
+    scale, neg_min = _qkx2(b, qw, nmax, -1.0, 0.1, 20)
+    d, m = scale.unsqueeze(-1).to(torch.float16), (-neg_min).unsqueeze(-1).to(torch.float16)
+    df = d.float()
+    safe = torch.where(df == 0, torch.ones_like(df), df)
+    q = torch.where(df == 0, torch.zeros_like(b), torch.round((b - m.float()) / safe).clamp(0, nmax))
+    return d, m, q.to(torch.uint8)
+
+
 def quantize(w: torch.Tensor, qtype: str, importance: torch.Tensor | None = None) -> torch.Tensor:
     """float weights (..., K), K a multiple of 32 -> uint8 (..., K / 32 * block bytes).
 
-    importance (K,), per input column (an imatrix: mean squared activation), makes Q4_0 and
-    Q5_0 choose each block's scale for the least error weighted by it, as llama.cpp does;
-    other types round plainly."""
+    importance (K,), per input column (an imatrix: mean squared activation), makes Q4_0, Q4_1,
+    Q5_0 and Q5_1 choose each block's scale (and minimum) for the least error weighted by it,
+    as llama.cpp does; Q8_0 rounds plainly (llama.cpp ignores an imatrix there too)."""
     if qtype not in _QUANTIZERS:
         raise ValueError(f"unknown quantization type {qtype!r} (one of {', '.join(TYPES)})")
     if w.shape[-1] % QK:
@@ -109,6 +122,16 @@ def quantize(w: torch.Tensor, qtype: str, importance: torch.Tensor | None = None
         d, q = _weighted_symmetric(x.reshape(-1, QK), qw, 8 if qtype == "Q4_0" else 16)
         parts = [_f16_bytes(d)] + ([_high_bits(q)] if qtype == "Q5_0" else []) + [_pack_nibbles(q)]
         return torch.cat(parts, -1).reshape(*w.shape[:-1], w.shape[-1] // QK * BLOCK_BYTES[qtype])
+    if importance is not None and qtype in ("Q4_1", "Q5_1"):
+        from garagelm.formats.kquantize import _row_weights
+
+        x = w.detach().float().reshape(-1, w.shape[-1])
+        qw = _row_weights(x, importance).reshape(-1, QK)
+        d, m, q = _weighted_affine(x.reshape(-1, QK), qw, 15 if qtype == "Q4_1" else 31)
+        parts = [d.view(torch.uint8), m.view(torch.uint8)] + ([_high_bits(q)] if qtype == "Q5_1" else [])
+        return torch.cat([*parts, _pack_nibbles(q)], -1).reshape(
+            *w.shape[:-1], w.shape[-1] // QK * BLOCK_BYTES[qtype]
+        )
     blocks = w.detach().to(torch.float32).reshape(-1, QK)
     out = torch.cat(
         [_QUANTIZERS[qtype](blocks[i : i + CHUNK_BLOCKS]) for i in range(0, len(blocks), CHUNK_BLOCKS)]

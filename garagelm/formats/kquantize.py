@@ -73,12 +73,16 @@ def _scale_min_bytes(ls: torch.Tensor, lm: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def _qkx_super(x: torch.Tensor, nmax: int, rmin: float, nstep: int):
-    """Q4_K / Q5_K shared part: (d, dmin, 12 scale bytes, levels (n, 256))."""
+def _qkx_super(x: torch.Tensor, nmax: int, rmin: float, nstep: int, qw: torch.Tensor | None = None):
+    """Q4_K / Q5_K shared part: (d, dmin, 12 scale bytes, levels (n, 256)). qw: per-value
+    weights of the rounding error from an importance matrix, (n, 256)."""
     n = x.shape[0]
     sub = x.view(n * 8, 32)
-    av = (sub.pow(2).sum(-1, keepdim=True) / 32).sqrt()
-    scales, mins = _qkx2(sub, av + sub.abs(), nmax, rmin, 0.1, nstep)
+    if qw is None:
+        weights = (sub.pow(2).sum(-1, keepdim=True) / 32).sqrt() + sub.abs()  # ggml's default
+    else:
+        weights = qw.reshape(n * 8, 32)
+    scales, mins = _qkx2(sub, weights, nmax, rmin, 0.1, nstep)
     scales, mins = scales.view(n, 8), mins.view(n, 8)
     max_scale, max_min = scales.amax(-1, keepdim=True), mins.amax(-1, keepdim=True)
     inv_s = torch.where(max_scale > 0, 63 / max_scale, torch.zeros_like(max_scale))
@@ -93,17 +97,17 @@ def _qkx_super(x: torch.Tensor, nmax: int, rmin: float, nstep: int):
     return d, dmin, _scale_min_bytes(ls, lm), levels.view(n, QK_K).to(torch.uint8)
 
 
-def _q4_k(x: torch.Tensor) -> torch.Tensor:
-    d, dmin, sc, lv = _qkx_super(x, 15, -1.0, 20)
+def _q4_k(x: torch.Tensor, qw: torch.Tensor | None = None) -> torch.Tensor:
+    d, dmin, sc, lv = _qkx_super(x, 15, -1.0, 20, qw)
     lv = lv.view(-1, 4, 2, 32)  # per 64 values: 32 low nibbles, then 32 high
     qs = (lv[:, :, 0] | (lv[:, :, 1] << 4)).reshape(-1, 128)
     return torch.cat([d.view(torch.uint8), dmin.view(torch.uint8), sc, qs], -1)
 
 
-def _q5_k(x: torch.Tensor) -> torch.Tensor:
+def _q5_k(x: torch.Tensor, qw: torch.Tensor | None = None) -> torch.Tensor:
     # ggml's reference searches 16 scales from rmin -0.5 here; the 4-bit search (21 from -1)
     # measured ~20% less squared error on SmolLM2's weights, below llama.cpp's own Q5_K
-    d, dmin, sc, lv = _qkx_super(x, 31, -1.0, 20)
+    d, dmin, sc, lv = _qkx_super(x, 31, -1.0, 20, qw)
     lv = lv.view(-1, 4, 2, 32)
     low = lv & 0x0F
     qs = (low[:, :, 0] | (low[:, :, 1] << 4)).reshape(-1, 128)
@@ -177,14 +181,15 @@ _QUANTIZERS = {"Q4_K": _q4_k, "Q5_K": _q5_k, "Q6_K": _q6_k}
 def quantize_k(w: torch.Tensor, qtype: str, importance: torch.Tensor | None = None) -> torch.Tensor:
     """float weights (..., K), K a multiple of 256 -> uint8 (..., K / 256 * block bytes).
 
-    importance (K,), per input column (an imatrix), weights the rounding error; used by Q6_K
-    (Q4_K and Q5_K take plain rounding so far)."""
+    importance (K,), per input column (an imatrix), weights the rounding error in every type's
+    scale search, as llama.cpp's quantizers do with an imatrix."""
     if w.shape[-1] % QK_K:
         raise ValueError(f"rows of {w.shape[-1]} values are not whole {QK_K}-value blocks")
     blocks = w.detach().to(torch.float32).reshape(-1, QK_K)
-    if importance is not None and qtype == "Q6_K":
-        qw = _row_weights(w.detach().float(), importance).reshape(-1, QK_K)
-        parts = [_q6_k(blocks[i : i + CHUNK], qw[i : i + CHUNK]) for i in range(0, len(blocks), CHUNK)]
+    if importance is not None:
+        qw = _row_weights(w.detach().float().reshape(-1, w.shape[-1]), importance).reshape(-1, QK_K)
+        quant = _QUANTIZERS[qtype]
+        parts = [quant(blocks[i : i + CHUNK], qw[i : i + CHUNK]) for i in range(0, len(blocks), CHUNK)]
         return torch.cat(parts).reshape(*w.shape[:-1], w.shape[-1] // QK_K * BLOCK_BYTES[qtype])
     parts = [_QUANTIZERS[qtype](blocks[i : i + CHUNK]) for i in range(0, len(blocks), CHUNK)]
     return torch.cat(parts).reshape(*w.shape[:-1], w.shape[-1] // QK_K * BLOCK_BYTES[qtype])
