@@ -5,6 +5,7 @@ prompt processing of --pp tokens, greedy decode of --tg tokens, decode after --l
 load to first token. Prints medians and the ratios; --json FILE writes them.
 
     python bench/speed.py smollm2:135m --threads 2 --reps 3 --json bench/speed.json
+    python bench/speed.py ./hf-folder --peer ./same-weights-f32.gguf   # a Hugging Face folder
 
 llama.cpp comes from llama-cpp-python (tests/run.sh builds it with the flags this machine needs).
 """
@@ -74,7 +75,8 @@ def _child(args: argparse.Namespace) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("model", help="store name or .gguf path")
+    ap.add_argument("model", help="store name, .gguf path or Hugging Face folder")
+    ap.add_argument("--peer", help="the GGUF llama.cpp runs, when MODEL is not one (the same weights)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--pp", type=int, default=512)
@@ -91,7 +93,8 @@ def main() -> None:
     path = str(resolve_model(args.model))
     results = {}
     for engine in ("garagelm", "llama.cpp"):
-        cmd = [sys.executable, __file__, path, "--engine", engine, "--threads", str(args.threads),
+        source = args.peer if engine == "llama.cpp" and args.peer else path
+        cmd = [sys.executable, __file__, source, "--engine", engine, "--threads", str(args.threads),
                "--reps", str(args.reps), "--pp", str(args.pp), "--tg", str(args.tg),
                "--short-ctx", str(args.short_ctx), "--long-ctx", str(args.long_ctx)]  # fmt: skip
         proc = subprocess.run(cmd, capture_output=True, text=True, check=True)
@@ -109,7 +112,8 @@ def main() -> None:
             ratios[f"{name}_slowdown_{long}_vs_{short}"] = (
                 r["tg_tok_s_at_ctx"][short] / r["tg_tok_s_at_ctx"][long]
             )
-    print(f"{path}  threads={args.threads} reps={args.reps} (medians)")
+    peer_note = f" (llama.cpp: {args.peer})" if args.peer else ""
+    print(f"{path}{peer_note}  threads={args.threads} reps={args.reps} (medians)")
     print(f"{'':12s}{'pp' + str(args.pp) + ' tok/s':>14s}{'tg' + str(args.tg) + ' tok/s':>14s}"
           f"{'tg@' + str(args.short_ctx):>9s}{'tg@' + str(args.long_ctx):>9s}{'load->1st s':>13s}{'RSS MiB':>9s}")  # fmt: skip
     for name, r in results.items():

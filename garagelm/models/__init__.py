@@ -97,7 +97,9 @@ def from_gguf(gguf: GGUFFile, dtype: torch.dtype = torch.float32, quantized: boo
         model.tie_weights()
     if keep:
         from garagelm.quant.decode import DecodePlan
+        from garagelm.quant.dense import use_dense_kernels
 
+        use_dense_kernels(model)  # the float layers (F32/F16 files) decode in the kernels too
         fuse_projections(model)
         model.decode_plan = DecodePlan.build(model)  # None where the whole-layer kernel does not fit
     return model.eval()
@@ -152,7 +154,17 @@ def from_hf(folder, dtype: torch.dtype = torch.float32) -> nn.Module:
     model.load_state_dict(state, strict=False, assign=True)
     if tied:
         model.tie_weights()
+    _plan_float_decode(model)
     return model.eval()
+
+
+def _plan_float_decode(model: nn.Module) -> None:
+    """Float32 layers decode through the C kernels where they fit (quant/dense.py)."""
+    from garagelm.quant.decode import DecodePlan
+    from garagelm.quant.dense import use_dense_kernels
+
+    if use_dense_kernels(model):
+        model.decode_plan = DecodePlan.build(model)
 
 
 def fuse_projections(model: nn.Module) -> None:

@@ -150,7 +150,9 @@ static void matmul(const job_t *j) {
  */
 /* P_I8 / P_I8_16: K-quants (Q4_K, Q5_K, Q6_K) unpacked at load to int8 values with float32
  * scales (and negated mins for P_I8) per 32 / 16 values: 1.25 bytes a weight, same values. */
-enum { P_Q4_MIN = 0, P_Q4_0 = 1, P_Q8 = 2, P_I8 = 3, P_I8_16 = 4 };
+/* P_F32: plain float32 rows (the weights of a float model; no scales), for the decode step. */
+enum { P_Q4_MIN = 0, P_Q4_0 = 1, P_Q8 = 2, P_I8 = 3, P_I8_16 = 4, P_F32 = 5 };
+#define LAST_KIND P_F32
 #define MAX_BLOCKS 4096 /* K up to 131072 */
 #define BYTE_VALUES(kind) ((kind) >= P_Q8)
 #define HAS_MIN(kind) ((kind) == P_Q4_MIN || (kind) == P_Q4_0 || (kind) == P_I8)
@@ -184,6 +186,19 @@ static void load_row_scales(const job_t *j, int n, float *d, float *m, int nb) {
     if (kind == P_Q4_0)
         for (int b = 0; b < nb; b++) m[b] = -8.0f * d[b];
     for (int b = ns; b < ((ns + 15) & ~15); b++) d[b] = m[b] = 0.0f; /* padding lanes */
+}
+
+/* Float32 weights: y = sum(w * x), four partial sums per row as the AVX-512 path keeps lanes. */
+static void rows_float_generic(const job_t *j, int n0, int n1) {
+    for (int n = n0; n < n1; n++) {
+        const float *w = (const float *)j->w + (size_t)n * j->K;
+        for (int r = 0; r < j->M; r++) {
+            const float *x = j->x + (size_t)r * j->K;
+            float acc = 0.0f;
+            for (int k = 0; k < j->K; k++) acc += w[k] * x[k];
+            j->y[(size_t)r * j->ldy + n] = acc;
+        }
+    }
 }
 
 static void rows_packed_generic(const job_t *j, int n0, int n1) {
@@ -303,10 +318,45 @@ static void rows_packed_avx512(const job_t *j, int n0, int n1) {
 }
 #endif
 
+#ifdef HAVE_AVX512
+/* Float32 weights, two rows at a time (each x vector loaded once for both). */
+static void rows_float_avx512(const job_t *j, int n0, int n1) {
+    const int K = j->K, M = j->M;
+    for (int n = n0; n < n1; n += 2) {
+        const int pair = n + 1 < n1 ? 2 : 1;
+        const float *w0 = (const float *)j->w + (size_t)n * K, *w1 = (const float *)j->w + (size_t)(n + pair - 1) * K;
+        if (n + PREFETCH_ROWS + 1 < n1)
+            for (int o = 0; o < 2 * K; o += 16) __builtin_prefetch(w0 + (size_t)PREFETCH_ROWS * K + o, 0, 3);
+        __m512 acc[MAX_ROWS][2];
+        for (int r = 0; r < M; r++) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
+        for (int k = 0; k < K; k += 16) {
+            const __m512 a = _mm512_loadu_ps(w0 + k), b = _mm512_loadu_ps(w1 + k);
+            for (int r = 0; r < M; r++) {
+                const __m512 xv = _mm512_loadu_ps(j->x + (size_t)r * K + k);
+                acc[r][0] = _mm512_fmadd_ps(a, xv, acc[r][0]);
+                acc[r][1] = _mm512_fmadd_ps(b, xv, acc[r][1]);
+            }
+        }
+        for (int r = 0; r < M; r++) {
+            j->y[(size_t)r * j->ldy + n] = _mm512_reduce_add_ps(acc[r][0]);
+            if (pair == 2) j->y[(size_t)r * j->ldy + n + 1] = _mm512_reduce_add_ps(acc[r][1]);
+        }
+    }
+}
+#endif
+
 /* y = x @ W.T for packed W; xs: scratch of M * (K/32 rounded up to 16) floats. */
 static void packed_product(int kind, const uint8_t *q, const uint16_t *d, const uint16_t *m, const float *x, float *y,
                            int M, int N, int K, int ldy, float *xs) {
     const int nb = K / QK, nb16 = (nb + 15) & ~15;
+    if (kind == P_F32) {
+        job_t j = {kind, M, N, K, ldy, q, x, y, NULL, NULL, NULL, rows_float_generic};
+#ifdef HAVE_AVX512
+        j.rows = rows_float_avx512;
+#endif
+        matmul(&j);
+        return;
+    }
     for (int r = 0; r < M; r++)
         for (int b = 0; b < nb16; b++) {
             float s = 0.0f;
@@ -324,7 +374,7 @@ static PyObject *py_matmul_packed(PyObject *self, PyObject *args) {
     int kind, M, N, K;
     unsigned long long q, d, m, x, y;
     if (!PyArg_ParseTuple(args, "iKKKKKiii", &kind, &q, &d, &m, &x, &y, &M, &N, &K)) return NULL;
-    if (kind < 0 || kind > P_I8_16) return PyErr_Format(PyExc_ValueError, "unknown packed kind %d", kind);
+    if (kind < 0 || kind > LAST_KIND) return PyErr_Format(PyExc_ValueError, "unknown packed kind %d", kind);
     if (M < 1 || M > MAX_ROWS) return PyErr_Format(PyExc_ValueError, "rows must be 1..%d, got %d", MAX_ROWS, M);
     if (N < 1 || K < QK || K % QK || K / QK > MAX_BLOCKS) return PyErr_Format(PyExc_ValueError, "bad shape N=%d K=%d", N, K);
     const int nb16 = (K / QK + 15) & ~15;
@@ -342,6 +392,10 @@ static PyObject *py_matmul_packed(PyObject *self, PyObject *args) {
 /* Packed -> float32 with the dequantizer's exact arithmetic (bit-equal to gguf-py). */
 static void dequant_packed_rows(const job_t *j, int n0, int n1) {
     const int K = j->K, nb = K / QK, kind = j->qtype;
+    if (kind == P_F32) {
+        memcpy(j->y + (size_t)n0 * K, (const float *)j->w + (size_t)n0 * K, sizeof(float) * (size_t)(n1 - n0) * K);
+        return;
+    }
     for (long n = n0; n < n1; n++)
         for (int b = 0; b < nb; b++) {
             float *o = j->y + (size_t)n * K + (size_t)b * QK;
@@ -379,7 +433,7 @@ static PyObject *py_dequantize_packed(PyObject *self, PyObject *args) {
     int kind, N, K;
     unsigned long long q, d, m, out;
     if (!PyArg_ParseTuple(args, "iKKKKii", &kind, &q, &d, &m, &out, &N, &K)) return NULL;
-    if (kind < 0 || kind > P_I8_16 || K % QK || N < 1) return PyErr_Format(PyExc_ValueError, "bad kind %d, N %d or K %d", kind, N, K);
+    if (kind < 0 || kind > LAST_KIND || K % QK || N < 1) return PyErr_Format(PyExc_ValueError, "bad kind %d, N %d or K %d", kind, N, K);
     job_t j = {kind, 1, N, K, N, (const uint8_t *)(uintptr_t)q, NULL, (float *)(uintptr_t)out,
                (const uint16_t *)(uintptr_t)d, (const uint16_t *)(uintptr_t)m, NULL, dequant_packed_rows};
     Py_BEGIN_ALLOW_THREADS matmul(&j); /* the pool splits rows; nothing here is a product */
@@ -586,7 +640,7 @@ static int parse_prods(PyObject *seq, prod_t *out, int max) {
     for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(seq); i++) {
         unsigned long long q, d, m;
         if (!PyArg_ParseTuple(PyTuple_GET_ITEM(seq, i), "iiKKK", &out[i].kind, &out[i].N, &q, &d, &m)) return -1;
-        if (out[i].kind < 0 || out[i].kind > P_I8_16) {
+        if (out[i].kind < 0 || out[i].kind > LAST_KIND) {
             PyErr_Format(PyExc_ValueError, "unknown packed kind %d", out[i].kind);
             return -1;
         }

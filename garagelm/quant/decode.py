@@ -1,4 +1,5 @@
-"""Whole-layer decode steps in C for quantized llama-family models (one token per sequence).
+"""Whole-layer decode steps in C for llama-family models (one token per sequence), quantized
+(GGMLLinear) or float32 (DenseLinear).
 
 Decode otherwise spends more time in the dozens of tiny torch ops around each layer's products
 than in the products themselves. A plan binds each layer's packed weights and norm weights once;
@@ -14,6 +15,7 @@ import math
 import torch
 from torch import nn
 
+from garagelm.quant.dense import DenseLinear
 from garagelm.quant.ggml_linear import MAX_KERNEL_ROWS, GGMLLinear, _kernels
 
 AVAILABLE = _kernels is not None and hasattr(_kernels, "decode_layer")
@@ -56,7 +58,8 @@ class DecodePlan:
             qkv = [attn.qkv_proj] if attn.qkv_proj is not None else [attn.q_proj, attn.k_proj, attn.v_proj]
             gate_up = [mlp.gate_up_proj] if mlp.gate_up_proj is not None else [mlp.gate_proj, mlp.up_proj]
             parts = [*qkv, attn.o_proj, *gate_up, mlp.down_proj]
-            if not all(isinstance(p, GGMLLinear) and p._kind is not None and p.bias is None for p in parts):
+            if not all(isinstance(p, (GGMLLinear, DenseLinear)) and p._kind is not None and p.bias is None
+                       for p in parts):  # fmt: skip
                 return None
             if gemma:
                 norms = (layer.input_layernorm, layer.pre_feedforward_layernorm, attn.q_norm, attn.k_norm,

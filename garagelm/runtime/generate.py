@@ -16,6 +16,7 @@ from torch import nn
 
 from garagelm.errors import GarageError
 from garagelm.quant.attention import AVAILABLE as decode_kernel_available
+from garagelm.quant.dense import DenseLinear
 from garagelm.quant.ggml_linear import MAX_KERNEL_ROWS, GGMLLinear
 from garagelm.runtime.cache import KVCache
 from garagelm.runtime.sampling import Sampler, SamplingParams
@@ -78,7 +79,7 @@ class Engine:
             cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim, ctx_size, dtype=kv_dtype
         )
         self.cached: list[int] = []  # tokens whose keys/values the cache holds, in order
-        self._kernel_model = any(isinstance(m, GGMLLinear) for m in model.modules())
+        self._kernel_model = any(isinstance(m, (GGMLLinear, DenseLinear)) for m in model.modules())
 
     def reset(self) -> None:
         self.cached = []

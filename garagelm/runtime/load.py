@@ -52,9 +52,11 @@ class LoadedModel:
 def load_model(path: str | Path) -> LoadedModel:
     """Load a GGUF file; errors name the file and what to do."""
     from garagelm.models import from_gguf
+    from garagelm.quant.ggml_linear import set_threads
 
     t0 = time.perf_counter()
     path = Path(path)
+    set_threads(torch.get_num_threads())  # the C kernels use as many threads as torch
     if path.is_dir():
         return _load_hf(path, t0)
     gguf = GGUFFile(path)
@@ -62,9 +64,6 @@ def load_model(path: str | Path) -> LoadedModel:
     # Rust, without the GIL, while the weights are mapped and packed.
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
         pending = pool.submit(Tokenizer, gguf.metadata)
-        from garagelm.quant.ggml_linear import set_threads
-
-        set_threads(torch.get_num_threads())  # the C kernels use as many threads as torch
         model = from_gguf(gguf, dtype=torch.float32)
         try:
             tokenizer = pending.result()
