@@ -90,43 +90,10 @@ def test_bad_raw_shape_is_rejected():
         GGMLLinear(torch.zeros(4, 10, dtype=torch.uint8), "Q4_1", 64, 4)
 
 
-def test_whole_layer_decode_equals_module_path(smol_path):
-    """The one-call-per-layer C decode gives the torch module path's logits and tokens."""
-    from garagelm.models import from_gguf
+def _plan_and_module_logits(model) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits of a prompt and 12 greedy steps, with the decode plan and with the torch modules."""
     from garagelm.runtime.cache import KVCache
 
-    model = from_gguf(GGUFFile(smol_path))
-    plan = model.decode_plan
-    assert plan is not None
-    cfg = model.config
-    ids = [1, 504, 3458, 282, 4649, 314]
-    logits = []
-    for use_plan in (True, False):
-        model.decode_plan = plan if use_plan else None
-        cache = KVCache(cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim, 64, dtype=torch.float16)
-        with torch.inference_mode():
-            out = [model(torch.tensor([ids]), cache=cache, start=0, last_only=True)[0, -1]]
-            tok = int(out[-1].argmax())
-            for i in range(12):
-                out.append(model(torch.tensor([[tok]]), cache=cache, start=len(ids) + i)[0, -1])
-                tok = int(out[-1].argmax())
-        logits.append(torch.stack(out))
-    model.decode_plan = plan
-    assert torch.equal(logits[0].argmax(-1), logits[1].argmax(-1))
-    assert (logits[0] - logits[1]).abs().max() < 1e-2
-
-
-def test_float_models_decode_in_the_kernels_too(smol_f32):
-    """F32 weights become DenseLinear (the same parameters) and get a whole-layer plan; its
-    decode equals the torch layers' (float32 sums in another order)."""
-    from garagelm.models import from_gguf
-    from garagelm.quant.dense import DenseLinear
-    from garagelm.runtime.cache import KVCache
-
-    model = from_gguf(GGUFFile(smol_f32))
-    assert model.decode_plan is not None
-    assert isinstance(model.model.layers[0].mlp.down_proj, DenseLinear)
-    assert "model.layers.0.mlp.down_proj.weight" in model.state_dict()
     cfg, plan = model.config, model.decode_plan
     ids = [1, 504, 3458, 282, 4649, 314]
     runs = []
@@ -140,10 +107,35 @@ def test_float_models_decode_in_the_kernels_too(smol_f32):
                 out.append(model(torch.tensor([[tok]]), cache=cache, start=len(ids) + i)[0, -1])
         runs.append(torch.stack(out))
     model.decode_plan = plan
-    assert torch.equal(runs[0].argmax(-1), runs[1].argmax(-1))
-    assert (
-        runs[0] - runs[1]
-    ).abs().max() < 1e-2  # measured 4.4e-3: SmolLM2 carries activations in the thousands
+    return runs[0], runs[1]
+
+
+def test_whole_layer_decode_equals_module_path(smol_path):
+    """The one-call-per-layer C decode gives the torch module path's logits and tokens."""
+    from garagelm.models import from_gguf
+
+    model = from_gguf(GGUFFile(smol_path))
+    assert model.decode_plan is not None
+    planned, modules = _plan_and_module_logits(model)
+    assert torch.equal(planned.argmax(-1), modules.argmax(-1))
+    assert (planned - modules).abs().max() < 1e-2
+
+
+def test_float_models_decode_in_the_kernels_too(smol_f32):
+    """F32 weights become DenseLinear (the same parameters) and get a whole-layer plan; its
+    decode equals the torch layers' (float32 sums in another order)."""
+    from garagelm.models import from_gguf
+    from garagelm.quant.dense import DenseLinear
+
+    model = from_gguf(GGUFFile(smol_f32))
+    assert model.decode_plan is not None
+    assert isinstance(model.model.layers[0].mlp.down_proj, DenseLinear)
+    assert "model.layers.0.mlp.down_proj.weight" in model.state_dict()
+    planned, modules = _plan_and_module_logits(model)
+    assert torch.equal(planned.argmax(-1), modules.argmax(-1))
+    # measured 4.4e-3: SmolLM2 carries activations in the thousands
+    assert (planned - modules).abs().max() < 1e-2
+    cfg = model.config
     x = torch.randn(3, cfg.hidden_size, requires_grad=True)  # training: plain autograd products
     model.model.layers[0].mlp.gate_proj(x).sum().backward()
     assert x.grad is not None
