@@ -46,6 +46,7 @@ class GGUFTensor:
     qtype: str  # GGML type name, e.g. "Q4_1"
     shape: tuple[int, ...]  # PyTorch order: outermost dimension first
     raw: np.ndarray  # memory-mapped uint8 bytes
+    offset: int = 0  # where the bytes start in the file
 
     @property
     def n_elements(self) -> int:
@@ -206,7 +207,17 @@ class GGUFFile:
                 f"up to {start + n_bytes}, file has {size}); the file is truncated, download it again"
             )
         raw = np.frombuffer(self._map, np.uint8, n_bytes, start)
-        return GGUFTensor(name, qtype, tuple(reversed(dims)), raw)
+        return GGUFTensor(name, qtype, tuple(reversed(dims)), raw, start)
+
+    def release(self, tensor: GGUFTensor) -> None:
+        """Unmap the pages of a tensor whose bytes were copied into another layout, so that they
+        stop counting in this process's memory (they stay in the page cache; reading the tensor
+        again maps them back). Loading a model tensor by tensor then never holds the file and
+        its repacked copy at once."""
+        if not hasattr(self._map, "madvise"):  # pragma: no cover (Python < 3.8, non-Linux)
+            return
+        start = tensor.offset // mmap.PAGESIZE * mmap.PAGESIZE
+        self._map.madvise(mmap.MADV_DONTNEED, start, tensor.offset + tensor.n_bytes - start)
 
     @property
     def architecture(self) -> str:

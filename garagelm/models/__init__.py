@@ -70,7 +70,7 @@ def from_gguf(gguf: GGUFFile, dtype: torch.dtype = torch.float32, quantized: boo
             raw = unpermute_qk(raw, cfg.num_attention_heads)
         elif permuted and name.endswith("attn_k.weight"):
             raw = unpermute_qk(raw, cfg.num_key_value_heads)
-        if keep and t.qtype in QUANTIZED_TYPES and len(t.shape) == 2:
+        if keep and t.qtype in QUANTIZED_TYPES and len(t.shape) == 2:  # stays quantized
             module = hf.removesuffix(".weight")
             out_f, in_f = t.shape
             if hf == "model.embed_tokens.weight":
@@ -82,8 +82,10 @@ def from_gguf(gguf: GGUFFile, dtype: torch.dtype = torch.float32, quantized: boo
             else:
                 _set_module(model, module, GGMLLinear(raw, t.qtype, in_f, out_f))
             swapped.add(hf)
-            continue
-        state[hf] = dequantize(raw, t.qtype, t.shape).to(dtype)
+        else:
+            state[hf] = dequantize(raw, t.qtype, t.shape).to(dtype)
+        if keep:  # the bytes now live in a packed or float copy (or are mapped back on use)
+            gguf.release(t)
     if "rope_freqs.weight" in gguf.tensors:
         model.rope.freq_factors = gguf.tensors["rope_freqs.weight"].to_float()
     # (quantized layers' buffers are non-persistent, so state_dict lists only real parameters)
