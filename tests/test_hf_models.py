@@ -166,3 +166,37 @@ def test_converted_to_gguf_greedy_equals_llama_cpp(kind, smol_path, tmp_path, ll
     assert got == _ref_greedy(llama_cpp_model(path, logits_all=False), ids, 32, set())
     with torch.no_grad():  # and the GGUF we read back is the model we wrote
         assert (loaded.model(torch.tensor([ids])) - ref(torch.tensor([ids])).logits).abs().max() < 1e-3
+
+
+def test_bf16_checkpoint_stays_bf16_and_equals_transformers(tmp_path):
+    """A bf16 checkpoint keeps its linear weights in bf16 (half the memory); the products are
+    float32 products of those weights, as transformers computes them after widening the same
+    checkpoint to float32; decode through the kernels gives the torch layers' tokens."""
+    import transformers as tf
+
+    from garagelm.quant.dense import DenseLinear
+
+    torch.manual_seed(0)
+    tf.Qwen3ForCausalLM(tf.Qwen3Config(**COMMON, head_dim=32)).to(torch.bfloat16).save_pretrained(tmp_path)
+    ref = tf.Qwen3ForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
+    ours = from_hf(HFFolder(tmp_path))
+    down = ours.model.layers[0].mlp.down_proj
+    assert isinstance(down, DenseLinear) and down.weight.dtype == torch.bfloat16
+    ids = torch.randint(0, 512, (2, 20))
+    with torch.no_grad():
+        assert (ours(ids) - ref(ids).logits).abs().max() < TOL
+    assert ours.decode_plan is not None
+
+    runs = []
+    cfg = ours.config
+    for plan in (ours.decode_plan, None):
+        saved, ours.decode_plan = ours.decode_plan, plan
+        cache = KVCache(cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim, 64, dtype=torch.float16)
+        with torch.inference_mode():
+            out = [ours(ids[:1], cache=cache, start=0, last_only=True)[0, -1]]
+            for t in range(20, 36):
+                out.append(ours(out[-1].argmax().view(1, 1), cache=cache, start=t)[0, -1])
+        runs.append(torch.stack(out))
+        ours.decode_plan = saved
+    assert torch.equal(runs[0].argmax(-1), runs[1].argmax(-1))
+    assert (runs[0] - runs[1]).abs().max() < 1e-4

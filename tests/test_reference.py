@@ -132,3 +132,30 @@ def test_q4_1_top1_agrees_with_llama_cpp(smol_loaded, smol_path, llama_cpp_model
         agree += int((got.argmax(-1) == expected.argmax(-1)).sum())
         total += len(expected)
     assert agree / total >= 0.95, f"top-1 agreement {agree}/{total}"
+
+
+def test_f16_file_keeps_16_bit_weights_and_equals_transformers(quantized, smol_path):
+    """An F16 GGUF (llama.cpp's converter) keeps its linear weights at 16 bits (half the memory
+    of float32) and decodes through the kernels; logits and 24 greedy tokens equal transformers'
+    on the same file (it widens F16 to float32 at load)."""
+    import transformers
+
+    from garagelm.quant.dense import DenseLinear
+
+    path = quantized("F16")
+    loaded = load_model(path)
+    down = loaded.model.model.layers[0].mlp.down_proj
+    assert isinstance(down, DenseLinear) and down.weight.dtype == torch.float16
+    assert loaded.model.decode_plan is not None
+    ref = transformers.AutoModelForCausalLM.from_pretrained(
+        str(path.parent), gguf_file=path.name, dtype=torch.float32
+    ).eval()
+    ids = _prompt_ids(loaded, "Write a haiku about a garage.", True)
+    with torch.inference_mode():
+        expected = ref(torch.tensor([ids])).logits[0]
+        got = loaded.model(torch.tensor([ids]))[0]
+        assert (got - expected).abs().max() < 1e-3
+        eog = sorted(loaded.tokenizer.eog_ids)
+        out = ref.generate(torch.tensor([ids]), max_new_tokens=24, do_sample=False, eos_token_id=eog,
+                           pad_token_id=eog[0])  # fmt: skip
+    assert _ours_greedy(loaded, ids, 24) == out[0, len(ids) :].tolist()

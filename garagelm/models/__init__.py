@@ -82,6 +82,9 @@ def from_gguf(gguf: GGUFFile, dtype: torch.dtype = torch.float32, quantized: boo
             else:
                 _set_module(model, module, GGMLLinear(raw, t.qtype, in_f, out_f))
             swapped.add(hf)
+        elif keep and t.qtype in ("F16", "BF16") and len(t.shape) == 2 and _linear_weight(hf):
+            # linear weights stay 16-bit (half the memory); DenseLinear widens them exactly
+            state[hf] = raw.view(torch.float16 if t.qtype == "F16" else torch.bfloat16).reshape(t.shape).clone()
         else:
             state[hf] = dequantize(raw, t.qtype, t.shape).to(dtype)
         if keep:  # the bytes now live in a packed or float copy (or are mapped back on use)
@@ -135,6 +138,8 @@ def from_hf(folder, dtype: torch.dtype = torch.float32) -> nn.Module:
             raise GarageError(f"{folder.path}: unexpected tensor {name!r} for {model_type}")
         if tensor.dtype == torch.float8_e4m3fn:
             fp8[name] = tensor
+        elif tensor.dtype in (torch.bfloat16, torch.float16) and dtype == torch.float32 and _linear_weight(name):
+            state[name] = tensor  # kept 16-bit, half the memory; DenseLinear widens it exactly
         else:
             state[name] = tensor.to(dtype)
     if set(fp8) != set(scales):
@@ -158,6 +163,12 @@ def from_hf(folder, dtype: torch.dtype = torch.float32) -> nn.Module:
         model.tie_weights()
     _plan_float_decode(model)
     return model.eval()
+
+
+def _linear_weight(name: str) -> bool:
+    """Weights kept at 16 bits when the checkpoint has them so: the products' and the embedding
+    table (its rows are widened on lookup, and it is often the tied output head)."""
+    return name.endswith("_proj.weight") or name in ("lm_head.weight", "model.embed_tokens.weight")
 
 
 def _plan_float_decode(model: nn.Module) -> None:

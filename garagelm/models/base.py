@@ -79,7 +79,7 @@ class CausalLM(nn.Module):
     """
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.model.embed_tokens(input_ids)
+        return self.model.embed_tokens(input_ids).float()  # a 16-bit table widens its rows
 
     def ropes(self) -> list:
         return [self.rope]

@@ -201,7 +201,7 @@ class Gemma3ForCausalLM(CausalLM):
             self.lm_head.weight = self.model.embed_tokens.weight
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.model.embed_tokens(input_ids) * math.sqrt(self.config.hidden_size)
+        return self.model.embed_tokens(input_ids).float() * math.sqrt(self.config.hidden_size)
 
     def ropes(self) -> list:
         return [self.rope, self.rope_local]  # the decode plan's table 0 (global) and 1 (sliding)

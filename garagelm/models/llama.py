@@ -215,7 +215,7 @@ class LlamaForCausalLM(CausalLM):
             mask = CAUSAL
         else:
             mask = causal_mask(positions, start + T, window)
-        x = self.model.embed_tokens(input_ids)
+        x = self.embed(input_ids)
         for layer in self.model.layers:
             x = layer(x, cos, sin, mask, cache, start)
         if last_only:

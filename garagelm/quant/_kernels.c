@@ -150,9 +150,21 @@ static void matmul(const job_t *j) {
  */
 /* P_I8 / P_I8_16: K-quants (Q4_K, Q5_K, Q6_K) unpacked at load to int8 values with float32
  * scales (and negated mins for P_I8) per 32 / 16 values: 1.25 bytes a weight, same values. */
-/* P_F32: plain float32 rows (the weights of a float model; no scales), for the decode step. */
-enum { P_Q4_MIN = 0, P_Q4_0 = 1, P_Q8 = 2, P_I8 = 3, P_I8_16 = 4, P_F32 = 5 };
-#define LAST_KIND P_F32
+/* P_F32 / P_BF16 / P_F16: plain float rows (a float model's weights; no scales), widened to
+ * float32 exactly as they are read. */
+enum { P_Q4_MIN = 0, P_Q4_0 = 1, P_Q8 = 2, P_I8 = 3, P_I8_16 = 4, P_F32 = 5, P_BF16 = 6, P_F16 = 7 };
+#define LAST_KIND P_F16
+#define IS_FLOAT(kind) ((kind) >= P_F32)
+#define FLOAT_BYTES(kind) ((kind) == P_F32 ? 4 : 2)
+
+static inline float float_at(const uint8_t *w, int kind, size_t i) {
+    if (kind == P_F32) return ((const float *)w)[i];
+    if (kind == P_F16) return f16_to_f32(((const uint16_t *)w)[i]);
+    uint32_t bits = (uint32_t)((const uint16_t *)w)[i] << 16; /* bf16: the top half of a float32 */
+    float out;
+    memcpy(&out, &bits, 4);
+    return out;
+}
 #define MAX_BLOCKS 4096 /* K up to 131072 */
 #define BYTE_VALUES(kind) ((kind) >= P_Q8)
 #define HAS_MIN(kind) ((kind) == P_Q4_MIN || (kind) == P_Q4_0 || (kind) == P_I8)
@@ -191,11 +203,10 @@ static void load_row_scales(const job_t *j, int n, float *d, float *m, int nb) {
 /* Float32 weights: y = sum(w * x), four partial sums per row as the AVX-512 path keeps lanes. */
 static void rows_float_generic(const job_t *j, int n0, int n1) {
     for (int n = n0; n < n1; n++) {
-        const float *w = (const float *)j->w + (size_t)n * j->K;
         for (int r = 0; r < j->M; r++) {
             const float *x = j->x + (size_t)r * j->K;
             float acc = 0.0f;
-            for (int k = 0; k < j->K; k++) acc += w[k] * x[k];
+            for (int k = 0; k < j->K; k++) acc += float_at(j->w, j->qtype, (size_t)n * j->K + k) * x[k];
             j->y[(size_t)r * j->ldy + n] = acc;
         }
     }
@@ -319,18 +330,26 @@ static void rows_packed_avx512(const job_t *j, int n0, int n1) {
 #endif
 
 #ifdef HAVE_AVX512
-/* Float32 weights, two rows at a time (each x vector loaded once for both). */
+static inline __m512 load_float16(const uint8_t *row, int kind, int k) {
+    if (kind == P_F32) return _mm512_loadu_ps((const float *)row + k);
+    const __m256i h = _mm256_loadu_si256((const __m256i *)((const uint16_t *)row + k));
+    if (kind == P_F16) return _mm512_cvtph_ps(h);
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16)); /* bf16 */
+}
+
+/* Float weights (f32, bf16 or f16), two rows at a time (each x vector loaded once for both). */
 static void rows_float_avx512(const job_t *j, int n0, int n1) {
-    const int K = j->K, M = j->M;
+    const int K = j->K, M = j->M, kind = j->qtype;
+    const size_t row_bytes = (size_t)K * FLOAT_BYTES(kind);
     for (int n = n0; n < n1; n += 2) {
         const int pair = n + 1 < n1 ? 2 : 1;
-        const float *w0 = (const float *)j->w + (size_t)n * K, *w1 = (const float *)j->w + (size_t)(n + pair - 1) * K;
+        const uint8_t *w0 = j->w + (size_t)n * row_bytes, *w1 = j->w + (size_t)(n + pair - 1) * row_bytes;
         if (n + PREFETCH_ROWS + 1 < n1)
-            for (int o = 0; o < 2 * K; o += 16) __builtin_prefetch(w0 + (size_t)PREFETCH_ROWS * K + o, 0, 3);
+            for (size_t o = 0; o < 2 * row_bytes; o += 64) __builtin_prefetch(w0 + PREFETCH_ROWS * row_bytes + o, 0, 3);
         __m512 acc[MAX_ROWS][2];
         for (int r = 0; r < M; r++) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
         for (int k = 0; k < K; k += 16) {
-            const __m512 a = _mm512_loadu_ps(w0 + k), b = _mm512_loadu_ps(w1 + k);
+            const __m512 a = load_float16(w0, kind, k), b = load_float16(w1, kind, k);
             for (int r = 0; r < M; r++) {
                 const __m512 xv = _mm512_loadu_ps(j->x + (size_t)r * K + k);
                 acc[r][0] = _mm512_fmadd_ps(a, xv, acc[r][0]);
@@ -349,7 +368,7 @@ static void rows_float_avx512(const job_t *j, int n0, int n1) {
 static void packed_product(int kind, const uint8_t *q, const uint16_t *d, const uint16_t *m, const float *x, float *y,
                            int M, int N, int K, int ldy, float *xs) {
     const int nb = K / QK, nb16 = (nb + 15) & ~15;
-    if (kind == P_F32) {
+    if (IS_FLOAT(kind)) {
         job_t j = {kind, M, N, K, ldy, q, x, y, NULL, NULL, NULL, rows_float_generic};
 #ifdef HAVE_AVX512
         j.rows = rows_float_avx512;
@@ -392,8 +411,8 @@ static PyObject *py_matmul_packed(PyObject *self, PyObject *args) {
 /* Packed -> float32 with the dequantizer's exact arithmetic (bit-equal to gguf-py). */
 static void dequant_packed_rows(const job_t *j, int n0, int n1) {
     const int K = j->K, nb = K / QK, kind = j->qtype;
-    if (kind == P_F32) {
-        memcpy(j->y + (size_t)n0 * K, (const float *)j->w + (size_t)n0 * K, sizeof(float) * (size_t)(n1 - n0) * K);
+    if (IS_FLOAT(kind)) {
+        for (size_t i = (size_t)n0 * K; i < (size_t)n1 * K; i++) j->y[i] = float_at(j->w, kind, i);
         return;
     }
     for (long n = n0; n < n1; n++)
@@ -434,7 +453,7 @@ static void dequant_packed_rows(const job_t *j, int n0, int n1) {
  * loop rounds it (no fused multiply-add), so the output stays bit-equal to gguf-py's. */
 static void dequant_packed_rows_avx512(const job_t *j, int n0, int n1) {
     const int K = j->K, nb = K / QK, kind = j->qtype;
-    if (kind == P_F32) {
+    if (IS_FLOAT(kind)) {
         dequant_packed_rows(j, n0, n1);
         return;
     }
