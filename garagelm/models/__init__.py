@@ -84,7 +84,9 @@ def from_gguf(gguf: GGUFFile, dtype: torch.dtype = torch.float32, quantized: boo
             swapped.add(hf)
         elif keep and t.qtype in ("F16", "BF16") and len(t.shape) == 2 and _linear_weight(hf):
             # linear weights stay 16-bit (half the memory); DenseLinear widens them exactly
-            state[hf] = raw.view(torch.float16 if t.qtype == "F16" else torch.bfloat16).reshape(t.shape).clone()
+            state[hf] = (
+                raw.view(torch.float16 if t.qtype == "F16" else torch.bfloat16).reshape(t.shape).clone()
+            )
         else:
             state[hf] = dequantize(raw, t.qtype, t.shape).to(dtype)
         if keep:  # the bytes now live in a packed or float copy (or are mapped back on use)
@@ -138,7 +140,11 @@ def from_hf(folder, dtype: torch.dtype = torch.float32) -> nn.Module:
             raise GarageError(f"{folder.path}: unexpected tensor {name!r} for {model_type}")
         if tensor.dtype == torch.float8_e4m3fn:
             fp8[name] = tensor
-        elif tensor.dtype in (torch.bfloat16, torch.float16) and dtype == torch.float32 and _linear_weight(name):
+        elif (
+            tensor.dtype in (torch.bfloat16, torch.float16)
+            and dtype == torch.float32
+            and _linear_weight(name)
+        ):
             state[name] = tensor  # kept 16-bit, half the memory; DenseLinear widens it exactly
         else:
             state[name] = tensor.to(dtype)

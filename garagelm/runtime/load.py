@@ -84,7 +84,7 @@ def load_model(path: str | Path) -> LoadedModel:
 
 
 def _load_hf(path: Path, t0: float) -> LoadedModel:
-    """A Hugging Face folder: config.json, safetensors weights (held as float32), tokenizer.json."""
+    """A Hugging Face folder: config.json, safetensors weights (float32, or kept 16-bit when stored so), tokenizer.json."""
     import json
 
     from garagelm.formats.safetensors import HFFolder
