@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
 import torch
@@ -139,3 +141,22 @@ def test_float_models_decode_in_the_kernels_too(smol_f32):
     x = torch.randn(3, cfg.hidden_size, requires_grad=True)  # training: plain autograd products
     model.model.layers[0].mlp.gate_proj(x).sum().backward()
     assert x.grad is not None
+
+
+def test_packing_by_rows_equals_packing_whole(smol_path):
+    """The embedding packs a slice of rows at a time (releasing its file pages as it goes):
+    the same arrays as packing it whole, and every row reported done once."""
+    t = GGUFFile(smol_path).tensors["token_embd.weight"]
+    whole = GGMLLinear(t.raw_bytes(), t.qtype, t.shape[1], t.shape[0])
+    seen = []
+    sliced = GGMLLinear.packed_by_rows(
+        t.raw_bytes(), t.qtype, t.shape[1], t.shape[0], 5000, lambda a, b: seen.append((a, b))
+    )
+    for name in ("q", "d", "m"):
+        a, b = getattr(whole, name), getattr(sliced, name)
+        assert (a is None and b is None) or torch.equal(a, b), name
+    assert (
+        seen[0][0] == 0
+        and seen[-1][1] == t.shape[0]
+        and all(x[1] == y[0] for x, y in itertools.pairwise(seen))
+    )

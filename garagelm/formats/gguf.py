@@ -214,10 +214,14 @@ class GGUFFile:
         stop counting in this process's memory (they stay in the page cache; reading the tensor
         again maps them back). Loading a model tensor by tensor then never holds the file and
         its repacked copy at once."""
-        if not hasattr(self._map, "madvise"):  # pragma: no cover (Python < 3.8, non-Linux)
+        self.release_bytes(tensor.offset, tensor.n_bytes)
+
+    def release_bytes(self, offset: int, n_bytes: int) -> None:
+        """release() for a byte range of the file (a slice of a tensor's rows)."""
+        if not hasattr(self._map, "madvise") or n_bytes <= 0:  # pragma: no cover (non-Linux)
             return
-        start = tensor.offset // mmap.PAGESIZE * mmap.PAGESIZE
-        self._map.madvise(mmap.MADV_DONTNEED, start, tensor.offset + tensor.n_bytes - start)
+        start = offset // mmap.PAGESIZE * mmap.PAGESIZE
+        self._map.madvise(mmap.MADV_DONTNEED, start, offset + n_bytes - start)
 
     @property
     def architecture(self) -> str:

@@ -74,7 +74,11 @@ def from_gguf(gguf: GGUFFile, dtype: torch.dtype = torch.float32, quantized: boo
             module = hf.removesuffix(".weight")
             out_f, in_f = t.shape
             if hf == "model.embed_tokens.weight":
-                table = GGMLLinear(raw, t.qtype, in_f, out_f)
+                row_bytes = raw.shape[1]
+                table = GGMLLinear.packed_by_rows(  # the largest tensor: its pages go as it packs
+                    raw, t.qtype, in_f, out_f, max(1, (16 << 20) // row_bytes),
+                    lambda r0, r1, t=t, rb=row_bytes: gguf.release_bytes(t.offset + r0 * rb, (r1 - r0) * rb),
+                )  # fmt: skip
                 _set_module(model, module, GGMLEmbedding(table))
                 if tied:  # the output head reads the same weights
                     model.lm_head = table

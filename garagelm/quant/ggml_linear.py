@@ -80,6 +80,28 @@ class GGMLLinear(nn.Module):
             self.register_buffer("raw", raw.contiguous(), persistent=False)
 
     @classmethod
+    def packed_by_rows(cls, raw: torch.Tensor, qtype: str, in_features: int, out_features: int,
+                       chunk_rows: int, done=None) -> GGMLLinear:  # fmt: skip
+        """Pack a large weight a slice of rows at a time into preallocated arrays, calling
+        done(row0, row1) after each slice, so that its source pages can be released as it goes
+        (a 262k-row embedding otherwise holds file and copy whole at once)."""
+        if _kernels is None or qtype not in PACKED_KINDS:
+            return cls(raw, qtype, in_features, out_features)
+        arrays = None
+        for r0 in range(0, out_features, chunk_rows):
+            r1 = min(out_features, r0 + chunk_rows)
+            parts = _pack(raw[r0:r1], qtype, r1 - r0, in_features)
+            if arrays is None:
+                arrays = [None if x is None else torch.empty((out_features, *x.shape[1:]), dtype=x.dtype)
+                          for x in parts]  # fmt: skip
+            for dst, src in zip(arrays, parts):
+                if dst is not None:
+                    dst[r0:r1] = src
+            if done is not None:
+                done(r0, r1)
+        return cls(None, qtype, in_features, out_features, packed=tuple(arrays))
+
+    @classmethod
     def concat(cls, parts: list[GGMLLinear]) -> GGMLLinear:
         """One layer computing all of `parts` (same type and input size), outputs side by side."""
         first = parts[0]
