@@ -153,3 +153,43 @@ def test_calibration_from_a_folder_equals_from_its_gguf(smol_hf, smol_f32):
     assert set(a) == set(b) and "token_embd.weight" in a
     for name in a:
         assert torch.allclose(a[name], b[name], rtol=1e-4, atol=1e-6), name
+
+
+def test_llama_cpps_own_products_read_our_k_quant_blocks_as_we_do(smol_hf, tmp_path):
+    """A model whose rows are whole 256-value blocks (so Q4_K_M uses the K types, not their
+    fallbacks), quantized by us from its folder: ggml's own matrix product (llama.cpp's kernel,
+    called through ctypes) on each of our tensors equals our dequantized weight times the
+    activations as ggml rounds them, to float32 rounding. That is where the engines differ: the
+    exact product (ours, transformers') is further from ggml's than that by orders of magnitude,
+    which is why greedy text on a quantized file can part from llama.cpp's at a near tie."""
+    import transformers as tf
+    from ggml_ref import mul_mat, rounded_activations
+
+    from garagelm.formats.ggml_quants import dequantize
+
+    torch.manual_seed(3)
+    cfg = tf.LlamaConfig(vocab_size=49152, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)  # fmt: skip
+    folder = tmp_path / "tiny"
+    tf.LlamaForCausalLM(cfg).save_pretrained(folder)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(smol_hf / name, folder)
+    out = tmp_path / "tiny-Q4_K_M.gguf"
+    assert main(["quantize", str(folder), "--type", "Q4_K_M", "--out", str(out), "--quiet"]) == 0
+    g = GGUFFile(out)
+    checked = set()
+    for name, t in g.tensors.items():
+        if len(t.shape) != 2 or name == "token_embd.weight":
+            continue
+        n, k = t.shape
+        x = torch.randn(3, k)
+        x[:, 7] = 12.0  # an outlier, as real activations have
+        theirs = mul_mat(t.raw, t.qtype, n, k, x)
+        w = dequantize(t.raw_bytes(), t.qtype, t.shape)
+        ours_rounded = rounded_activations(x, t.qtype) @ w.T
+        exact = x @ w.T
+        scale = theirs.abs().max()
+        assert (ours_rounded - theirs).abs().max() <= 2e-6 * scale, name
+        assert (exact - theirs).abs().max() > 100 * (ours_rounded - theirs).abs().max(), name
+        checked.add(t.qtype)
+    assert {"Q4_K", "Q6_K"} <= checked
