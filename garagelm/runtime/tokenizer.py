@@ -12,7 +12,7 @@ from __future__ import annotations
 import codecs
 import hashlib
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -69,7 +69,7 @@ class Tokenizer:
         self.add_eos: bool = bool(metadata.get("tokenizer.ggml.add_eos_token", False))
         self.add_space_prefix: bool = bool(metadata.get("tokenizer.ggml.add_space_prefix", spm))
         self.eog_ids: set[int] = self._end_of_generation(metadata)
-        self.token_bytes: list[bytes] = self._token_bytes()
+        self.token_bytes: TokenBytes = self._token_bytes()
         if spm:
             self._tk = self._build_spm(metadata.get("tokenizer.ggml.scores"))
         else:
@@ -139,31 +139,25 @@ class Tokenizer:
                 ids.add(i)
         return ids
 
-    def _token_bytes(self) -> list[bytes]:
-        out: list[bytes] = []
-        byte_dec = _byte_decoder()
-        # GPT-2 byte-level text -> bytes in C: map each printable stand-in to its byte's latin-1 char.
-        # Characters below 256 that are not stand-ins become U+FFFF so the encode fails and the
-        # exact fallback below handles them.
-        to_latin1 = str.maketrans(
-            {**{chr(i): "\uffff" for i in range(256)}, **{c: chr(b) for c, b in byte_dec.items()}}
-        )
-        for text, kind in zip(self.tokens, self.types):
-            if kind in (CONTROL, UNKNOWN, UNUSED):
-                out.append(b"")  # rendered only on request (see decode(special=True))
-            elif kind == USER_DEFINED:
-                out.append(text.encode())
-            elif self.kind == "llama":
-                if kind == BYTE and len(text) == 6 and text.startswith("<0x"):
-                    out.append(bytes([int(text[3:5], 16)]))
-                else:
-                    out.append(text.replace(SPIECE_SPACE, " ").encode())
-            else:
-                try:
-                    out.append(text.translate(to_latin1).encode("latin-1"))
-                except UnicodeEncodeError:  # a character outside the byte map: its own UTF-8
-                    out.append(b"".join(bytes([byte_dec[c]]) if c in byte_dec else c.encode() for c in text))
-        return out
+    def _token_bytes(self) -> TokenBytes:
+        return TokenBytes(self)
+
+    def _bytes_of(self, i: int) -> bytes:
+        """Token i's bytes as text (empty for control tokens, rendered only on request)."""
+        text, kind = self.tokens[i], self.types[i]
+        if kind in (CONTROL, UNKNOWN, UNUSED):
+            return b""  # see decode(special=True)
+        if kind == USER_DEFINED:
+            return text.encode()
+        if self.kind == "llama":
+            if kind == BYTE and len(text) == 6 and text.startswith("<0x"):
+                return bytes([int(text[3:5], 16)])
+            return text.replace(SPIECE_SPACE, " ").encode()
+        try:
+            return text.translate(_to_latin1()).encode("latin-1")
+        except UnicodeEncodeError:  # a character outside the byte map: its own UTF-8
+            byte_dec = _byte_decoder()
+            return b"".join(bytes([byte_dec[c]]) if c in byte_dec else c.encode() for c in text)
 
     def _added_tokens(self):
         from tokenizers import AddedToken
@@ -291,6 +285,37 @@ class StreamDecoder:
 
     def flush(self) -> str:
         return self._utf8.decode(b"", final=True)
+
+
+class TokenBytes(Sequence):
+    """Every token's bytes, each worked out the first time it is asked for: a 262k vocabulary
+    costs ~0.2 s and ~11 MiB to convert whole, and most of it is never printed."""
+
+    def __init__(self, tokenizer: Tokenizer):
+        self._tok = tokenizer
+        self._cache: list[bytes | None] = [None] * len(tokenizer.tokens)
+
+    def __len__(self) -> int:
+        return len(self._cache)
+
+    def __getitem__(self, i):  # type: ignore[override]
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        got = self._cache[i]
+        if got is None:
+            got = self._cache[i] = self._tok._bytes_of(i)
+        return got
+
+
+@lru_cache(maxsize=1)
+def _to_latin1() -> dict[int, int | str]:
+    """GPT-2 byte-level text -> bytes in C: each printable stand-in maps to its byte's latin-1
+    character; characters below 256 that are not stand-ins become U+FFFF, so the encode fails
+    and the exact fallback handles them."""
+    byte_dec = _byte_decoder()
+    return str.maketrans(
+        {**{chr(i): "\uffff" for i in range(256)}, **{c: chr(b) for c, b in byte_dec.items()}}
+    )
 
 
 def _opt_id(metadata: Mapping[str, Any], key: str) -> int | None:
