@@ -111,7 +111,7 @@ class HFSource:
         """One tensor as float32 in GGUF layout."""
         from safetensors import safe_open
 
-        with safe_open(self.folder._where[hf_name], framework="pt") as st:
+        with safe_open(self.folder.shard_of(hf_name), framework="pt") as st:
             t = st.get_tensor(hf_name)
             plain = hf_name.removeprefix("language_model.")
             if t.dtype == torch.float8_e4m3fn:
@@ -120,7 +120,7 @@ class HFSource:
                 scale_name = self._scales.get(plain)
                 if scale_name is None:
                     raise GarageError(f"{self.path}: FP8 tensor {hf_name} has no weight_scale_inv")
-                with safe_open(self.folder._where[scale_name], framework="pt") as sc:
+                with safe_open(self.folder.shard_of(scale_name), framework="pt") as sc:
                     t = dequantize_fp8(t, sc.get_tensor(scale_name), torch.float32)
         t = t.float()
         cfg = self.config
@@ -187,7 +187,7 @@ def tokenizer_metadata(folder: Path) -> dict[str, Any]:
 
 def _splits(node: dict | None, path: Path) -> list[str]:
     """The regexes a tokenizer.json pre_tokenizer applies, in order."""
-    from garagelm.runtime.pretokenizers import _GPT2
+    from garagelm.runtime.pretokenizers import GPT2_SPLIT
 
     if not node:
         return []
@@ -195,7 +195,7 @@ def _splits(node: dict | None, path: Path) -> list[str]:
     if kind == "Sequence":
         return [r for part in node.get("pretokenizers", []) for r in _splits(part, path)]
     if kind == "ByteLevel":
-        return [_GPT2] if node.get("use_regex", True) else []
+        return [GPT2_SPLIT] if node.get("use_regex", True) else []
     if kind == "Digits":
         return [r"\p{N}" if node.get("individual_digits") else r"\p{N}+"]
     if kind == "Split" and node.get("behavior", "Isolated") == "Isolated" and not node.get("invert"):
@@ -207,11 +207,9 @@ def _splits(node: dict | None, path: Path) -> list[str]:
 
 def pre_tokenizer_name(spec: dict, path: Path) -> str:
     """The tokenizer.ggml.pre value whose splits equal tokenizer.json's (first name in the table)."""
-    from garagelm.runtime.pretokenizers import _CONTRACTIONS, PRE_TOKENIZERS
+    from garagelm.runtime.pretokenizers import CONTRACTIONS, PRE_TOKENIZERS
 
-    found = tuple(
-        r.replace(_CONTRACTIONS_HF, _CONTRACTIONS) for r in _splits(spec.get("pre_tokenizer"), path)
-    )
+    found = tuple(r.replace(_CONTRACTIONS_HF, CONTRACTIONS) for r in _splits(spec.get("pre_tokenizer"), path))
     ignore_merges = bool((spec.get("model") or {}).get("ignore_merges"))
     for name, pre in PRE_TOKENIZERS.items():
         if pre.regexes == found and pre.ignore_merges == ignore_merges:

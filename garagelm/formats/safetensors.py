@@ -62,6 +62,10 @@ class HFFolder:
     def shards(self) -> list[Path]:
         return sorted(set(self._where.values()))
 
+    def shard_of(self, name: str) -> Path:
+        """The file that holds tensor `name`."""
+        return self._where[name]
+
     def tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
         """(name, tensor) for every tensor, shard by shard."""
         from safetensors import safe_open
