@@ -135,7 +135,7 @@ def test_folders_that_cannot_be_converted(smol_hf, tmp_path, capsys):
     spec["pre_tokenizer"] = {"type": "Metaspace", "replacement": "▁", "prepend_scheme": "first"}
     spec["decoder"] = {"type": "Metaspace", "replacement": "▁", "prepend_scheme": "first"}
     (folder / "tokenizer.json").write_text(json.dumps(spec))
-    refused("SentencePiece")
+    refused("byte fallback")
     (folder / "tokenizer.json").unlink()
     refused("no tokenizer.json")
     assert not out.exists() and not list(tmp_path.glob("*.tmp"))
@@ -193,3 +193,39 @@ def test_llama_cpps_own_products_read_our_k_quant_blocks_as_we_do(smol_hf, tmp_p
         assert (exact - theirs).abs().max() > 100 * (ours_rounded - theirs).abs().max(), name
         checked.add(t.qtype)
     assert {"Q4_K", "Q6_K"} <= checked
+
+
+def test_sentencepiece_vocabulary_from_tokenizer_json(gemma_path, tmp_path):
+    """Gemma 3's 262k SentencePiece vocabulary, held as tokenizer.json does it (a byte-fallback
+    BPE, here the one we build from the real GGUF), converted back to GGUF keys with a small
+    Gemma 3 model: the same pieces and types as the original file, and llama.cpp tokenizes a
+    Unicode-heavy set with it exactly as with the original."""
+    import transformers as tf
+    from llama_cpp import Llama
+    from test_gemma3 import UNICODE
+
+    from garagelm.runtime.tokenizer import Tokenizer
+
+    original = GGUFFile(gemma_path)
+    folder = tmp_path / "gemma"
+    cfg = tf.Gemma3TextConfig(vocab_size=262144, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                              num_attention_heads=4, num_key_value_heads=1, head_dim=16, sliding_window=8,
+                              query_pre_attn_scalar=16, layer_types=["sliding_attention", "full_attention"])  # fmt: skip
+    tf.Gemma3ForCausalLM(cfg).save_pretrained(folder)
+    Tokenizer(original.metadata)._tk.save(str(folder / "tokenizer.json"))
+    names = {"bos_token": "<bos>", "eos_token": "<eos>", "pad_token": "<pad>", "unk_token": "<unk>"}
+    (folder / "tokenizer_config.json").write_text(json.dumps({**names, "add_bos_token": True}))
+    out = tmp_path / "gemma.gguf"
+    assert main(["convert", str(folder), "--type", "F32", "--out", str(out), "--quiet"]) == 0
+    ours = GGUFFile(out)
+    assert ours.get("tokenizer.ggml.model") == "llama" and not ours.get("tokenizer.ggml.add_space_prefix")
+    assert ours.get("tokenizer.ggml.tokens") == original.get("tokenizer.ggml.tokens")
+    assert list(ours.get("tokenizer.ggml.token_type")) == list(original.get("tokenizer.ggml.token_type"))
+    for key in ("bos_token_id", "eos_token_id", "padding_token_id"):
+        assert ours.get(f"tokenizer.ggml.{key}") == original.get(f"tokenizer.ggml.{key}"), key
+    converted = Llama(str(out), vocab_only=True, verbose=False)
+    reference = Llama(str(gemma_path), vocab_only=True, verbose=False)
+    for text in UNICODE:
+        for special in (False, True):
+            got = converted.tokenize(text.encode(), add_bos=True, special=special)
+            assert got == reference.tokenize(text.encode(), add_bos=True, special=special), text

@@ -5,10 +5,10 @@ llama.cpp expects (model keys from config.json, tokenizer keys from tokenizer.js
 tensors under GGUF names, in GGUF's layout (llama's Q/K rows permuted, Gemma's norms with the 1
 added, FP8 weights dequantized), each read from its memory-mapped shard only when asked for.
 
-Tokenizers: byte-level BPE (Llama 3, Qwen2/3, the DeepSeek-R1 distills, SmolLM) is converted;
-the pre-tokenizer name written is the one in runtime/pretokenizers.py whose splits are those
-of tokenizer.json. SentencePiece-style tokenizer.json files (Gemma, Llama 2, Mistral v0.1)
-are refused with a message: their scores are not in tokenizer.json.
+Tokenizers: byte-level BPE (Llama 3, Qwen2/3, the DeepSeek-R1 distills, SmolLM) keeps its
+merges, with the pre-tokenizer name in runtime/pretokenizers.py whose splits are those of
+tokenizer.json; a SentencePiece vocabulary held as a byte-fallback BPE (Gemma, Llama 2,
+Mistral) gets back per-piece scores from the order of its merges.
 """
 
 from __future__ import annotations
@@ -150,21 +150,23 @@ def tokenizer_metadata(folder: Path) -> dict[str, Any]:
     spec = json.loads(path.read_text(encoding="utf-8"))
     tok = Tokenizer.from_hf(folder)
     model = spec.get("model") or {}
-    if tok.kind != "gpt2" or model.get("type") != "BPE":
+    if model.get("type") != "BPE":
         raise GarageError(
-            f"{path}: a SentencePiece-style tokenizer (no byte-level BPE); its piece scores are not in "
-            "tokenizer.json, so it is not converted yet. Quantize the model's GGUF instead"
+            f"{path}: a {model.get('type')} tokenizer model; only BPE ones are converted so far"
         )
     merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
     md: dict[str, Any] = {
-        "tokenizer.ggml.model": "gpt2",
-        "tokenizer.ggml.pre": pre_tokenizer_name(spec, path),
         "tokenizer.ggml.tokens": tok.tokens,
         "tokenizer.ggml.token_type": np.array(tok.types, dtype=np.int32),
-        "tokenizer.ggml.merges": merges,
         "tokenizer.ggml.add_bos_token": bool(tok.add_bos),
         "tokenizer.ggml.add_eos_token": bool(tok.add_eos),
     }
+    if tok.kind == "gpt2":
+        md["tokenizer.ggml.model"] = "gpt2"
+        md["tokenizer.ggml.pre"] = pre_tokenizer_name(spec, path)
+        md["tokenizer.ggml.merges"] = merges
+    else:
+        md.update(_sentencepiece_keys(spec, merges, tok.tokens, path))
     cfg_path = folder / "tokenizer_config.json"
     cfg = json.loads(cfg_path.read_text(encoding="utf-8")) if cfg_path.is_file() else {}
     vocab = {t: i for i, t in enumerate(tok.tokens)}
@@ -183,6 +185,32 @@ def tokenizer_metadata(folder: Path) -> dict[str, Any]:
     if isinstance(chat, str):
         md["tokenizer.chat_template"] = chat
     return md
+
+
+def _sentencepiece_keys(spec: dict, merges: list[str], tokens: list[str], path: Path) -> dict[str, Any]:
+    """A SentencePiece vocabulary that tokenizer.json holds as a byte-fallback BPE (what the
+    converters make of Gemma's, Llama 2's, Mistral's): llama.cpp wants a score per piece and
+    merges the adjacent pair whose union scores highest. tokenizer.json ranks the merges by
+    that score, so a piece's score here is minus the rank of its first merge; pieces no merge
+    makes (characters, bytes, specials) never result from a merge and keep score 0."""
+    import numpy as np
+
+    if not (spec.get("model") or {}).get("byte_fallback"):
+        raise GarageError(f"{path}: a BPE without byte-level pre-tokenization or byte fallback; not a "
+                          "vocabulary llama.cpp reads")  # fmt: skip
+    rank: dict[str, int] = {}
+    for r, m in enumerate(merges):
+        a, b = m.split(" ", 1)
+        rank.setdefault(a + b, r)
+    scores = np.array([-float(rank[t]) if t in rank else 0.0 for t in tokens], dtype=np.float32)
+    text = json.dumps([spec.get("normalizer"), spec.get("pre_tokenizer")])
+    prefix = (
+        '"Prepend"' in text
+        or any(f'"prepend_scheme": "{p}"' in text for p in ("always", "first"))
+        or '"add_prefix_space": true' in text
+    )
+    return {"tokenizer.ggml.model": "llama", "tokenizer.ggml.scores": scores,
+            "tokenizer.ggml.add_space_prefix": prefix}  # fmt: skip
 
 
 def _splits(node: dict | None, path: Path) -> list[str]:
