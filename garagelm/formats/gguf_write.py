@@ -24,6 +24,17 @@ def permute_qk(w: torch.Tensor, n_heads: int) -> torch.Tensor:
     return w.reshape(n_heads, 2, rows // n_heads // 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
 
 
+def gguf_layout(name: str, t: torch.Tensor, arch: str, cfg) -> torch.Tensor:
+    """A float tensor under its Hugging Face name, as GGUF stores it: llama's Q/K rows permuted
+    for its interleaved RoPE, Gemma's norm weights with the 1 added."""
+    if arch == "llama" and name.endswith(("q_proj.weight", "k_proj.weight")):
+        return permute_qk(t, cfg.num_attention_heads if "q_proj" in name else cfg.num_key_value_heads)
+    offset = getattr(cfg, "norm_offset", 0.0)
+    if offset and name.endswith("norm.weight"):
+        return t + offset
+    return t
+
+
 def model_metadata(arch: str, cfg) -> dict[str, Any]:
     """The `{arch}.*` keys llama.cpp reads, from one of our config objects."""
     md: dict[str, Any] = {
@@ -66,16 +77,10 @@ def write_gguf(
     w.add_uint32("general.file_type", 1 if dtype == torch.float16 else 0)
     for key, value in {**model_metadata(arch, cfg), **(extra or {})}.items():
         add_value(w, key, value)
-    offset = getattr(cfg, "norm_offset", 0.0)
     for name, t in state.items():
         if name == "lm_head.weight" and cfg.tie_word_embeddings:
             continue
-        t = t.detach().float()
-        if arch == "llama" and name.endswith(("q_proj.weight", "k_proj.weight")):
-            heads = cfg.num_attention_heads if "q_proj" in name else cfg.num_key_value_heads
-            t = permute_qk(t, heads)
-        if offset and name.endswith("norm.weight"):
-            t = t + offset  # Gemma: GGUF keeps the norm weights with the 1 added
+        t = gguf_layout(name, t.detach().float(), arch, cfg)
         # 1-D tensors (norms, biases) stay float32, as llama.cpp's converter keeps them
         out = t.to(dtype) if t.dim() > 1 else t
         w.add_tensor(hf_to_gguf(name, arch), out.numpy())

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from garagelm.errors import GarageError
-from garagelm.formats.gguf_write import model_metadata, permute_qk
+from garagelm.formats.gguf_write import gguf_layout, model_metadata
 from garagelm.formats.names import hf_to_gguf
 from garagelm.formats.safetensors import HFFolder
 
@@ -122,13 +122,7 @@ class HFSource:
                     raise GarageError(f"{self.path}: FP8 tensor {hf_name} has no weight_scale_inv")
                 with safe_open(self.folder.shard_of(scale_name), framework="pt") as sc:
                     t = dequantize_fp8(t, sc.get_tensor(scale_name), torch.float32)
-        t = t.float()
-        cfg = self.config
-        if self.architecture == "llama" and plain.endswith(("q_proj.weight", "k_proj.weight")):
-            t = permute_qk(t, cfg.num_attention_heads if "q_proj" in plain else cfg.num_key_value_heads)
-        if getattr(cfg, "norm_offset", 0.0) and plain.endswith("norm.weight"):
-            t = t + cfg.norm_offset  # Gemma: GGUF keeps the norm weights with the 1 added
-        return t
+        return gguf_layout(plain, t.float(), self.architecture, self.config)
 
 
 def _torch_dtype(st_dtype: str) -> str:

@@ -107,12 +107,7 @@ def from_gguf(gguf: GGUFFile, dtype: torch.dtype = torch.float32, quantized: boo
     if tied and "lm_head.weight" not in swapped:
         model.tie_weights()
     if keep:
-        from garagelm.quant.decode import DecodePlan
-        from garagelm.quant.dense import use_dense_kernels
-
-        use_dense_kernels(model)  # the float layers (F32/F16 files) decode in the kernels too
-        fuse_projections(model)
-        model.decode_plan = DecodePlan.build(model)  # None where the whole-layer kernel does not fit
+        _prepare_decode(model)
     return model.eval()
 
 
@@ -171,7 +166,7 @@ def from_hf(folder, dtype: torch.dtype = torch.float32) -> nn.Module:
     model.load_state_dict(state, strict=False, assign=True)
     if tied:
         model.tie_weights()
-    _plan_float_decode(model)
+    _prepare_decode(model)
     return model.eval()
 
 
@@ -181,13 +176,15 @@ def _linear_weight(name: str) -> bool:
     return name.endswith("_proj.weight") or name in ("lm_head.weight", "model.embed_tokens.weight")
 
 
-def _plan_float_decode(model: nn.Module) -> None:
-    """Float32 layers decode through the C kernels where they fit (quant/dense.py)."""
+def _prepare_decode(model: nn.Module) -> None:
+    """Float layers become DenseLinear (quant/dense.py), quantized q/k/v and gate/up fuse, and
+    the model gets a whole-layer decode plan (None where the kernel does not fit)."""
     from garagelm.quant.decode import DecodePlan
     from garagelm.quant.dense import use_dense_kernels
 
-    if use_dense_kernels(model):
-        model.decode_plan = DecodePlan.build(model)
+    use_dense_kernels(model)
+    fuse_projections(model)
+    model.decode_plan = DecodePlan.build(model)
 
 
 def fuse_projections(model: nn.Module) -> None:
