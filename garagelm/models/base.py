@@ -78,6 +78,10 @@ class CausalLM(nn.Module):
     how hidden states become logits (`logits`).
     """
 
+    def tie_weights(self) -> None:
+        if self.config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.model.embed_tokens(input_ids).float()  # a 16-bit table widens its rows
 

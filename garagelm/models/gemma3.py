@@ -196,10 +196,6 @@ class Gemma3ForCausalLM(CausalLM):
         self.rope_local = RotaryEmbedding(RopeConfig(cfg.head_dim, cfg.rope_local_base_freq), hint)
         self.rope = RotaryEmbedding(RopeConfig(cfg.head_dim, cfg.rope_theta, cfg.rope_linear_factor), hint)
 
-    def tie_weights(self) -> None:
-        if self.config.tie_word_embeddings:
-            self.lm_head.weight = self.model.embed_tokens.weight
-
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.model.embed_tokens(input_ids).float() * math.sqrt(self.config.hidden_size)
 

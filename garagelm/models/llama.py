@@ -187,10 +187,6 @@ class LlamaForCausalLM(CausalLM):
             min(cfg.max_position_embeddings, 4096),
         )
 
-    def tie_weights(self) -> None:
-        if self.config.tie_word_embeddings:
-            self.lm_head.weight = self.model.embed_tokens.weight
-
     def forward(
         self,
         input_ids: torch.Tensor,
