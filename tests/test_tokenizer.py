@@ -81,3 +81,19 @@ def test_unsupported_tokenizer_is_a_clear_error(vocab_dir):
     md["tokenizer.ggml.pre"] = "no-such-pre"
     with pytest.raises(ValueError, match="unknown pre-tokenizer 'no-such-pre'"):
         Tokenizer(md)
+
+
+def test_sentencepiece_merges_cached_and_rebuilt_when_damaged(vocab_dir, tmp_path, monkeypatch):
+    """The derived merges are kept as a plain .npy (no pickle); a damaged entry is derived again
+    and the tokenizer still reads llama.cpp's vectors exactly."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    path = vocab_dir / "ggml-vocab-llama-spm.gguf"
+    cases = _vectors(path)[:20]
+    expected = [[int(x) for x in exp.split()] for _, exp in cases]
+    first = Tokenizer(GGUFFile(path).metadata)
+    (entry,) = (tmp_path / "garagelm" / "tokenizers").glob("spm-*.npy")
+    assert [first.encode(s) for s, _ in cases] == expected
+    entry.write_bytes(b"not an array")
+    again = Tokenizer(GGUFFile(path).metadata)
+    assert [again.encode(s) for s, _ in cases] == expected
+    assert entry.read_bytes().startswith(b"\x93NUMPY")  # written anew
