@@ -6,7 +6,7 @@ needed = weights as garagelm holds them + KV cache at the chosen context + runti
 - KV cache: layers x 2 (keys, values) x KV heads x head dim x context x 2 bytes (f16), or the
   catalog's kv_bytes_per_token for attention that compresses it (DeepSeek's MLA);
 - runtime: torch and Python (~310 MiB), the tokenizer's tables (measured: ~0.75 KiB a token for
-  byte-level BPE vocabularies, ~1.5 KiB for SentencePiece ones, whose merges we derive from
+  byte-level BPE vocabularies, ~0.4 KiB for SentencePiece ones, whose merges we derive from
   every split of every piece), plus buffers that grow with the context; then a 10% margin.
 """
 
@@ -18,7 +18,7 @@ from typing import Any
 from garagelm.store.hardware import Hardware
 
 RUNTIME_BYTES = 310 * 2**20
-TOKENIZER_BYTES_PER_TOKEN = {"bpe": 768, "spm": 1536}
+TOKENIZER_BYTES_PER_TOKEN = {"bpe": 768, "spm": 384}
 MARGIN = 0.10
 # bytes per weight as the engine holds them, by the file's quantization (None: the file size)
 HELD_BYTES_PER_WEIGHT = {
@@ -63,7 +63,7 @@ def estimate(entry: dict[str, Any], context: int = 4096) -> Estimate:
         )
     hidden = int(entry.get("hidden_size") or 4096)
     vocab = int(entry.get("vocab_size") or 50_000)
-    tokenizer = vocab * TOKENIZER_BYTES_PER_TOKEN.get(entry.get("tokenizer", "bpe"), 1536)
+    tokenizer = vocab * TOKENIZER_BYTES_PER_TOKEN.get(entry.get("tokenizer", "bpe"), 768)
     runtime = RUNTIME_BYTES + tokenizer + context * hidden * 4 * 8  # + activations of a context-long prefill
     total = int((weights + kv + runtime) * (1 + MARGIN))
     return Estimate(weights, kv, runtime, total, context)
