@@ -6,7 +6,8 @@ uses on other CPUs). Both are llama.cpp; on quantized files they round activatio
 slightly different places, so comparing them shows how far "the same tokens as llama.cpp" is
 defined at all. Prints, per file: for each prompt, how many greedy tokens (of 64) equal
 llama.cpp's for garagelm and for llama.cpp-without-repacking; top-1 agreement when reading
-llama.cpp's own greedy text; logit differences. Usage:
+llama.cpp's own greedy text; logit differences; and, where the argmaxes differ along that text,
+how close to a tie the choice was (the larger of the two engines' gaps). Usage:
 
     python bench/reference_agreement.py MODEL.gguf [MORE.gguf ...] [--raw-only] [--json out.json]
 """
@@ -24,7 +25,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from test_gemma3 import PROMPTS as GEMMA_PROMPTS
-from test_reference import CHAT_PROMPTS, RAW_PROMPTS, _prompt_ids, _ref_greedy, teacher_forced_logits
+from test_reference import CHAT_PROMPTS, RAW_PROMPTS, _prompt_ids, _ref_greedy, teacher_forced_logits, tie_gap
 
 from garagelm.runtime.generate import Engine
 from garagelm.runtime.load import load_model
@@ -68,7 +69,7 @@ def measure(path: str, raw_only: bool) -> dict:
     prompts = [(p, False) for p in dict.fromkeys(RAW_PROMPTS + GEMMA_PROMPTS)]
     if not raw_only:
         prompts += [(p, True) for p in CHAT_PROMPTS]
-    rows, agree, total, maxdiff, meandiff = [], 0, 0, 0.0, []
+    rows, agree, total, maxdiff, meandiff, gaps, plain_gaps = [], 0, 0, 0.0, [], [], []
     eog = loaded.tokenizer.eog_ids
     for text, chat in prompts:
         ids = _prompt_ids(loaded, text, chat)
@@ -76,6 +77,11 @@ def measure(path: str, raw_only: bool) -> dict:
         ours = list(Engine(loaded.model, loaded.tokenizer, 1024).tokens(ids, params))
         theirs, theirs_plain = _ref_greedy(ref, ids, 64, eog), _ref_greedy(plain, ids, 64, eog)
         got, expected = teacher_forced_logits(loaded, ref, ids)
+        plain.reset()
+        plain.eval(ids + _ref_greedy(ref, ids, 64, set()))
+        plain_logits = np.array(plain.scores[: plain.n_tokens])[len(ids) - 1 :]
+        gaps.append(tie_gap(got, expected))
+        plain_gaps.append(tie_gap(plain_logits, expected))
         agree += int((got.argmax(-1) == expected.argmax(-1)).sum())
         total += len(expected)
         d = np.abs(got - expected)
@@ -91,6 +97,8 @@ def measure(path: str, raw_only: bool) -> dict:
         "positions": total,
         "logit_max_abs_diff": maxdiff,
         "logit_mean_abs_diff": float(np.mean(meandiff)),
+        "largest_gap_at_a_disagreement": max(gaps),
+        "llama_cpp_plain_largest_gap_at_a_disagreement": max(plain_gaps),
     }
 
 
@@ -110,6 +118,9 @@ def main() -> None:
                   f" {row['llama_cpp_plain_equal_prefix']:8d}/{row['of']}")  # fmt: skip
         print(f"  top-1 agreement {r['top1_agreement']:.4f} over {r['positions']} positions; "
               f"logits |diff| max {r['logit_max_abs_diff']:.4f} mean {r['logit_mean_abs_diff']:.5f}")  # fmt: skip
+        print(f"  where the argmaxes differ, the larger logit gap (near-tie size): garagelm "
+              f"{r['largest_gap_at_a_disagreement']:.3f}, llama.cpp unrepacked "
+              f"{r['llama_cpp_plain_largest_gap_at_a_disagreement']:.3f}")  # fmt: skip
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
 

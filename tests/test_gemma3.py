@@ -2,13 +2,14 @@
 
 As for SmolLM2 (see test_reference.py): token-for-token equality is required where llama.cpp
 computes in full precision, the F32 conversion of the same weights; on the quantized file
-llama.cpp rounds activations to 8 bits, so there we require top-1 agreement.
+llama.cpp rounds activations to 8 bits, so there we require its argmax wherever the choice is
+not a near-tie.
 """
 
 from __future__ import annotations
 
 import pytest
-from test_reference import _ours_greedy, _ref_greedy, teacher_forced_logits
+from test_reference import NEAR_TIE, _ours_greedy, _ref_greedy, teacher_forced_logits, tie_gap
 
 from garagelm.runtime.load import load_model
 
@@ -66,14 +67,18 @@ def test_greedy_64_tokens_equal_llama_cpp_on_f32(gemma_f32_loaded, gemma_f32, ll
     assert len(ours) == 64
 
 
-def test_quantized_file_top1_agrees_with_llama_cpp(gemma, gemma_path, llama_cpp_model):
+def test_quantized_file_agrees_with_llama_cpp_up_to_near_ties(gemma, gemma_path, llama_cpp_model):
+    """Along llama.cpp's own 64 greedy tokens of each prompt, our argmax is llama.cpp's wherever
+    the choice is not a near-tie in both engines (measured: every disagreement within 0.26 logits,
+    median top-2 margin 3.2)."""
     ref = llama_cpp_model(gemma_path)
     agree = total = 0
     for text in PROMPTS:
-        got, expected = teacher_forced_logits(gemma, ref, gemma.tokenizer.encode(text, add_special=True), 32)
+        got, expected = teacher_forced_logits(gemma, ref, gemma.tokenizer.encode(text, add_special=True), 64)
         agree += int((got.argmax(-1) == expected.argmax(-1)).sum())
         total += len(expected)
-    assert agree / total >= 0.90, f"top-1 agreement {agree}/{total}"
+        assert tie_gap(got, expected) < NEAR_TIE, text
+    assert agree / total >= 0.95, f"top-1 agreement {agree}/{total}"
 
 
 def test_sliding_window_layers(gemma):

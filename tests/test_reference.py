@@ -123,14 +123,36 @@ def teacher_forced_logits(loaded, ref, ids, n=64):
     return got, expected
 
 
+# Where llama.cpp's 8-bit activation rounding can change the greedy choice: the two best tokens
+# within this many logits of each other. llama.cpp's two CPU kernel sets (with and without
+# weight repacking) differ from each other by up to 2.4 logits at a position on these files, and
+# disagree with each other at gaps up to 0.35; ours with llama.cpp at gaps up to 0.51 (SmolLM2
+# Q4_K_M), while half of all positions have a margin above 1.6 (SmolLM2) or 3.2 (Gemma).
+NEAR_TIE = 0.75
+
+
+def tie_gap(got: np.ndarray, expected: np.ndarray) -> float:
+    """The largest logit gap at a position where the argmaxes differ, in either engine: how far
+    below its own best each engine puts the other's choice (0 when they always agree)."""
+    ours, theirs = got.argmax(-1), expected.argmax(-1)
+    rows = np.flatnonzero(ours != theirs)
+    if rows.size == 0:
+        return 0.0
+    gap_ours = got[rows, ours[rows]] - got[rows, theirs[rows]]
+    gap_theirs = expected[rows, theirs[rows]] - expected[rows, ours[rows]]
+    return float(np.maximum(gap_ours, gap_theirs).max())
+
+
 def test_q4_1_top1_agrees_with_llama_cpp(smol_loaded, smol_path, llama_cpp_model):
-    """Teacher-forced on llama.cpp's own greedy text: our argmax equals its argmax almost always."""
+    """Teacher-forced on llama.cpp's own greedy text: our argmax equals its argmax almost always,
+    and where it does not, both engines see a near-tie (llama.cpp's activation rounding decides)."""
     ref = llama_cpp_model(smol_path)
     agree = total = 0
     for text, chat in [(p, False) for p in RAW_PROMPTS] + [(p, True) for p in CHAT_PROMPTS]:
         got, expected = teacher_forced_logits(smol_loaded, ref, _prompt_ids(smol_loaded, text, chat))
         agree += int((got.argmax(-1) == expected.argmax(-1)).sum())
         total += len(expected)
+        assert tie_gap(got, expected) < NEAR_TIE, text
     assert agree / total >= 0.95, f"top-1 agreement {agree}/{total}"
 
 

@@ -104,6 +104,8 @@ def _compare(args, text: str, evaluate, windows) -> int:
 
 
 def _row(name: str, loaded, q, base, n_params: int) -> dict:
+    from garagelm.evaluate.memory import peak_rss_mib
+
     size = _size(loaded.path)
     return {
         "model": name,
@@ -116,12 +118,13 @@ def _row(name: str, loaded, q, base, n_params: int) -> dict:
         "kl_p99": q.kl_p99,
         "top1_agreement": q.top1_agreement,
         "decode_tok_s": _decode_rate(loaded),
+        "peak_rss_mib": peak_rss_mib(loaded.path),  # in a child process of its own
     }
 
 
 def _print(rows: list[dict], args) -> None:
     print(
-        f"{'model':28s}{'MiB':>8s}{'bpw':>7s}{'vs16b':>7s}{'PPL':>9s}{'dPPL':>8s}{'KL mean':>9s}{'KL p99':>8s}{'top-1':>7s}{'tok/s':>7s}"
+        f"{'model':28s}{'MiB':>8s}{'bpw':>7s}{'vs16b':>7s}{'PPL':>9s}{'dPPL':>8s}{'KL mean':>9s}{'KL p99':>8s}{'top-1':>7s}{'tok/s':>7s}{'RSS MiB':>8s}"
     )
     for r in rows:
         kl = (
@@ -130,9 +133,10 @@ def _print(rows: list[dict], args) -> None:
             else f"{'(source)':>24s}"
         )
         print(f"{r['model'][:27]:28s}{r['file_mib']:>8.1f}{r['bits_per_weight']:>7.2f}{r['reduction_vs_16bit'] * 100:>6.0f}%"
-              f"{r['perplexity']:>9.3f}{r['perplexity_change'] * 100:>+7.1f}%{kl}{r['decode_tok_s']:>7.1f}")  # fmt: skip
+              f"{r['perplexity']:>9.3f}{r['perplexity_change'] * 100:>+7.1f}%{kl}{r['decode_tok_s']:>7.1f}{r['peak_rss_mib']:>8.0f}")  # fmt: skip
     print(
-        f"(perplexity over {args.text}, windows of {args.ctx}; KL(source || model) in nats per token)",
+        f"(perplexity over {args.text}, windows of {args.ctx}; KL(source || model) in nats per token; "
+        "RSS: peak of loading the model and generating 32 tokens, each in a process of its own)",
         file=sys.stderr,
     )
 
