@@ -13,6 +13,10 @@ from garagelm.runtime.cache import KVCache
 COMMON = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)  # fmt: skip
 TOL = 1e-4  # float32 on both sides; logits spread over a few units
+# Llama 3.1's RoPE scaling with a short original context, so that with 16-wide heads some pairs
+# keep their frequency (wavelength < 16), some are slowed 8x (> 64) and two are blended.
+LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 64}  # fmt: skip
 
 
 def _make(kind: str):
@@ -24,6 +28,8 @@ def _make(kind: str):
         return tf.Qwen3ForCausalLM(tf.Qwen3Config(**COMMON, head_dim=32))
     if kind == "mistral":
         return tf.MistralForCausalLM(tf.MistralConfig(**COMMON, sliding_window=8, head_dim=16))
+    if kind == "llama3":
+        return tf.LlamaForCausalLM(tf.LlamaConfig(**COMMON, head_dim=16, rope_scaling=LLAMA3_ROPE))
     if kind == "gemma3":
         cfg = tf.Gemma3TextConfig(**COMMON, head_dim=16, sliding_window=8, query_pre_attn_scalar=16,
                                   layer_types=["sliding_attention", "full_attention", "sliding_attention"])  # fmt: skip
@@ -31,7 +37,7 @@ def _make(kind: str):
     raise ValueError(kind)
 
 
-@pytest.fixture(scope="module", params=["qwen2", "qwen3", "mistral", "gemma3"])
+@pytest.fixture(scope="module", params=["qwen2", "qwen3", "mistral", "gemma3", "llama3"])
 def pair(request, tmp_path_factory):
     torch.manual_seed(0)
     ref = _make(request.param).float().eval()
@@ -126,6 +132,7 @@ GGUF_KINDS = {  # llama.cpp's own layer layouts: Gemma 3 with its fixed 5-local/
     "qwen2": ("qwen2", {}),
     "qwen3": ("qwen3", {"head_dim": 32}),
     "mistral": ("llama", {"head_dim": 16}),
+    "llama3": ("llama", {"head_dim": 16, "rope_scaling": LLAMA3_ROPE}),
     "gemma3": (
         "gemma3",
         {"head_dim": 16, "sliding_window": 8, "query_pre_attn_scalar": 16, "num_hidden_layers": 6},
@@ -148,7 +155,7 @@ def test_converted_to_gguf_greedy_equals_llama_cpp(kind, smol_path, tmp_path, ll
     base = {**COMMON, "vocab_size": 49152, **extra}
     torch.manual_seed(1)
     cls = {"qwen2": (tf.Qwen2Config, tf.Qwen2ForCausalLM), "qwen3": (tf.Qwen3Config, tf.Qwen3ForCausalLM),
-           "mistral": (tf.MistralConfig, tf.MistralForCausalLM),
+           "mistral": (tf.MistralConfig, tf.MistralForCausalLM), "llama3": (tf.LlamaConfig, tf.LlamaForCausalLM),
            "gemma3": (tf.Gemma3TextConfig, tf.Gemma3ForCausalLM)}[kind]  # fmt: skip
     ref = cls[1](cls[0](**base)).float().eval()
     with torch.no_grad():  # weights large enough that the next token is never a near tie

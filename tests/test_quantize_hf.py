@@ -72,7 +72,7 @@ def test_folder_to_q8_0_equals_llama_cpps_file(smol_hf, smol_path, quantized, tm
     assert ours.get("general.file_type") == 7
 
 
-def _tiny_folder(root: Path, smol_hf: Path, arch: str, pre: dict, ignore_merges: bool) -> Path:
+def _tiny_folder(root: Path, smol_hf: Path, arch: str, pre: dict, ignore_merges: bool, **extra) -> Path:
     """A small random model with SmolLM2's vocabulary and the given pre-tokenizer."""
     import transformers as tf
 
@@ -82,7 +82,7 @@ def _tiny_folder(root: Path, smol_hf: Path, arch: str, pre: dict, ignore_merges:
     cls = {"llama": (tf.LlamaConfig, tf.LlamaForCausalLM), "qwen2": (tf.Qwen2Config, tf.Qwen2ForCausalLM)}[
         arch
     ]
-    model = cls[1](cls[0](**common)).float().eval()
+    model = cls[1](cls[0](**common, **extra)).float().eval()
     with torch.no_grad():  # large weights: greedy text without near ties
         for p in model.parameters():
             p.mul_(8.0) if p.dim() > 1 else p.add_(torch.randn_like(p) * 0.1)
@@ -101,15 +101,19 @@ def test_converted_tokenizer_and_model_run_in_llama_cpp(name, arch, smol_hf, tmp
     tokenizes as the `tokenizers` library does with the folder's tokenizer.json, and its greedy
     tokens equal ours on the F32 file."""
     from llama_cpp import Llama
+    from test_hf_models import LLAMA3_ROPE
     from test_reference import _ours_greedy, _ref_greedy
     from tokenizers import Tokenizer as HFTokenizer
 
     from garagelm.runtime.load import load_model
 
-    folder = _tiny_folder(tmp_path, smol_hf, arch, *PRE[name])
+    # Llama 3's tokenizer comes with Llama 3.1's RoPE scaling, which GGUF keeps as rope_freqs
+    extra = {"rope_scaling": LLAMA3_ROPE} if name == "llama3" else {}
+    folder = _tiny_folder(tmp_path, smol_hf, arch, *PRE[name], **extra)
     out = tmp_path / f"{name}.gguf"
     assert main(["convert", str(folder), "--type", "F32", "--out", str(out), "--quiet"]) == 0
     assert GGUFFile(out).get("tokenizer.ggml.pre") == name
+    assert ("rope_freqs.weight" in GGUFFile(out).tensors) == bool(extra)
     reference = HFTokenizer.from_file(str(folder / "tokenizer.json"))
     vocab = Llama(str(out), vocab_only=True, verbose=False)
     for text in STRINGS:

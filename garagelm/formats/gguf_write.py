@@ -35,6 +35,13 @@ def gguf_layout(name: str, t: torch.Tensor, arch: str, cfg) -> torch.Tensor:
     return t
 
 
+def extra_tensors(cfg) -> dict[str, torch.Tensor]:
+    """Tensors GGUF has and a Hugging Face checkpoint does not: Llama 3.1's RoPE scaling, which
+    config.json describes and llama.cpp reads as per-pair divisors (`rope_freqs.weight`)."""
+    factors = getattr(cfg, "rope_freq_factors", None)
+    return {"rope_freqs.weight": torch.tensor(factors, dtype=torch.float32)} if factors else {}
+
+
 def model_metadata(arch: str, cfg) -> dict[str, Any]:
     """The `{arch}.*` keys llama.cpp reads, from one of our config objects."""
     md: dict[str, Any] = {
@@ -84,6 +91,8 @@ def write_gguf(
         # 1-D tensors (norms, biases) stay float32, as llama.cpp's converter keeps them
         out = t.to(dtype) if t.dim() > 1 else t
         w.add_tensor(hf_to_gguf(name, arch), out.numpy())
+    for name, t in extra_tensors(cfg).items():
+        w.add_tensor(name, t.numpy())
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from garagelm.errors import GarageError
-from garagelm.formats.gguf_write import gguf_layout, model_metadata
+from garagelm.formats.gguf_write import extra_tensors, gguf_layout, model_metadata
 from garagelm.formats.names import hf_to_gguf
 from garagelm.formats.safetensors import HFFolder
 
@@ -105,11 +105,17 @@ class HFSource:
                     except KeyError as e:
                         raise GarageError(f"{self.path}: {e.args[0]}") from None
                     out[gguf_name] = HFTensor(self, name, tuple(sl.get_shape()), dtype)
+        for gguf_name, t in extra_tensors(self.config).items():  # e.g. Llama 3.1's rope_freqs
+            out[gguf_name] = HFTensor(self, gguf_name, tuple(t.shape), "F32")
         return out
 
     def load(self, hf_name: str) -> torch.Tensor:
         """One tensor as float32 in GGUF layout."""
         from safetensors import safe_open
+
+        made = extra_tensors(self.config)
+        if hf_name in made:
+            return made[hf_name]
 
         with safe_open(self.folder.shard_of(hf_name), framework="pt") as st:
             t = st.get_tensor(hf_name)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -143,6 +144,26 @@ class RopeConfig:
     dim: int  # rotated dimensions per head
     base: float = 10000.0
     linear_factor: float = 1.0  # positions are divided by this ("linear" scaling)
+
+
+def llama3_freq_factors(base: float, dim: int, scaling: dict[str, Any]) -> list[float]:
+    """Llama 3.1's RoPE scaling as per-pair divisors of the angle (what llama.cpp stores as the
+    `rope_freqs` tensor): long wavelengths slowed by `factor`, short ones kept, and a smooth
+    blend between the two thresholds set by the original context length."""
+    factor = float(scaling.get("factor", 8.0))
+    low, high = float(scaling.get("low_freq_factor", 1.0)), float(scaling.get("high_freq_factor", 4.0))
+    old_ctx = float(scaling.get("original_max_position_embeddings", 8192))
+    out = []
+    for i in range(0, dim, 2):
+        wavelen = 2 * math.pi * base ** (i / dim)
+        if wavelen < old_ctx / high:
+            out.append(1.0)
+        elif wavelen > old_ctx / low:
+            out.append(factor)
+        else:
+            smooth = (old_ctx / wavelen - low) / (high - low)
+            out.append(1.0 / ((1 - smooth) / factor + smooth))
+    return out
 
 
 class RotaryEmbedding(nn.Module):

@@ -26,6 +26,7 @@ from garagelm.models.base import (
     gguf_key,
     gguf_shape,
     hf_shape,
+    llama3_freq_factors,
 )
 
 
@@ -48,6 +49,7 @@ class LlamaConfig:
     rope_theta: float = 10000.0
     rope_dim: int | None = None
     rope_linear_factor: float = 1.0
+    rope_freq_factors: tuple[float, ...] | None = None  # Llama 3.1 scaling: divisors per pair
     max_position_embeddings: int = 4096
     tie_word_embeddings: bool = False
     sliding_window: int | None = None
@@ -61,16 +63,19 @@ class LlamaConfig:
         theta = float(c.get("rope_theta") or rope.get("rope_theta") or 10000.0)
         scaling = c.get("rope_scaling") or rope
         kind = scaling.get("rope_type") or scaling.get("type") or "default"
-        if kind not in ("default", "linear"):
-            raise ValueError(f"RoPE scaling {kind!r} is not supported for Hugging Face folders yet")
+        if kind not in ("default", "linear", "llama3"):
+            raise ValueError(f"RoPE scaling {kind!r} is not supported yet (supported: linear, llama3)")
+        shape = hf_shape(c)
+        factors = llama3_freq_factors(theta, shape["head_dim"], scaling) if kind == "llama3" else None
         window = c.get("sliding_window")
         if c.get("model_type") in ("qwen2", "qwen3") and not c.get("use_sliding_window"):
             window = None  # Qwen configs name a window they do not use
         return cls(
-            **hf_shape(c),
+            **shape,
             rms_norm_eps=float(c.get("rms_norm_eps", 1e-5)),
             rope_theta=theta,
             rope_linear_factor=float(scaling.get("factor", 1.0)) if kind == "linear" else 1.0,
+            rope_freq_factors=tuple(factors) if factors else None,
             max_position_embeddings=int(c.get("max_position_embeddings", 4096)),
             tie_word_embeddings=bool(c.get("tie_word_embeddings", False)),
             sliding_window=int(window) if window else None,
@@ -182,9 +187,11 @@ class LlamaForCausalLM(CausalLM):
         self.config = cfg
         self.model = LlamaModel(cfg)
         self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        factors = cfg.rope_freq_factors
         self.rope = RotaryEmbedding(
             RopeConfig(cfg.rope_dim or cfg.head_dim, cfg.rope_theta, cfg.rope_linear_factor),
             min(cfg.max_position_embeddings, 4096),
+            torch.tensor(factors, dtype=torch.float32, device="cpu") if factors else None,
         )
 
     def forward(
