@@ -104,6 +104,7 @@ def test_whole_layer_decode_matches_the_torch_layers(gemma):
     model's torch layers, through a prompt longer than the window."""
     import torch
 
+    from garagelm.quant.ggml_linear import exact_products
     from garagelm.runtime.generate import Engine
 
     model = gemma.model
@@ -117,7 +118,8 @@ def test_whole_layer_decode_matches_the_torch_layers(gemma):
             model.decode_plan = plan
         try:
             e = Engine(model, gemma.tokenizer, 1024)
-            logits, out = e._forward(ids, 0), []
+            with exact_products():  # the same float32 prefill for both (this tests decode)
+                logits, out = e._forward(ids, 0), []
             for _ in range(24):  # decode crosses position 512 + window edge handling
                 out.append(logits)
                 logits = e._forward([int(logits.argmax())], len(e.cached))

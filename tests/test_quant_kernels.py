@@ -12,7 +12,7 @@ from gguf import GGMLQuantizationType
 from gguf.quants import dequantize as gguf_dequantize
 
 from garagelm.formats.gguf import GGUFFile
-from garagelm.quant.ggml_linear import GGMLEmbedding, GGMLLinear, kernels_available
+from garagelm.quant.ggml_linear import GGMLEmbedding, GGMLLinear, exact_products, kernels_available, use_bf16
 
 pytestmark = pytest.mark.skipif(not kernels_available(), reason="C kernels not built")
 
@@ -40,9 +40,32 @@ def test_matmul_matches_float_reference(tensors, qtype, rows):
     w = torch.from_numpy(gguf_dequantize(t.raw, GGMLQuantizationType[qtype]).reshape(n, k))
     lin = GGMLLinear(t.raw_bytes(), qtype, k, n)
     x = torch.randn(rows, k, generator=torch.Generator().manual_seed(rows))
-    got, want = lin(x), F.linear(x.double(), w.double()).float()
+    with exact_products():
+        got = lin(x)
+    want = F.linear(x.double(), w.double()).float()
     # float32 rounding only: errors far below the spread of the outputs
     assert (got - want).abs().max() <= 1e-5 * want.abs().max()
+
+
+@pytest.mark.parametrize("qtype", list(FILES))
+def test_bf16_prefill_products(tensors, qtype):
+    """Many rows on a CPU with bf16 dot products: the weights dequantized straight to bf16 equal
+    the float32 dequantization rounded to nearest even, and the product is the float32 one up to
+    bf16 rounding of its inputs and output (errors ~2^-8 of the output spread)."""
+    t = tensors[qtype]
+    n, k = t.shape
+    lin = GGMLLinear(t.raw_bytes(), qtype, k, n)
+    w = lin.dequantized()
+    assert torch.equal(lin.dequantized_bf16().view(torch.int16), w.to(torch.bfloat16).view(torch.int16))
+    x = torch.randn(64, k, generator=torch.Generator().manual_seed(64))
+    want = F.linear(x.double(), w.double()).float()
+    err = float((lin(x) - want).abs().max() / want.abs().max())
+    if use_bf16(64):
+        assert 1e-5 < err < 2e-2, err  # not the float32 path, and within bf16's precision
+    else:  # a CPU without bf16 dot products (AMX or AVX512-BF16): prefill stays float32
+        assert err <= 1e-5
+    with exact_products():
+        assert (lin(x) - want).abs().max() <= 1e-5 * want.abs().max()
 
 
 @pytest.mark.parametrize("qtype", list(FILES))

@@ -25,6 +25,8 @@ MODEL = "smollm2:135m"
 def alone(smol_path):
     """Greedy replies computed directly with the engine, one request at a time: the reference
     the server's (concurrent) answers must equal."""
+    from garagelm.quant.ggml_linear import exact_products
+
     loaded = load_model(smol_path)
     engine = Engine(loaded.model, loaded.tokenizer, CTX)
     template = loaded.chat_template()
@@ -32,9 +34,9 @@ def alone(smol_path):
     def reply(messages, max_tokens, stop=()):
         ids = loaded.encode_chat(template, messages)
         c = Completion()
-        text = "".join(
-            engine.complete(ids, SamplingParams(temperature=0, max_tokens=max_tokens, stop=list(stop)), c)
-        )
+        with exact_products():  # the server computes in float32 throughout
+            params = SamplingParams(temperature=0, max_tokens=max_tokens, stop=list(stop))
+            text = "".join(engine.complete(ids, params, c))
         return text, c
 
     return reply
@@ -96,6 +98,8 @@ def test_stop_sequences_are_never_emitted(oai, alone):
 def test_logprobs_are_the_models_distribution(oai, smol_path):
     import torch
 
+    from garagelm.quant.ggml_linear import exact_products
+
     r = oai.chat.completions.create(
         model=MODEL, messages=ask("Hi!"), temperature=0, max_tokens=5, logprobs=True, top_logprobs=20
     )
@@ -110,7 +114,8 @@ def test_logprobs_are_the_models_distribution(oai, smol_path):
     loaded = load_model(smol_path)
     ids = loaded.encode_chat(loaded.chat_template(), ask("Hi!"))
     engine = Engine(loaded.model, loaded.tokenizer, CTX)
-    lp = torch.log_softmax(engine._forward(ids, 0).float(), -1)
+    with exact_products():  # as the server computes
+        lp = torch.log_softmax(engine._forward(ids, 0).float(), -1)
     best = torch.topk(lp, 20)
     # A server slot may reuse keys/values of an earlier request (computed by the decode kernels,
     # not this prefill): the two paths round differently, by about 1e-3 here.

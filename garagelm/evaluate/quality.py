@@ -42,8 +42,12 @@ def windows(tokenizer, text: str, ctx: int = 512, limit: int | None = None) -> W
 
 @torch.inference_mode()
 def window_logprobs(model, w: list[int], first: int) -> torch.Tensor:
-    """log-softmax of the model's next-token logits at positions first .. len(w) - 2."""
-    logits = model(torch.tensor([w]))[0, first : len(w) - 1].float()
+    """log-softmax of the model's next-token logits at positions first .. len(w) - 2, from
+    float32 products (a quality figure must not include the bf16 rounding of fast prefill)."""
+    from garagelm.quant.ggml_linear import exact_products
+
+    with exact_products():
+        logits = model(torch.tensor([w]))[0, first : len(w) - 1].float()
     return torch.log_softmax(logits, -1)
 
 

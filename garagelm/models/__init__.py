@@ -97,6 +97,12 @@ def from_gguf(gguf: GGUFFile, dtype: torch.dtype = torch.float32, quantized: boo
             gguf.release(t)
     if "rope_freqs.weight" in gguf.tensors:
         model.rope.freq_factors = gguf.tensors["rope_freqs.weight"].to_float()
+    if isinstance(model.lm_head, GGMLLinear):
+        model.lm_head.exact = True  # logits and logprobs always from float32 products
+    if any(isinstance(m, GGMLLinear) and m is not model.lm_head for m in model.modules()):
+        for m in model.modules():  # weights already rounded to a few bits: prefill may use bf16
+            if hasattr(m, "bf16_prefill"):
+                m.bf16_prefill = True
     # (quantized layers' buffers are non-persistent, so state_dict lists only real parameters)
     missing = set(model.state_dict()) - set(state) - swapped - ({"lm_head.weight"} if tied else set())
     if missing:

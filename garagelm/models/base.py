@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from garagelm.quant.attention import decode_attention_f16
+from garagelm.quant.ggml_linear import use_bf16
 
 
 class Linear(nn.Linear):
@@ -229,13 +230,19 @@ def attention(
     v: torch.Tensor,
     mask: torch.Tensor | str | None,
     scale: float | None = None,
+    bf16_prefill: bool = False,
 ) -> torch.Tensor:
-    """q (B, H, T, hd), k/v (B, Hkv, S, hd), mask (B or 1, 1, T, S) bool (True = attend) or CAUSAL."""
+    """q (B, H, T, hd), k/v (B, Hkv, S, hd), mask (B or 1, 1, T, S) bool (True = attend) or CAUSAL.
+
+    bf16_prefill: a quantized model's layer, whose prefill may run in bf16 (see
+    quant.ggml_linear.use_bf16: many query rows, a CPU with bf16 dot products, not exact mode)."""
     scale = scale if scale is not None else 1.0 / math.sqrt(q.shape[-1])
     if k.dtype == torch.float16 and mask is None and q.shape[2] == 1:
         out = decode_attention_f16(q, k, v, scale)
         if out is not None:
             return out
+    if bf16_prefill and q.dtype == torch.float32 and use_bf16(q.shape[2]):
+        return attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), mask, scale).float()
     if k.dtype != q.dtype:  # an f16 cache read by a float32 model
         k, v = k.to(q.dtype), v.to(q.dtype)
     gqa = q.shape[1] != k.shape[1]

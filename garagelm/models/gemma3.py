@@ -107,6 +107,8 @@ class Gemma3Config:
 
 
 class Gemma3Attention(nn.Module):
+    bf16_prefill = False  # set for quantized models: their prefill attention may run in bf16
+
     def __init__(self, cfg: Gemma3Config, layer: int):
         super().__init__()
         self.layer = layer
@@ -137,7 +139,7 @@ class Gemma3Attention(nn.Module):
         if T == 1 and self.window is not None and k.shape[2] > self.window:
             # one query: its window is exactly the last `window` keys, no mask needed
             k, v = k[:, :, -self.window :], v[:, :, -self.window :]
-        y = attention(q, k, v, mask, scale=self.scale)
+        y = attention(q, k, v, mask, scale=self.scale, bf16_prefill=self.bf16_prefill)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, H * hd))
 
 

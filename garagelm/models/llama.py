@@ -97,6 +97,8 @@ class LlamaConfig:
 
 
 class LlamaAttention(nn.Module):
+    bf16_prefill = False  # set for quantized models: their prefill attention may run in bf16
+
     def __init__(self, cfg: LlamaConfig, layer: int):
         super().__init__()
         self.layer = layer
@@ -136,7 +138,7 @@ class LlamaAttention(nn.Module):
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer, k, v, start)  # (B, Hkv, start + T, hd)
-        y = attention(q, k, v, mask)  # (B, H, T, hd)
+        y = attention(q, k, v, mask, bf16_prefill=self.bf16_prefill)  # (B, H, T, hd)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.hd))
 
 

@@ -451,54 +451,85 @@ static void dequant_packed_rows(const job_t *j, int n0, int n1) {
 #ifdef HAVE_AVX512
 /* The same arithmetic 16 values at a time: a multiply, then an add, each rounded as the scalar
  * loop rounds it (no fused multiply-add), so the output stays bit-equal to gguf-py's. */
-static void dequant_packed_rows_avx512(const job_t *j, int n0, int n1) {
+static inline void dequant_block_avx512(const job_t *j, long n, int b, __m512 *out0, __m512 *out1) {
     const int K = j->K, nb = K / QK, kind = j->qtype;
-    if (IS_FLOAT(kind)) {
+    const __m128i low = _mm_set1_epi8(0x0F);
+    __m512 v0, v1;
+    if (BYTE_VALUES(kind)) {
+        const int8_t *qq = (const int8_t *)j->w + (size_t)n * K + (size_t)b * QK;
+        v0 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)qq)));
+        v1 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(qq + 16))));
+    } else {
+        __m128i qs = _mm_loadu_si128((const __m128i *)(j->w + (size_t)n * (K / 2) + (size_t)b * 16));
+        __m512i lo = _mm512_cvtepu8_epi32(_mm_and_si128(qs, low));
+        __m512i hi = _mm512_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(qs, 4), low));
+        if (kind == P_Q4_0) {
+            lo = _mm512_sub_epi32(lo, _mm512_set1_epi32(8));
+            hi = _mm512_sub_epi32(hi, _mm512_set1_epi32(8));
+        }
+        v0 = _mm512_cvtepi32_ps(lo);
+        v1 = _mm512_cvtepi32_ps(hi);
+    }
+    if (kind >= P_I8) {
+        const float *sc = (const float *)j->d + (size_t)n * N_SCALES(kind, nb);
+        const float s0 = kind == P_I8_16 ? sc[2 * b] : sc[b], s1 = kind == P_I8_16 ? sc[2 * b + 1] : sc[b];
+        v0 = _mm512_mul_ps(_mm512_set1_ps(s0), v0);
+        v1 = _mm512_mul_ps(_mm512_set1_ps(s1), v1);
+        if (kind == P_I8 && j->m) {
+            const __m512 mn = _mm512_set1_ps(((const float *)j->m)[(size_t)n * nb + b]);
+            v0 = _mm512_add_ps(v0, mn);
+            v1 = _mm512_add_ps(v1, mn);
+        }
+    } else {
+        const __m512 db = _mm512_set1_ps(f16_to_f32(j->d[n * nb + b]));
+        v0 = _mm512_mul_ps(db, v0);
+        v1 = _mm512_mul_ps(db, v1);
+        if (kind == P_Q4_MIN) {
+            const __m512 mb = _mm512_set1_ps(f16_to_f32(j->m[n * nb + b]));
+            v0 = _mm512_add_ps(v0, mb);
+            v1 = _mm512_add_ps(v1, mb);
+        }
+    }
+    *out0 = v0;
+    *out1 = v1;
+}
+
+static void dequant_packed_rows_avx512(const job_t *j, int n0, int n1) {
+    const int K = j->K, nb = K / QK;
+    if (IS_FLOAT(j->qtype)) {
         dequant_packed_rows(j, n0, n1);
         return;
     }
-    const __m128i low = _mm_set1_epi8(0x0F);
     for (long n = n0; n < n1; n++)
         for (int b = 0; b < nb; b++) {
             float *o = j->y + (size_t)n * K + (size_t)b * QK;
             __m512 v0, v1;
-            if (BYTE_VALUES(kind)) {
-                const int8_t *qq = (const int8_t *)j->w + (size_t)n * K + (size_t)b * QK;
-                v0 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)qq)));
-                v1 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(qq + 16))));
-            } else {
-                __m128i qs = _mm_loadu_si128((const __m128i *)(j->w + (size_t)n * (K / 2) + (size_t)b * 16));
-                __m512i lo = _mm512_cvtepu8_epi32(_mm_and_si128(qs, low));
-                __m512i hi = _mm512_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(qs, 4), low));
-                if (kind == P_Q4_0) {
-                    lo = _mm512_sub_epi32(lo, _mm512_set1_epi32(8));
-                    hi = _mm512_sub_epi32(hi, _mm512_set1_epi32(8));
-                }
-                v0 = _mm512_cvtepi32_ps(lo);
-                v1 = _mm512_cvtepi32_ps(hi);
-            }
-            if (kind >= P_I8) {
-                const float *sc = (const float *)j->d + (size_t)n * N_SCALES(kind, nb);
-                const float s0 = kind == P_I8_16 ? sc[2 * b] : sc[b], s1 = kind == P_I8_16 ? sc[2 * b + 1] : sc[b];
-                v0 = _mm512_mul_ps(_mm512_set1_ps(s0), v0);
-                v1 = _mm512_mul_ps(_mm512_set1_ps(s1), v1);
-                if (kind == P_I8 && j->m) {
-                    const __m512 mn = _mm512_set1_ps(((const float *)j->m)[(size_t)n * nb + b]);
-                    v0 = _mm512_add_ps(v0, mn);
-                    v1 = _mm512_add_ps(v1, mn);
-                }
-            } else {
-                const __m512 db = _mm512_set1_ps(f16_to_f32(j->d[n * nb + b]));
-                v0 = _mm512_mul_ps(db, v0);
-                v1 = _mm512_mul_ps(db, v1);
-                if (kind == P_Q4_MIN) {
-                    const __m512 mb = _mm512_set1_ps(f16_to_f32(j->m[n * nb + b]));
-                    v0 = _mm512_add_ps(v0, mb);
-                    v1 = _mm512_add_ps(v1, mb);
-                }
-            }
+            dequant_block_avx512(j, n, b, &v0, &v1);
             _mm512_storeu_ps(o, v0);
             _mm512_storeu_ps(o + 16, v1);
+        }
+}
+
+/* float32 -> bf16, rounding to nearest even as torch's .to(torch.bfloat16) does (finite input). */
+static inline __m256i to_bf16_avx512(__m512 v) {
+    const __m512i bits = _mm512_castps_si512(v);
+    const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+    const __m512i r = _mm512_add_epi32(bits, _mm512_add_epi32(_mm512_set1_epi32(0x7FFF), odd));
+    return _mm512_cvtepi32_epi16(_mm512_srli_epi32(r, 16));
+}
+
+/* The dequantized weight straight to bf16 (for bf16 prefill products): the float32 values above,
+ * rounded once, without a float32 copy of the whole weight in between. */
+static void dequant_packed_rows_bf16_avx512(const job_t *j, int n0, int n1) {
+    const int K = j->K, nb = K / QK;
+    uint16_t *y = (uint16_t *)j->y;
+    for (long n = n0; n < n1; n++)
+        for (int b = 0; b < nb; b++) {
+            uint16_t *o = y + (size_t)n * K + (size_t)b * QK;
+            __m512 v0, v1;
+            dequant_block_avx512(j, n, b, &v0, &v1);
+            _mm256_storeu_si256((__m256i *)o, to_bf16_avx512(v0));
+            _mm256_storeu_si256((__m256i *)(o + 16), to_bf16_avx512(v1));
         }
 }
 #endif
@@ -516,6 +547,19 @@ static PyObject *py_dequantize_packed(PyObject *self, PyObject *args) {
     Py_BEGIN_ALLOW_THREADS matmul(&j); /* the pool splits rows; nothing here is a product */
     Py_END_ALLOW_THREADS Py_RETURN_NONE;
 }
+
+#ifdef HAVE_AVX512
+static PyObject *py_dequantize_packed_bf16(PyObject *self, PyObject *args) {
+    int kind, N, K;
+    unsigned long long q, d, m, out;
+    if (!PyArg_ParseTuple(args, "iKKKKii", &kind, &q, &d, &m, &out, &N, &K)) return NULL;
+    if (kind < 0 || IS_FLOAT(kind) || K % QK || N < 1) return PyErr_Format(PyExc_ValueError, "bad kind %d, N %d or K %d", kind, N, K);
+    job_t j = {kind, 1, N, K, N, (const uint8_t *)(uintptr_t)q, NULL, (float *)(uintptr_t)out,
+               (const uint16_t *)(uintptr_t)d, (const uint16_t *)(uintptr_t)m, NULL, dequant_packed_rows_bf16_avx512};
+    Py_BEGIN_ALLOW_THREADS matmul(&j);
+    Py_END_ALLOW_THREADS Py_RETURN_NONE;
+}
+#endif
 
 
 /* ---- decode attention over an f16 KV cache ---------------------------------------------------
@@ -874,6 +918,7 @@ static PyMethodDef methods[] = {
     {"matmul_packed", py_matmul_packed, METH_VARARGS, "matmul_packed(kind, q, d, m, x, y, M, N, K)"},
     {"dequantize_packed", py_dequantize_packed, METH_VARARGS, "dequantize_packed(kind, q, d, m, out, N, K)"},
 #ifdef HAVE_AVX512
+    {"dequantize_packed_bf16", py_dequantize_packed_bf16, METH_VARARGS, "dequantize_packed_bf16(kind, q, d, m, out, N, K)"},
     {"attend_f16", py_attend_f16, METH_VARARGS, "attend_f16(q, k, v, out, stride_h, H, Hkv, S, hd, scale)"},
     {"make_layer", py_make_layer, METH_VARARGS, "make_layer(D, H, Hkv, hd, I, eps, scale, w_in, w_post, qkv, o, gu, down[, w_qn, w_kn, w_post_attn, w_post_ffn, gelu, window])"},
     {"decode_layer", py_decode_layer, METH_VARARGS, "decode_layer(layer, index, x, M, table, cos, sin_signed)"},

@@ -1,13 +1,21 @@
 """Linear layers and embeddings whose weights stay quantized (Q4_0/Q4_1/Q5_0/Q5_1/Q8_0, K-quants).
 
 At load the GGML blocks are split into values and scales ("packed", see PACKED_KINDS). Decode
-(a few rows) runs the C kernel on them, reading 0.6-1.25 bytes per weight instead of 4; longer
-inputs (prefill) dequantize the weight for the call, bit-equal to gguf-py, and use a float32
-matmul. Either way the result is the float32 product of the dequantized weights up to float32
-rounding. `models.from_gguf` puts these layers in place of nn.Linear.
+(a few rows) runs the C kernel on them, reading 0.6-1.25 bytes per weight instead of 4: the
+float32 product of the dequantized weights up to float32 rounding. Longer inputs (prefill)
+dequantize the weight for the call, bit-equal to gguf-py, and multiply in one matmul: in bf16 on
+CPUs with bf16 dot products (AMX, AVX512-BF16), from BF16_MIN_ROWS rows, which rounds the
+activations to 8 significant bits as llama.cpp rounds them to 8-bit blocks; in float32 otherwise,
+for the output head, and inside `exact_products()` (evaluation, tests against references, or
+GARAGE_EXACT=1). `models.from_gguf` puts these layers in place of nn.Linear.
 """
 
 from __future__ import annotations
+
+import contextlib
+import os
+import threading
+from functools import lru_cache
 
 import torch
 import torch.nn.functional as F
@@ -25,6 +33,41 @@ except ImportError:  # built without a C compiler: the torch path below still wo
 PACKED_KINDS = {"Q4_1": 0, "Q4_0": 1, "Q8_0": 2, "Q4_K": 3, "Q5_K": 3, "Q6_K": 4, "Q5_0": 3, "Q5_1": 3}
 QUANTIZED_TYPES = set(PACKED_KINDS)
 MAX_KERNEL_ROWS = 8
+BF16_MIN_ROWS = 16  # below this a bf16 matmul does not beat the float32 one here
+_exact = threading.local()
+
+
+@lru_cache(maxsize=1)
+def bf16_products_fast() -> bool:
+    """Whether this CPU multiplies bf16 natively (AMX tiles or AVX512-BF16 dot products)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line for line in f if line.startswith("flags")), "").split()
+    except OSError:
+        return False
+    return "amx_bf16" in flags or "avx512_bf16" in flags
+
+
+@contextlib.contextmanager
+def exact_products():
+    """Float32 products for every row count in this thread: what perplexity, KL divergence and
+    comparisons against transformers or llama.cpp's float runs need."""
+    depth = getattr(_exact, "depth", 0)
+    _exact.depth = depth + 1
+    try:
+        yield
+    finally:
+        _exact.depth = depth
+
+
+def use_bf16(rows: int) -> bool:
+    """Whether a quantized model's product (or attention) over `rows` rows runs in bf16."""
+    return (
+        rows >= BF16_MIN_ROWS
+        and not getattr(_exact, "depth", 0)
+        and os.environ.get("GARAGE_EXACT", "") in ("", "0")
+        and bf16_products_fast()
+    )
 
 
 def _pack(raw: torch.Tensor, qtype: str, n: int, k: int):
@@ -57,6 +100,8 @@ def set_threads(n: int) -> int:
 
 class GGMLLinear(nn.Module):
     """y = x @ W.T (+ bias) with W held as raw GGML blocks, shape (out_features, row bytes)."""
+
+    exact = False  # True for the output head: logits (and logprobs) always in float32
 
     def __init__(self, raw: torch.Tensor | None, qtype: str, in_features: int, out_features: int, bias=None,
                  packed: tuple | None = None):  # fmt: skip
@@ -115,6 +160,15 @@ class GGMLLinear(nn.Module):
     def _pointers(self) -> tuple[int, int, int]:
         return self.q.data_ptr(), self.d.data_ptr(), self.m.data_ptr() if self.m is not None else 0
 
+    def dequantized_bf16(self) -> torch.Tensor:
+        """The weight in bf16: the float32 dequantization rounded to nearest even."""
+        if self._kind is None or not hasattr(_kernels, "dequantize_packed_bf16"):
+            return self.dequantized().to(torch.bfloat16)
+        out = torch.empty(self.out_features, self.in_features, dtype=torch.bfloat16)
+        _kernels.dequantize_packed_bf16(self._kind, *self._pointers(), out.data_ptr(), self.out_features,
+                                        self.in_features)  # fmt: skip
+        return out
+
     def dequantized(self, rows: torch.Tensor | None = None) -> torch.Tensor:
         """The float32 weight (or only `rows` of it), bit-equal to gguf-py's dequantization."""
         if self._kind is None:  # no C kernels: blocks kept as they are, torch dequantizer
@@ -149,7 +203,11 @@ class GGMLLinear(nn.Module):
                 self._fast(x.data_ptr(), y.data_ptr(), rows)
                 return y if self.bias is None else y + self.bias
         x2 = x.reshape(-1, self.in_features)
-        y = F.linear(x2, self.dequantized().to(x2.dtype), self.bias)
+        if not self.exact and x2.dtype == torch.float32 and use_bf16(rows):
+            y = F.linear(x2.to(torch.bfloat16), self.dequantized_bf16()).float()
+            y = y if self.bias is None else y + self.bias
+        else:
+            y = F.linear(x2, self.dequantized().to(x2.dtype), self.bias)
         return y.reshape(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:

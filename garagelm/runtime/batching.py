@@ -8,7 +8,8 @@ hands them to its event loop), so a slow reader never holds up the others; a can
 request leaves the batch at the next step and frees its slot.
 
 A slot remembers the tokens it holds: a follow-up turn of the same conversation lands on
-that slot and only its new tokens are computed.
+that slot and only its new tokens are computed. The worker computes in float32 throughout
+(no bf16 prefill), so a reply is the same whichever slot and cached prefix serve it.
 """
 
 from __future__ import annotations
@@ -105,6 +106,14 @@ class Scheduler:
             self._running.append(_Running(req, engine))
 
     def _loop(self) -> None:
+        # float32 products throughout, prefill included: a slot may reuse keys and values that
+        # an earlier request computed, and a reply must not depend on which (see Engine).
+        from garagelm.quant.ggml_linear import exact_products
+
+        with exact_products():
+            self._steps()
+
+    def _steps(self) -> None:
         logits: dict[int, torch.Tensor] = {}  # id(request) -> logits for its next token
         while True:
             with self._cv:
