@@ -3,7 +3,8 @@
     python bench/profile.py smollm2:135m
 
 Decode is split into the whole-layer C calls, the output head and the rest (Python, embedding,
-final norm); prefill into float32 GEMMs, per-call dequantization and the rest. Timers wrap the
+final norm); prefill into GEMMs (bf16 where the CPU has bf16 dot products, else float32),
+per-call dequantization and the rest (attention, norms, activations). Timers wrap the
 calls, so the figures include a little of their own overhead.
 """
 
@@ -62,9 +63,10 @@ def prefill(loaded, n_tokens: int = 512, reps: int = 3) -> None:
         if x.numel() // self.in_features <= qlinear.MAX_KERNEL_ROWS:
             return orig(self, x)  # the one-row output head: a kernel product, as outside the profile
         t = time.perf_counter()
-        w = self.dequantized()
+        bf16 = not self.exact and qlinear.use_bf16(x.numel() // self.in_features)
+        w = self.dequantized_bf16() if bf16 else self.dequantized()
         t2 = time.perf_counter()
-        y = torch.nn.functional.linear(x, w)
+        y = torch.nn.functional.linear(x.to(w.dtype), w).float()  # as GGMLLinear.forward computes
         acc["dequant"] += t2 - t
         acc["gemm"] += time.perf_counter() - t2
         return y
