@@ -183,3 +183,14 @@ def test_packing_by_rows_equals_packing_whole(smol_path):
         and seen[-1][1] == t.shape[0]
         and all(x[1] == y[0] for x, y in itertools.pairwise(seen))
     )
+
+
+def test_q4_k_stays_4_bit(tensors):
+    """Q4_K is held as its 4-bit values plus a float32 scale and min per 32 values: 0.75 bytes a
+    weight (Q6_K, unpacked to int8 with a scale per 16: 1.25)."""
+    for qtype, per_weight in (("Q4_K", 0.75), ("Q6_K", 1.25)):
+        t = tensors[qtype]
+        n, k = t.shape
+        lin = GGMLLinear(t.raw_bytes(), qtype, k, n)
+        held = sum(b.numel() * b.element_size() for b in lin.buffers())
+        assert held == n * k * per_weight, (qtype, held / (n * k))

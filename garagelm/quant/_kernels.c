@@ -152,9 +152,12 @@ static void matmul(const job_t *j) {
  * scales (and negated mins for P_I8) per 32 / 16 values: 1.25 bytes a weight, same values. */
 /* P_F32 / P_BF16 / P_F16: plain float rows (a float model's weights; no scales), widened to
  * float32 exactly as they are read. */
-enum { P_Q4_MIN = 0, P_Q4_0 = 1, P_Q8 = 2, P_I8 = 3, P_I8_16 = 4, P_F32 = 5, P_BF16 = 6, P_F16 = 7 };
-#define LAST_KIND P_F16
-#define IS_FLOAT(kind) ((kind) >= P_F32)
+/* P_Q4_F32: Q4_K kept at 4 bits: nibbles in Q4_0's order per 32 values (byte i holds values i
+ * and i + 16), with the float32 scale and negated min of each 32 (0.75 bytes a weight). */
+enum { P_Q4_MIN = 0, P_Q4_0 = 1, P_Q8 = 2, P_I8 = 3, P_I8_16 = 4, P_F32 = 5, P_BF16 = 6, P_F16 = 7, P_Q4_F32 = 8 };
+#define LAST_KIND P_Q4_F32
+#define IS_FLOAT(kind) ((kind) >= P_F32 && (kind) <= P_F16)
+#define F32_SCALES(kind) ((kind) == P_I8 || (kind) == P_I8_16 || (kind) == P_Q4_F32)
 #define FLOAT_BYTES(kind) ((kind) == P_F32 ? 4 : 2)
 
 static inline float float_at(const uint8_t *w, int kind, size_t i) {
@@ -166,8 +169,8 @@ static inline float float_at(const uint8_t *w, int kind, size_t i) {
     return out;
 }
 #define MAX_BLOCKS 4096 /* K up to 131072 */
-#define BYTE_VALUES(kind) ((kind) >= P_Q8)
-#define HAS_MIN(kind) ((kind) == P_Q4_MIN || (kind) == P_Q4_0 || (kind) == P_I8)
+#define BYTE_VALUES(kind) ((kind) >= P_Q8 && (kind) != P_Q4_F32)
+#define HAS_MIN(kind) ((kind) == P_Q4_MIN || (kind) == P_Q4_0 || (kind) == P_I8 || (kind) == P_Q4_F32)
 /* P_I8 without mins (Q5_0) passes m = NULL: load_row_scales leaves zero mins. */
 #define N_SCALES(kind, nb) ((kind) == P_I8_16 ? 2 * (nb) : (nb))
 
@@ -183,9 +186,9 @@ static inline void row_scales(const uint16_t *src, float *dst, int nb) {
 /* Row n's scales (and mins) as float32 into d and m, whatever the kind stores. */
 static void load_row_scales(const job_t *j, int n, float *d, float *m, int nb) {
     const int kind = j->qtype, ns = N_SCALES(kind, nb);
-    if (kind >= P_I8) {
+    if (F32_SCALES(kind)) {
         memcpy(d, (const float *)j->d + (size_t)n * ns, sizeof(float) * ns);
-        if (kind == P_I8) {
+        if (kind == P_I8 || kind == P_Q4_F32) {
             if (j->m)
                 memcpy(m, (const float *)j->m + (size_t)n * ns, sizeof(float) * ns);
             else
@@ -265,7 +268,7 @@ static void rows_packed_avx512(const job_t *j, int n0, int n1) {
             for (size_t o = 0; o < 2 * row_bytes; o += 64) __builtin_prefetch(rows[0] + PREFETCH_ROWS * row_bytes + o, 0, 3);
         for (int p = 0; p < 2; p++) {
             const int row = n + p * (pair - 1);
-            if (kind >= P_I8) {
+            if (F32_SCALES(kind)) {
                 load_row_scales(j, row, d[p], m[p], nb);
                 continue;
             }
@@ -418,7 +421,7 @@ static void dequant_packed_rows(const job_t *j, int n0, int n1) {
     for (long n = n0; n < n1; n++)
         for (int b = 0; b < nb; b++) {
             float *o = j->y + (size_t)n * K + (size_t)b * QK;
-            if (kind >= P_I8) { /* scale * q + (-min), the dequantizer's scale * q - min */
+            if (kind == P_I8 || kind == P_I8_16) { /* scale * q + (-min), the dequantizer's scale * q - min */
                 const int8_t *qq = (const int8_t *)j->w + (size_t)n * K + (size_t)b * QK;
                 const float *sc = (const float *)j->d + (size_t)n * N_SCALES(kind, nb);
                 for (int i = 0; i < QK; i++) {
@@ -427,8 +430,14 @@ static void dequant_packed_rows(const job_t *j, int n0, int n1) {
                 }
                 continue;
             }
-            float db = f16_to_f32(j->d[n * nb + b]);
-            float mb = kind == P_Q4_MIN ? f16_to_f32(j->m[n * nb + b]) : 0.0f;
+            float db, mb;
+            if (kind == P_Q4_F32) { /* float32 scale and negated min: scale * q + (-min) */
+                db = ((const float *)j->d)[(size_t)n * nb + b];
+                mb = ((const float *)j->m)[(size_t)n * nb + b];
+            } else {
+                db = f16_to_f32(j->d[n * nb + b]);
+                mb = kind == P_Q4_MIN ? f16_to_f32(j->m[n * nb + b]) : 0.0f;
+            }
             if (kind == P_Q8) {
                 const int8_t *qq = (const int8_t *)j->w + (size_t)n * K + (size_t)b * QK;
                 for (int i = 0; i < QK; i++) o[i] = (float)qq[i] * db;
@@ -436,7 +445,7 @@ static void dequant_packed_rows(const job_t *j, int n0, int n1) {
                 const uint8_t *qq = j->w + (size_t)n * (K / 2) + (size_t)b * 16;
                 for (int i = 0; i < 16; i++) {
                     int lo = qq[i] & 0x0F, hi = qq[i] >> 4;
-                    if (kind == P_Q4_MIN) {
+                    if (kind == P_Q4_MIN || kind == P_Q4_F32) {
                         o[i] = db * (float)lo + mb;
                         o[i + 16] = db * (float)hi + mb;
                     } else {
@@ -470,12 +479,12 @@ static inline void dequant_block_avx512(const job_t *j, long n, int b, __m512 *o
         v0 = _mm512_cvtepi32_ps(lo);
         v1 = _mm512_cvtepi32_ps(hi);
     }
-    if (kind >= P_I8) {
+    if (F32_SCALES(kind)) {
         const float *sc = (const float *)j->d + (size_t)n * N_SCALES(kind, nb);
         const float s0 = kind == P_I8_16 ? sc[2 * b] : sc[b], s1 = kind == P_I8_16 ? sc[2 * b + 1] : sc[b];
         v0 = _mm512_mul_ps(_mm512_set1_ps(s0), v0);
         v1 = _mm512_mul_ps(_mm512_set1_ps(s1), v1);
-        if (kind == P_I8 && j->m) {
+        if ((kind == P_I8 || kind == P_Q4_F32) && j->m) {
             const __m512 mn = _mm512_set1_ps(((const float *)j->m)[(size_t)n * nb + b]);
             v0 = _mm512_add_ps(v0, mn);
             v1 = _mm512_add_ps(v1, mn);

@@ -29,8 +29,9 @@ except ImportError:  # built without a C compiler: the torch path below still wo
     _kernels = None
 
 # Types split at load into values + scales (+ mins), the layout the fastest kernel reads:
-# Q4_0/Q4_1/Q8_0 keep their bits (f16 scales); K-quants become int8 values with float32 scales.
-PACKED_KINDS = {"Q4_1": 0, "Q4_0": 1, "Q8_0": 2, "Q4_K": 3, "Q5_K": 3, "Q6_K": 4, "Q5_0": 3, "Q5_1": 3}
+# Q4_0/Q4_1/Q8_0 keep their bits (f16 scales); Q4_K keeps 4-bit values with a float32 scale and
+# min per 32; Q5_K, Q6_K, Q5_0 and Q5_1 become int8 values with float32 scales.
+PACKED_KINDS = {"Q4_1": 0, "Q4_0": 1, "Q8_0": 2, "Q4_K": 8, "Q5_K": 3, "Q6_K": 4, "Q5_0": 3, "Q5_1": 3}
 QUANTIZED_TYPES = set(PACKED_KINDS)
 MAX_KERNEL_ROWS = 8
 BF16_MIN_ROWS = 16  # below this a bf16 matmul does not beat the float32 one here
@@ -80,6 +81,10 @@ def _pack(raw: torch.Tensor, qtype: str, n: int, k: int):
         else:
             q, scale, added = q5_parts(blocks, qtype)
         added = None if added is None else added.reshape(n, -1).contiguous()
+        if qtype == "Q4_K":  # values 0..15: two to a byte, values i and i + 16 of each 32
+            halves = q.reshape(-1, 2, 16).to(torch.uint8)
+            q = halves[:, 0] | (halves[:, 1] << 4)
+            return q.reshape(n, k // 2).contiguous(), scale.reshape(n, -1).contiguous(), added
         return q.reshape(n, k).contiguous(), scale.reshape(n, -1).contiguous(), added
     nb = k // 32
     blocks = raw.reshape(n, nb, BLOCK_LAYOUT[qtype][1])
