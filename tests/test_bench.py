@@ -16,6 +16,10 @@ def test_bench_json(smol_path, capsys):
     assert r["pp_tokens"] == 32 and r["tg_tokens"] == 4
     for key in ("pp_tok_s", "tg_tok_s", "load_to_first_token_s", "peak_rss_mib"):
         assert r[key] > 0, key
+    from garagelm.quant.ggml_linear import bf16_products_fast
+
+    # a quantized model's 32-token prompt runs in bf16 where the CPU multiplies bf16 natively
+    assert r["prefill_products"] == ("bf16" if bf16_products_fast() else "float32")
 
 
 def test_bench_table(smol_path, capsys):

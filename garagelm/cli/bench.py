@@ -25,7 +25,8 @@ def main(args: argparse.Namespace) -> int:
     print(f"model                 {r['model']}")
     print(f"threads               {r['threads']}")
     print(
-        f"prompt processing     {r['pp_tok_s']:.1f} tokens/s ({r['pp_tokens']} tokens, median of {args.reps})"
+        f"prompt processing     {r['pp_tok_s']:.1f} tokens/s ({r['pp_tokens']} tokens, median of {args.reps}, "
+        f"{r['prefill_products']} products)"
     )
     print(f"generation            {r['tg_tok_s']:.1f} tokens/s ({r['tg_tokens']} tokens, greedy)")
     print(f"load to first token   {r['load_to_first_token_s']:.2f} s")

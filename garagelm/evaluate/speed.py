@@ -68,7 +68,11 @@ def measure(
             logits = engine._forward(prompt[:n], 0)
             at_ctx[str(n)].append(_decode(engine, int(logits.argmax()), n, tg))
     del first
-    out = {"model": str(path), "threads": torch.get_num_threads(), "pp_tokens": pp, "tg_tokens": tg}
+    from garagelm.quant.ggml_linear import use_bf16
+
+    fast = any(getattr(m, "bf16_prefill", False) for m in loaded.model.modules()) and use_bf16(pp)
+    out = {"model": str(path), "threads": torch.get_num_threads(), "pp_tokens": pp, "tg_tokens": tg,
+           "prefill_products": "bf16" if fast else "float32"}  # fmt: skip
     return {**out, **summary("garagelm", pp_rates, tg_rates, at_ctx, load_to_first_token)}
 
 
