@@ -164,6 +164,9 @@ def test_ctrl_c_stops_reply_not_session(smol_path):
         # greedy: a reply known to run to the 2000-token limit, so Ctrl-C always lands inside it
         [sys.executable, "-m", "garagelm", "chat", str(smol_path), "--max-tokens", "2000", "--temperature", "0"],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        # a terminal's Ctrl-C, even when this test runs in a background job that ignores SIGINT
+        # (a child would inherit that, and Python then installs no KeyboardInterrupt handler)
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )  # fmt: skip
     proc.stdin.write(b"Write a very long story about a dragon.\n")
     proc.stdin.flush()
