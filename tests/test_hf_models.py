@@ -103,7 +103,10 @@ def test_real_model_from_a_hf_folder_runs_like_its_gguf(smol_hf, smol_loaded, ca
     messages = [{"role": "user", "content": "What is the capital of France?"}]
     ids = hf.encode_chat(hf.chat_template(), messages)
     assert ids == smol_loaded.encode_chat(smol_loaded.chat_template(), messages)
-    assert _ours_greedy(hf, ids, 24) == _ours_greedy(smol_loaded, ids, 24)
+    from garagelm.quant.ggml_linear import exact_products
+
+    with exact_products():  # the Q4_1 file would prefill in bf16, the float folder does not
+        assert _ours_greedy(hf, ids, 24) == _ours_greedy(smol_loaded, ids, 24)
     assert main(["run", str(smol_hf), "What is 2+2?", "--temperature", "0", "--max-tokens", "8"]) == 0
     assert capsys.readouterr().out.strip()
     assert main(["show", str(smol_hf)]) == 0

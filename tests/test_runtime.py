@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from garagelm.quant.ggml_linear import exact_products
 from garagelm.runtime.chat_template import ChatTemplate, TemplateError
 from garagelm.runtime.generate import Completion, Engine, _partial_stop
 from garagelm.runtime.sampling import SamplingParams, min_p, top_k, top_p
@@ -12,6 +13,7 @@ from garagelm.runtime.sampling import SamplingParams, min_p, top_k, top_p
 GREEDY = SamplingParams(temperature=0, max_tokens=12)
 
 
+@exact_products()  # the property under test: the same function, however the prompt is split
 def test_cached_prefix_gives_same_tokens(smol_loaded):
     tok = smol_loaded.tokenizer
     a = tok.encode("The quick brown fox jumps over the lazy dog. The end of", add_special=True)
@@ -22,6 +24,7 @@ def test_cached_prefix_gives_same_tokens(smol_loaded):
     assert reused == fresh
 
 
+@exact_products()
 def test_kv_cache_decode_equals_full_forward(smol_loaded):
     tok = smol_loaded.tokenizer
     ids = tok.encode("Counting: one, two, three,", add_special=True)

@@ -93,7 +93,8 @@ def test_sentencepiece_merges_cached_and_rebuilt_when_damaged(vocab_dir, tmp_pat
     first = Tokenizer(GGUFFile(path).metadata)
     (entry,) = (tmp_path / "garagelm" / "tokenizers").glob("spm-*.npy")
     assert [first.encode(s) for s, _ in cases] == expected
-    entry.write_bytes(b"not an array")
-    again = Tokenizer(GGUFFile(path).metadata)
-    assert [again.encode(s) for s, _ in cases] == expected
-    assert entry.read_bytes().startswith(b"\x93NUMPY")  # written anew
+    for damage in (b"not an array", b""):  # garbage, and an empty file left by a crash
+        entry.write_bytes(damage)
+        again = Tokenizer(GGUFFile(path).metadata)
+        assert [again.encode(s) for s, _ in cases] == expected
+        assert entry.read_bytes().startswith(b"\x93NUMPY")  # written anew

@@ -93,6 +93,9 @@ def _compare(args, text: str, evaluate, windows) -> int:
         q = evaluate(other.model, wins, reference=source.model, progress=True)
         rows.append(_row(name, other, q, base, n_params))
         del other
+    del source  # each model's memory is measured in a child process, with none held here
+    for row in rows:
+        row["peak_rss_mib"] = _peak_rss(row.pop("path"))
     _print(rows, args)
     if args.json:
         Path(args.json).write_text(
@@ -103,11 +106,22 @@ def _compare(args, text: str, evaluate, windows) -> int:
     return 0
 
 
-def _row(name: str, loaded, q, base, n_params: int) -> dict:
+def _peak_rss(path: str) -> float | None:
+    import subprocess
+
     from garagelm.evaluate.memory import peak_rss_mib
 
+    try:
+        return peak_rss_mib(path)
+    except (RuntimeError, subprocess.TimeoutExpired) as e:
+        print(f"warning: no peak RSS for {path}: {e}", file=sys.stderr)
+        return None
+
+
+def _row(name: str, loaded, q, base, n_params: int) -> dict:
     size = _size(loaded.path)
     return {
+        "path": str(loaded.path),
         "model": name,
         "file_mib": size / 2**20,
         "bits_per_weight": size * 8 / n_params,
@@ -118,7 +132,6 @@ def _row(name: str, loaded, q, base, n_params: int) -> dict:
         "kl_p99": q.kl_p99,
         "top1_agreement": q.top1_agreement,
         "decode_tok_s": _decode_rate(loaded),
-        "peak_rss_mib": peak_rss_mib(loaded.path),  # in a child process of its own
     }
 
 
@@ -133,12 +146,16 @@ def _print(rows: list[dict], args) -> None:
             else f"{'(source)':>24s}"
         )
         print(f"{r['model'][:27]:28s}{r['file_mib']:>8.1f}{r['bits_per_weight']:>7.2f}{r['reduction_vs_16bit'] * 100:>6.0f}%"
-              f"{r['perplexity']:>9.3f}{r['perplexity_change'] * 100:>+7.1f}%{kl}{r['decode_tok_s']:>7.1f}{r['peak_rss_mib']:>8.0f}")  # fmt: skip
+              f"{r['perplexity']:>9.3f}{r['perplexity_change'] * 100:>+7.1f}%{kl}{r['decode_tok_s']:>7.1f}{_mib(r['peak_rss_mib'])}")  # fmt: skip
     print(
         f"(perplexity over {args.text}, windows of {args.ctx}; KL(source || model) in nats per token; "
         "RSS: peak of loading the model and generating 32 tokens, each in a process of its own)",
         file=sys.stderr,
     )
+
+
+def _mib(v: float | None) -> str:
+    return f"{v:>8.0f}" if v is not None else f"{'-':>8s}"
 
 
 def _plot(rows: list[dict], path: str) -> None:

@@ -99,7 +99,7 @@ def from_gguf(gguf: GGUFFile, dtype: torch.dtype = torch.float32, quantized: boo
         model.rope.freq_factors = gguf.tensors["rope_freqs.weight"].to_float()
     if isinstance(model.lm_head, GGMLLinear):
         model.lm_head.exact = True  # logits and logprobs always from float32 products
-    if any(isinstance(m, GGMLLinear) and m is not model.lm_head for m in model.modules()):
+    if any(isinstance(m, GGMLLinear) for m in model.model.layers.modules()):
         for m in model.modules():  # weights already rounded to a few bits: prefill may use bf16
             if hasattr(m, "bf16_prefill"):
                 m.bf16_prefill = True

@@ -148,8 +148,9 @@ static void matmul(const job_t *j) {
  * The product is factored per block: d * sum(q * x) + m * sum(x), with sum(x) computed once per
  * call (for Q4_0, m = -8 d). That is the dequantized weights' product up to float32 rounding.
  */
-/* P_I8 / P_I8_16: K-quants (Q4_K, Q5_K, Q6_K) unpacked at load to int8 values with float32
- * scales (and negated mins for P_I8) per 32 / 16 values: 1.25 bytes a weight, same values. */
+/* P_I8 / P_I8_16: Q5_K, Q5_0, Q5_1 (P_I8) and Q6_K (P_I8_16) unpacked at load to int8 values
+ * with float32 scales (and negated mins for P_I8) per 32 / 16 values: ~1.25 bytes a weight,
+ * same values. (Q4_K keeps its 4 bits: P_Q4_F32 below.) */
 /* P_F32 / P_BF16 / P_F16: plain float rows (a float model's weights; no scales), widened to
  * float32 exactly as they are read. */
 /* P_Q4_F32: Q4_K kept at 4 bits: nibbles in Q4_0's order per 32 values (byte i holds values i
@@ -562,7 +563,7 @@ static PyObject *py_dequantize_packed_bf16(PyObject *self, PyObject *args) {
     int kind, N, K;
     unsigned long long q, d, m, out;
     if (!PyArg_ParseTuple(args, "iKKKKii", &kind, &q, &d, &m, &out, &N, &K)) return NULL;
-    if (kind < 0 || IS_FLOAT(kind) || K % QK || N < 1) return PyErr_Format(PyExc_ValueError, "bad kind %d, N %d or K %d", kind, N, K);
+    if (kind < 0 || kind > LAST_KIND || IS_FLOAT(kind) || K % QK || N < 1) return PyErr_Format(PyExc_ValueError, "bad kind %d, N %d or K %d", kind, N, K);
     job_t j = {kind, 1, N, K, N, (const uint8_t *)(uintptr_t)q, NULL, (float *)(uintptr_t)out,
                (const uint16_t *)(uintptr_t)d, (const uint16_t *)(uintptr_t)m, NULL, dequant_packed_rows_bf16_avx512};
     Py_BEGIN_ALLOW_THREADS matmul(&j);

@@ -66,7 +66,7 @@ def use_bf16(rows: int) -> bool:
     return (
         rows >= BF16_MIN_ROWS
         and not getattr(_exact, "depth", 0)
-        and os.environ.get("GARAGE_EXACT", "") in ("", "0")
+        and os.environ.get("GARAGE_EXACT", "").lower() in ("", "0", "false", "no")
         and bf16_products_fast()
     )
 

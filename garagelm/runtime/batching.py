@@ -107,7 +107,8 @@ class Scheduler:
 
     def _loop(self) -> None:
         # float32 products throughout, prefill included: a slot may reuse keys and values that
-        # an earlier request computed, and a reply must not depend on which (see Engine).
+        # an earlier request computed, and a reply must not depend on which prefix was reused
+        # (bf16 prefill would round a reused prefix differently from a freshly computed one).
         from garagelm.quant.ggml_linear import exact_products
 
         with exact_products():

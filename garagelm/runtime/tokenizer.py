@@ -238,22 +238,23 @@ class Tokenizer:
                 if (
                     pairs.ndim == 2
                     and pairs.shape[1] == 2
-                    and (pairs.size == 0 or pairs.max() < len(self.tokens))
+                    and pairs.dtype.kind == "i"
+                    and (pairs.size == 0 or (pairs.min() >= 0 and pairs.max() < len(self.tokens)))
                 ):
                     return pairs
-            except (OSError, ValueError):
+            except Exception:  # empty, truncated or not an array at all: derive them again
                 pass
             cached.unlink(missing_ok=True)  # a damaged cache entry is rebuilt
         pairs = self._derive_spm_merges(vocab, scores)
+        tmp = cached.with_name(f"{cached.name}.{os.getpid()}.tmp.npy")
         try:
             cached.parent.mkdir(parents=True, exist_ok=True)
-            tmp = cached.with_name(f"{cached.name}.{os.getpid()}.tmp.npy")
             np.save(tmp, pairs, allow_pickle=False)
             os.replace(tmp, cached)
-            for old in cached.parent.glob("spm-*.json"):  # whole tokenizers cached by older versions
+            for old in cached.parent.glob("spm-*.json*"):  # whole tokenizers cached by older versions
                 old.unlink(missing_ok=True)
         except OSError:
-            pass  # no writable cache: derive them each time
+            tmp.unlink(missing_ok=True)  # no writable cache: derive them each time
         return pairs
 
     def _derive_spm_merges(self, vocab: dict[str, int], scores) -> np.ndarray:
