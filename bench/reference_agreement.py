@@ -25,7 +25,15 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from test_gemma3 import PROMPTS as GEMMA_PROMPTS
-from test_reference import CHAT_PROMPTS, RAW_PROMPTS, _prompt_ids, _ref_greedy, teacher_forced_logits, tie_gap
+from test_reference import (
+    CHAT_PROMPTS,
+    RAW_PROMPTS,
+    _prompt_ids,
+    _ref_greedy,
+    llama_cpp_logits,
+    our_logits,
+    tie_gap,
+)
 
 from garagelm.runtime.generate import Engine
 from garagelm.runtime.load import load_model
@@ -76,10 +84,10 @@ def measure(path: str, raw_only: bool) -> dict:
         params = SamplingParams(temperature=0, max_tokens=64)
         ours = list(Engine(loaded.model, loaded.tokenizer, 1024).tokens(ids, params))
         theirs, theirs_plain = _ref_greedy(ref, ids, 64, eog), _ref_greedy(plain, ids, 64, eog)
-        got, expected = teacher_forced_logits(loaded, ref, ids)
-        plain.reset()
-        plain.eval(ids + _ref_greedy(ref, ids, 64, set()))
-        plain_logits = np.array(plain.scores[: plain.n_tokens])[len(ids) - 1 :]
+        # along llama.cpp's greedy text: its logits, ours, and its unrepacked kernels' logits
+        seq = ids + _ref_greedy(ref, ids, 64, set())
+        got, expected = our_logits(loaded, seq, len(ids) - 1), llama_cpp_logits(ref, seq, len(ids) - 1)
+        plain_logits = llama_cpp_logits(plain, seq, len(ids) - 1)
         gaps.append(tie_gap(got, expected))
         plain_gaps.append(tie_gap(plain_logits, expected))
         agree += int((got.argmax(-1) == expected.argmax(-1)).sum())

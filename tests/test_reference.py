@@ -135,15 +135,23 @@ def test_q4_1_bf16_prefill_agrees_with_transformers_up_to_near_ties(smol_loaded,
     assert agree / total >= 0.95, f"top-1 agreement {agree}/{total}"
 
 
+def llama_cpp_logits(ref, seq: list[int], start: int) -> np.ndarray:
+    """llama.cpp's next-token logits at positions start .. len(seq) - 1, evaluating `seq` whole."""
+    ref.reset()
+    ref.eval(seq)
+    return np.array(ref.scores[: len(seq)])[start:]
+
+
+def our_logits(loaded, seq: list[int], start: int) -> np.ndarray:
+    """Our next-token logits at positions start .. len(seq) - 1, one forward over `seq`."""
+    with torch.inference_mode():
+        return loaded.model(torch.tensor([seq]))[0].numpy()[start:]
+
+
 def teacher_forced_logits(loaded, ref, ids, n=64):
     """Both engines' next-token logits along llama.cpp's own greedy continuation of `ids`."""
     seq = ids + _ref_greedy(ref, ids, n, set())
-    ref.reset()
-    ref.eval(seq)
-    expected = np.array(ref.scores[: len(seq)])[len(ids) - 1 :]
-    with torch.inference_mode():
-        got = loaded.model(torch.tensor([seq]))[0].numpy()[len(ids) - 1 :]
-    return got, expected
+    return our_logits(loaded, seq, len(ids) - 1), llama_cpp_logits(ref, seq, len(ids) - 1)
 
 
 # Where llama.cpp's 8-bit activation rounding can change the greedy choice: the two best tokens
