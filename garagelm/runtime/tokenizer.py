@@ -117,7 +117,7 @@ class Tokenizer:
         self.add_eos = bool(cfg.get("add_eos_token", False))
         self.add_space_prefix = False  # tokenizer.json's own normalizer does what is needed
         self.eog_ids = {self.eos_id} if self.eos_id is not None else set()
-        self.eog_ids |= {i for i, t in enumerate(self.tokens) if t in _EOG_TEXTS and self.types[i] == CONTROL}
+        self.eog_ids |= {i for i in self._ids_of_types(CONTROL) if self.tokens[i] in _EOG_TEXTS}
         gen = Path(folder) / "generation_config.json"
         if gen.is_file():
             eos = json.loads(gen.read_text()).get("eos_token_id")
