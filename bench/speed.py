@@ -6,6 +6,7 @@ load to first token. Prints medians and the ratios; --json FILE writes them.
 
     python bench/speed.py smollm2:135m --threads 2 --reps 3 --json bench/speed.json
     python bench/speed.py ./hf-folder --peer ./same-weights-f32.gguf   # a Hugging Face folder
+    python bench/speed.py smollm2:135m --kv-cache q8_0   # both engines on an 8-bit KV cache
 
 llama.cpp comes from llama-cpp-python (tests/run.sh builds it with the flags this machine needs).
 """
@@ -19,7 +20,9 @@ import sys
 import time
 
 
-def _llama_cpp(path: str, pp: int, tg: int, reps: int, threads: int, decode_ctx: tuple[int, ...]) -> dict:
+def _llama_cpp(
+    path: str, pp: int, tg: int, reps: int, threads: int, decode_ctx: tuple[int, ...], kv_cache: str
+) -> dict:
     from llama_cpp import Llama
 
     from garagelm.evaluate.speed import bench_tokens, summary
@@ -29,8 +32,10 @@ def _llama_cpp(path: str, pp: int, tg: int, reps: int, threads: int, decode_ctx:
     longest = max((pp, *decode_ctx))
     prompt = bench_tokens(Tokenizer(GGUFFile(path).metadata), longest)
     t0 = time.perf_counter()
+    # q8_0: -ctk q8_0 -ctv q8_0, which needs flash attention (8 = GGML_TYPE_Q8_0)
+    kv = {"type_k": 8, "type_v": 8, "flash_attn": True} if kv_cache == "q8_0" else {}
     ll = Llama(path, n_ctx=longest + tg + 8, n_batch=longest, n_threads=threads,
-               n_threads_batch=threads, verbose=False)  # fmt: skip
+               n_threads_batch=threads, verbose=False, **kv)  # fmt: skip
     ll.eval(ll.tokenize(b"Hello", add_bos=False))
     load = time.perf_counter() - t0
 
@@ -67,9 +72,11 @@ def _child(args: argparse.Namespace) -> None:
     if args.engine == "garagelm":
         from garagelm.evaluate.speed import measure
 
-        r = measure(args.model, args.pp, args.tg, args.reps, _ctx_points(args))
+        r = measure(args.model, args.pp, args.tg, args.reps, _ctx_points(args), args.kv_cache)
     else:
-        r = _llama_cpp(args.model, args.pp, args.tg, args.reps, args.threads, _ctx_points(args))
+        r = _llama_cpp(
+            args.model, args.pp, args.tg, args.reps, args.threads, _ctx_points(args), args.kv_cache
+        )
     print(json.dumps(r))
 
 
@@ -83,6 +90,8 @@ def main() -> None:
     ap.add_argument("--tg", type=int, default=128)
     ap.add_argument("--short-ctx", type=int, default=50, help="decode after this many tokens ...")
     ap.add_argument("--long-ctx", type=int, default=2000, help="... and after this many (0: skip both)")
+    ap.add_argument("--kv-cache", choices=["f16", "q8_0"], default="f16",
+                    help="KV cache type for both engines (q8_0: llama.cpp's -ctk/-ctv q8_0 -fa)")  # fmt: skip
     ap.add_argument("--json", help="write results here")
     ap.add_argument("--engine", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -96,7 +105,8 @@ def main() -> None:
         source = args.peer if engine == "llama.cpp" and args.peer else path
         cmd = [sys.executable, __file__, source, "--engine", engine, "--threads", str(args.threads),
                "--reps", str(args.reps), "--pp", str(args.pp), "--tg", str(args.tg),
-               "--short-ctx", str(args.short_ctx), "--long-ctx", str(args.long_ctx)]  # fmt: skip
+               "--short-ctx", str(args.short_ctx), "--long-ctx", str(args.long_ctx),
+               "--kv-cache", args.kv_cache]  # fmt: skip
         proc = subprocess.run(cmd, capture_output=True, text=True, check=True)
         results[engine] = json.loads(proc.stdout.strip().splitlines()[-1])
     ours, peer = results["garagelm"], results["llama.cpp"]
@@ -113,7 +123,7 @@ def main() -> None:
                 r["tg_tok_s_at_ctx"][short] / r["tg_tok_s_at_ctx"][long]
             )
     peer_note = f" (llama.cpp: {args.peer})" if args.peer else ""
-    print(f"{path}{peer_note}  threads={args.threads} reps={args.reps} (medians)")
+    print(f"{path}{peer_note}  threads={args.threads} reps={args.reps} kv={args.kv_cache} (medians)")
     print(f"{'':12s}{'pp' + str(args.pp) + ' tok/s':>14s}{'tg' + str(args.tg) + ' tok/s':>14s}"
           f"{'tg@' + str(args.short_ctx):>9s}{'tg@' + str(args.long_ctx):>9s}{'load->1st s':>13s}{'RSS MiB':>9s}")  # fmt: skip
     for name, r in results.items():

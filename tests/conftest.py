@@ -158,9 +158,11 @@ def llama_cpp_model():
 
     opened = {}
 
-    def open_(path: Path, logits_all: bool = True, f32_cache: bool = False):
-        key = (str(path), logits_all, f32_cache)
+    def open_(path: Path, logits_all: bool = True, f32_cache: bool = False, q8_cache: bool = False):
+        key = (str(path), logits_all, f32_cache, q8_cache)
         kw = {"type_k": 0, "type_v": 0} if f32_cache else {}  # 0 = GGML_TYPE_F32; default is f16
+        if q8_cache:  # 8 = GGML_TYPE_Q8_0; a quantized V cache needs flash attention
+            kw = {"type_k": 8, "type_v": 8, "flash_attn": True}
         if key not in opened:
             opened[key] = Llama(
                 str(path), n_ctx=1024, n_threads=2, verbose=False, logits_all=logits_all, seed=0, **kw

@@ -25,8 +25,8 @@ def loaded(smol_path):
     return load_model(smol_path)
 
 
-def _greedy_alone(loaded, text: str, n: int) -> tuple[list[int], list[torch.Tensor]]:
-    e = Engine(loaded.model, loaded.tokenizer, 256)
+def _greedy_alone(loaded, text: str, n: int, kv: str = "f16") -> tuple[list[int], list[torch.Tensor]]:
+    e = Engine(loaded.model, loaded.tokenizer, 256, kv_dtype=kv)
     ids = loaded.tokenizer.encode(text, add_special=True)
     logits = e._forward(ids, 0)
     toks, rows = [], []
@@ -39,9 +39,10 @@ def _greedy_alone(loaded, text: str, n: int) -> tuple[list[int], list[torch.Tens
 
 
 @torch.inference_mode()
-def test_batched_step_is_bit_identical_to_single_steps(loaded):
+@pytest.mark.parametrize("kv", ["f16", "q8_0"])
+def test_batched_step_is_bit_identical_to_single_steps(loaded, kv):
     assert loaded.model.__dict__.get("decode_plan") is not None  # the kernel path is what is tested
-    engines = [Engine(loaded.model, loaded.tokenizer, 256) for _ in PROMPTS]
+    engines = [Engine(loaded.model, loaded.tokenizer, 256, kv_dtype=kv) for _ in PROMPTS]
     last = []
     for e, text in zip(engines, PROMPTS):  # prompts of different lengths: different positions
         ids = loaded.tokenizer.encode(text, add_special=True)
@@ -57,7 +58,7 @@ def test_batched_step_is_bit_identical_to_single_steps(loaded):
         for i, t in enumerate(last):
             got_toks[i].append(t)
     for i, text in enumerate(PROMPTS):
-        toks, rows = _greedy_alone(loaded, text, 12)
+        toks, rows = _greedy_alone(loaded, text, 12, kv)
         assert got_toks[i][:12] == toks
         for a, b in zip(got_rows[i], rows):
             assert torch.equal(a, b)

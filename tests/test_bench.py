@@ -20,9 +20,12 @@ def test_bench_json(smol_path, capsys):
 
     # a quantized model's 32-token prompt runs in bf16 where the CPU multiplies bf16 natively
     assert r["prefill_products"] == ("bf16" if bf16_products_fast() else "float32")
+    assert r["kv_cache"] == "f16"
 
 
 def test_bench_table(smol_path, capsys):
-    assert main(["bench", str(smol_path), "--prompt-tokens", "16", "--gen-tokens", "2", "--reps", "1"]) == 0
+    args = ["bench", str(smol_path), "--prompt-tokens", "16", "--gen-tokens", "2", "--reps", "1"]
+    assert main([*args, "--kv-cache", "q8_0"]) == 0
     out = capsys.readouterr().out
     assert "prompt processing" in out and "tokens/s" in out and "peak memory" in out
+    assert "q8_0 KV cache" in out

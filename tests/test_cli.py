@@ -30,12 +30,12 @@ def _garage(*args, input=None, env=None):
     )
 
 
-def _expected_reply(loaded, user, max_tokens):
+def _expected_reply(loaded, user, max_tokens, kv=None):
     text = loaded.chat_template().render([{"role": "user", "content": user}])
     ids = loaded.tokenizer.encode(text, add_special=True, parse_special=True)
     c = Completion()
     "".join(
-        Engine(loaded.model, loaded.tokenizer, 4096).complete(
+        Engine(loaded.model, loaded.tokenizer, 4096, kv_dtype=kv).complete(
             ids, SamplingParams(temperature=0, max_tokens=max_tokens), c
         )
     )
@@ -48,6 +48,12 @@ def test_run_prompt_greedy_is_the_engines_reply(smol_path, smol_loaded, capsys):
     out = capsys.readouterr().out
     assert out.strip() == _expected_reply(smol_loaded, q, 24).strip()
     assert "Paris" in out
+
+
+def test_run_with_a_q8_0_kv_cache(smol_path, smol_loaded, capsys):
+    q = "Name three colours."
+    assert main(["run", str(smol_path), q, *GREEDY, "--max-tokens", "40", "--kv-cache", "q8_0"]) == 0
+    assert capsys.readouterr().out.strip() == _expected_reply(smol_loaded, q, 40, "q8_0").strip()
 
 
 def test_run_makes_no_network_access(smol_path, monkeypatch, capsys):

@@ -18,6 +18,7 @@ THIS_MACHINE = Hardware(total_ram=24 * GIB, available_ram=23 * GIB, cores=2)  # 
 def test_kv_cache_formula():
     e = catalog()["deepseek-r1:7b"]  # 28 layers, 4 KV heads of 128, f16
     assert estimate(e, 4096).kv_cache == 28 * 2 * 4 * 128 * 4096 * 2
+    assert estimate(e, 4096, "q8_0").kv_cache == 28 * 2 * 4 * 128 * 4096 * 34 // 32  # --kv-cache q8_0
     mla = catalog()["deepseek-v3:671b"]  # compressed latent KV: 61 layers x 576 values x 2 bytes
     assert estimate(mla, 1000).kv_cache == 61 * 576 * 2 * 1000
 

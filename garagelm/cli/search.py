@@ -10,6 +10,7 @@ def add_arguments(verb: str, p: argparse.ArgumentParser) -> None:
     p.add_argument("query", nargs="?", default="", help="part of a name, family or description")
     p.add_argument("--fits", action="store_true", help="only models that fit, largest first")
     p.add_argument("--ctx", type=int, default=4096, help="context length to plan for (default 4096)")
+    p.add_argument("--kv-cache", choices=["f16", "q8_0"], default="f16", help="KV cache type to plan for")
     p.add_argument("--json", action="store_true", help="machine-readable output")
 
 
@@ -36,7 +37,7 @@ def main(args: argparse.Namespace) -> int:
     for name, e in catalog().items():
         if q and q not in f"{name} {e.get('family', '')} {e.get('description', '')}".lower():
             continue
-        est = estimate(e, args.ctx)
+        est = estimate(e, args.ctx, args.kv_cache)
         rows.append((name, e, est, verdict(est, hw)))
     from garagelm.models import SUPPORTED
 

@@ -8,6 +8,7 @@ import json
 import os
 import sys
 
+from garagelm.cli.run import add_kv_cache_argument
 from garagelm.errors import GarageError
 
 DEFAULT_PORT = 11435  # beside Ollama's 11434, so both can run
@@ -35,6 +36,7 @@ def add_arguments(verb: str, p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--ctx-size", type=int, default=4096, help="context per request slot (at most the model's)"
     )
+    add_kv_cache_argument(p)
     p.add_argument("--parallel", type=int, default=4, help="requests served side by side per model")
     p.add_argument("--max-loaded", type=int, default=2, help="models held in memory at once")
 
@@ -82,7 +84,8 @@ def main(args: argparse.Namespace) -> int:
     if not _loopback(args.host) and not args.api_key:
         print(f"warning: listening on {args.host} without --api-key: anyone who can reach this address "
               "can use your models", file=sys.stderr)  # fmt: skip
-    pool = ModelPool(ctx_size=args.ctx_size, slots=args.parallel, max_loaded=args.max_loaded)
+    pool = ModelPool(ctx_size=args.ctx_size, slots=args.parallel, max_loaded=args.max_loaded,
+                     kv_cache=args.kv_cache)  # fmt: skip
     app = Server(
         pool, api_key=args.api_key, cors_origins=args.cors_origin, local_only=_loopback(args.host)
     ).app()

@@ -40,9 +40,15 @@ def _decode(engine, first: int, start: int, n: int) -> float:
 
 
 def measure(
-    path: str | Path, pp: int = 512, tg: int = 128, reps: int = 3, decode_ctx: tuple[int, ...] = ()
+    path: str | Path,
+    pp: int = 512,
+    tg: int = 128,
+    reps: int = 3,
+    decode_ctx: tuple[int, ...] = (),
+    kv_cache: str | None = None,
 ) -> dict:
-    """Median tok/s over `reps` runs; also decode after each context length in decode_ctx."""
+    """Median tok/s over `reps` runs; also decode after each context length in decode_ctx.
+    kv_cache names the KV cache type (default: the engine's, f16 where the kernels are built)."""
     from garagelm.runtime.generate import Engine
     from garagelm.runtime.load import load_model
 
@@ -50,7 +56,7 @@ def measure(
     loaded = load_model(path)
     tok = loaded.tokenizer
     longest = max((pp, *decode_ctx))
-    engine = Engine(loaded.model, tok, longest + tg + 8, prefill_chunk=longest)
+    engine = Engine(loaded.model, tok, longest + tg + 8, prefill_chunk=longest, kv_dtype=kv_cache)
     first = engine._forward(tok.encode("Hello"), 0)
     load_to_first_token = time.perf_counter() - t0
     prompt = bench_tokens(tok, longest)
@@ -69,10 +75,12 @@ def measure(
             at_ctx[str(n)].append(_decode(engine, int(logits.argmax()), n, tg))
     del first
     from garagelm.quant.ggml_linear import use_bf16
+    from garagelm.runtime.cache import KV_TYPES
 
     fast = any(getattr(m, "bf16_prefill", False) for m in loaded.model.modules()) and use_bf16(pp)
     out = {"model": str(path), "threads": torch.get_num_threads(), "pp_tokens": pp, "tg_tokens": tg,
-           "prefill_products": "bf16" if fast else "float32"}  # fmt: skip
+           "prefill_products": "bf16" if fast else "float32",
+           "kv_cache": {v: k for k, v in KV_TYPES.items()}[engine.cache.dtype]}  # fmt: skip
     return {**out, **summary("garagelm", pp_rates, tg_rates, at_ctx, load_to_first_token)}
 
 

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from garagelm.quant.attention import decode_attention_f16
+from garagelm.quant.attention import decode_attention
 from garagelm.quant.ggml_linear import use_bf16
 
 
@@ -98,7 +98,7 @@ class CausalLM(nn.Module):
         return (
             plan is not None
             and batch <= plan.max_rows
-            and all(c is not None and c.dtype == torch.float16 for c in caches)
+            and all(c is not None and c.kernel_ready for c in caches)
         )
 
     def decode_batch(self, ids: list[int], caches: list, positions: list[int]) -> torch.Tensor:
@@ -238,7 +238,7 @@ def attention(
     quant.ggml_linear.use_bf16: many query rows, a CPU with bf16 dot products, not exact mode)."""
     scale = scale if scale is not None else 1.0 / math.sqrt(q.shape[-1])
     if k.dtype == torch.float16 and mask is None and q.shape[2] == 1:
-        out = decode_attention_f16(q, k, v, scale)
+        out = decode_attention(q, k, v, scale)
         if out is not None:
             return out
     if bf16_prefill and q.dtype == torch.float32 and use_bf16(q.shape[2]):

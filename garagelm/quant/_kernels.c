@@ -572,18 +572,25 @@ static PyObject *py_dequantize_packed_bf16(PyObject *self, PyObject *args) {
 #endif
 
 
-/* ---- decode attention over an f16 KV cache ---------------------------------------------------
- * One query position, all heads: out = softmax(scale * q k^T) v, with keys/values stored as f16
- * (H query heads share Hkv key/value heads in groups). Positions are split over the pool; each
- * part keeps its own running max, sum and weighted values, merged at the end (split-K). */
+/* ---- decode attention over an f16 or q8_0 KV cache -------------------------------------------
+ * One query position, all heads: out = softmax(scale * q k^T) v, with keys/values stored as f16,
+ * or as q8_0 (llama.cpp's -ctk/-ctv q8_0: int8 values, one f16 scale per 32 along the head,
+ * 1.06 bytes a value instead of 2). H query heads share Hkv key/value heads in groups.
+ * Positions are split over the pool; each part keeps its own running max, sum and weighted
+ * values, merged at the end (split-K). Decode at long context is a stream over the cache, so
+ * the loops are arranged to keep that stream at memory speed: keys are converted 16 positions
+ * at a time into an L1 tile, and the 16 scores of each head come out of one transposing
+ * reduction rather than 16 horizontal sums. */
 #ifdef HAVE_AVX512
 #define ATT_MAX_HEADS 128
 #define ATT_MAX_HD 256
+#define ATT_TILE 16
 
 typedef struct {
     const float *q;
-    const uint16_t *k, *v;
-    long stride_h; /* elements between heads in the cache */
+    const uint8_t *k, *v;     /* f16 or int8 values */
+    const uint16_t *ks, *vs;  /* q8_0: f16 scales, one per 32 values (NULL for f16) */
+    long stride_h;            /* values between heads in the cache (scales: stride_h / 32) */
     int H, Hkv, S, hd;
     float scale;
     float *part_m, *part_l, *part_o; /* [MAX_THREADS][H], [MAX_THREADS][H], [MAX_THREADS][H][hd] */
@@ -608,35 +615,94 @@ static inline __m512 exp512(__m512 x) {
     return _mm512_scalef_ps(y, n);
 }
 
-static void att_rows(const job_t *j, int s0, int s1) {
+/* Lane i of the result = the sum of v[i]'s 16 lanes: a transpose folded into the additions
+ * (30 shuffles for 16 sums instead of 16 x 4). */
+static inline __m512 hsum16(const __m512 *v) {
+    __m512 t[8], u[4];
+    for (int p = 0; p < 8; p++) /* per 128-bit lane: [a0+a2, b0+b2, a1+a3, b1+b3] */
+        t[p] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * p], v[2 * p + 1]), _mm512_unpackhi_ps(v[2 * p], v[2 * p + 1]));
+    for (int p = 0; p < 4; p++) /* per 128-bit lane: rows 4p..4p+3, each summed over that lane */
+        u[p] = _mm512_add_ps(_mm512_shuffle_ps(t[2 * p], t[2 * p + 1], 0x44),
+                             _mm512_shuffle_ps(t[2 * p], t[2 * p + 1], 0xEE));
+    __m512 w0 = _mm512_add_ps(_mm512_shuffle_f32x4(u[0], u[1], 0x88), _mm512_shuffle_f32x4(u[0], u[1], 0xDD));
+    __m512 w1 = _mm512_add_ps(_mm512_shuffle_f32x4(u[2], u[3], 0x88), _mm512_shuffle_f32x4(u[2], u[3], 0xDD));
+    return _mm512_add_ps(_mm512_shuffle_f32x4(w0, w1, 0x88), _mm512_shuffle_f32x4(w0, w1, 0xDD));
+}
+
+/* Position s of one head as float32 into out (NV vectors of 16; q8_0: scaled by its blocks' d). */
+static inline __attribute__((always_inline)) void att_load(const uint8_t *base, const uint16_t *sc, long s,
+                                                           float *out, const int NV) {
+    if (!sc) {
+        const uint16_t *row = (const uint16_t *)base + (size_t)s * NV * 16;
+        for (int c = 0; c < NV; c++)
+            _mm512_store_ps(out + c * 16, _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(row + c * 16))));
+    } else {
+        const int8_t *row = (const int8_t *)base + (size_t)s * NV * 16;
+        const uint16_t *d = sc + (size_t)s * (NV / 2);
+        for (int c = 0; c < NV; c++) {
+            const __m512 x = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(row + c * 16))));
+            _mm512_store_ps(out + c * 16, _mm512_mul_ps(x, _mm512_set1_ps(_cvtsh_ss(d[c / 2]))));
+        }
+    }
+}
+
+static inline void att_prefetch(const uint8_t *base, const uint16_t *sc, long s, int hd) {
+    const size_t bytes = sc ? (size_t)hd : 2 * (size_t)hd;
+    const char *row = (const char *)base + (size_t)s * bytes;
+    for (size_t c = 0; c < bytes; c += 64) __builtin_prefetch(row + c, 0, 3);
+    if (sc && (s % 16) == 0) __builtin_prefetch(sc + (size_t)s * (hd / QK), 0, 3);
+}
+
+/* Rows s0..s1 of every head group, with the head size NV * 16 a compile-time constant where it is
+ * common (64, 128, 256), so the accumulators stay in registers. */
+static inline __attribute__((always_inline)) void att_rows_nv(int s0, int s1, const int NV) {
     const att_t *a = &g_att;
-    const int per = (a->S + g_threads - 1) / g_threads, part = s0 / per, hd = a->hd, group = a->H / a->Hkv;
-    const int nv = hd / 16, len = s1 - s0;
-    float *scores = malloc(sizeof(float) * (size_t)group * (size_t)(len + 16));
+    const int per = (a->S + g_threads - 1) / g_threads, part = s0 / per, hd = NV * 16, group = a->H / a->Hkv;
+    const int len = s1 - s0, ld = len + ATT_TILE;
+    const size_t esz = a->ks ? 1 : 2;
+    const size_t n_scores = ((size_t)group * ld + 15) & ~(size_t)15, n_out = (size_t)group * hd;
+    float *scores = aligned_alloc(64, sizeof(float) * (n_scores + n_out + (size_t)ATT_TILE * hd));
     if (!scores) return;
+    float *o = scores + n_scores, *tile = o + n_out; /* 64-byte aligned: ATT_TILE positions as float32 */
     for (int g = 0; g < a->Hkv; g++) {
-        const uint16_t *kg = a->k + g * a->stride_h, *vg = a->v + g * a->stride_h;
-        __m512 qv[8][ATT_MAX_HD / 16];
-        for (int i = 0; i < group; i++)
-            for (int c = 0; c < nv; c++) qv[i][c] = _mm512_loadu_ps(a->q + (size_t)(g * group + i) * hd + c * 16);
+        const uint8_t *kg = a->k + (size_t)g * a->stride_h * esz, *vg = a->v + (size_t)g * a->stride_h * esz;
+        const uint16_t *ksg = a->ks ? a->ks + (size_t)g * (a->stride_h / QK) : NULL;
+        const uint16_t *vsg = a->vs ? a->vs + (size_t)g * (a->stride_h / QK) : NULL;
         float mx[8];
+        int s = s0;
         for (int i = 0; i < group; i++) mx[i] = -INFINITY;
-        for (int s = s0; s < s1; s++) {
-            __m512 kv[ATT_MAX_HD / 16];
-            if (s + ATT_PREFETCH < s1)
-                for (int c = 0; c < hd * 2; c += 64) __builtin_prefetch((const char *)(kg + (size_t)(s + ATT_PREFETCH) * hd) + c, 0, 3);
-            for (int c = 0; c < nv; c++)
-                kv[c] = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(kg + (size_t)s * hd + c * 16)));
+        for (; s + ATT_TILE <= s1; s += ATT_TILE) { /* scores, 16 positions at a time */
+            for (int r = 0; r < ATT_TILE; r++) {
+                if (s + r + ATT_PREFETCH < s1) att_prefetch(kg, ksg, s + r + ATT_PREFETCH, hd);
+                att_load(kg, ksg, s + r, tile + (size_t)r * hd, NV);
+            }
             for (int i = 0; i < group; i++) {
-                __m512 acc = _mm512_mul_ps(qv[i][0], kv[0]);
-                for (int c = 1; c < nv; c++) acc = _mm512_fmadd_ps(qv[i][c], kv[c], acc);
-                float sc = _mm512_reduce_add_ps(acc) * a->scale;
-                scores[(size_t)i * (len + 16) + (s - s0)] = sc;
-                if (sc > mx[i]) mx[i] = sc;
+                const float *qi = a->q + (size_t)(g * group + i) * hd;
+                __m512 qv[NV], acc[ATT_TILE];
+                for (int c = 0; c < NV; c++) qv[c] = _mm512_mul_ps(_mm512_loadu_ps(qi + c * 16), _mm512_set1_ps(a->scale));
+                for (int r = 0; r < ATT_TILE; r++) {
+                    __m512 x = _mm512_mul_ps(qv[0], _mm512_load_ps(tile + (size_t)r * hd));
+                    for (int c = 1; c < NV; c++) x = _mm512_fmadd_ps(qv[c], _mm512_load_ps(tile + (size_t)r * hd + c * 16), x);
+                    acc[r] = x;
+                }
+                const __m512 sc = hsum16(acc);
+                _mm512_storeu_ps(scores + (size_t)i * ld + (s - s0), sc);
+                mx[i] = fmaxf(mx[i], _mm512_reduce_max_ps(sc));
             }
         }
-        for (int i = 0; i < group; i++) {
-            float *sc = scores + (size_t)i * (len + 16);
+        for (; s < s1; s++) { /* the last few positions, one at a time */
+            att_load(kg, ksg, s, tile, NV);
+            for (int i = 0; i < group; i++) {
+                const float *qi = a->q + (size_t)(g * group + i) * hd;
+                __m512 acc = _mm512_mul_ps(_mm512_loadu_ps(qi), _mm512_load_ps(tile));
+                for (int c = 1; c < NV; c++) acc = _mm512_fmadd_ps(_mm512_loadu_ps(qi + c * 16), _mm512_load_ps(tile + c * 16), acc);
+                const float sc = _mm512_reduce_add_ps(acc) * a->scale;
+                scores[(size_t)i * ld + (s - s0)] = sc;
+                mx[i] = fmaxf(mx[i], sc);
+            }
+        }
+        for (int i = 0; i < group; i++) { /* exp(score - max) in place, and its sum */
+            float *sc = scores + (size_t)i * ld;
             __m512 sum = _mm512_setzero_ps(), m = _mm512_set1_ps(mx[i]);
             int t = 0;
             for (; t + 16 <= len; t += 16) {
@@ -654,33 +720,61 @@ static void att_rows(const job_t *j, int s0, int s1) {
             a->part_m[part * ATT_MAX_HEADS + h] = mx[i];
             a->part_l[part * ATT_MAX_HEADS + h] = _mm512_reduce_add_ps(sum);
         }
-        __m512 o[8][ATT_MAX_HD / 16];
-        for (int i = 0; i < group; i++)
-            for (int c = 0; c < nv; c++) o[i][c] = _mm512_setzero_ps();
-        for (int s = s0; s < s1; s++) {
-            __m512 vv[ATT_MAX_HD / 16];
-            if (s + ATT_PREFETCH < s1)
-                for (int c = 0; c < hd * 2; c += 64) __builtin_prefetch((const char *)(vg + (size_t)(s + ATT_PREFETCH) * hd) + c, 0, 3);
-            for (int c = 0; c < nv; c++)
-                vv[c] = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(vg + (size_t)s * hd + c * 16)));
+        memset(o, 0, sizeof(float) * n_out);
+        for (int t = s0; t < s1; t += ATT_TILE) { /* weighted values, 16 positions at a time */
+            const int n = s1 - t < ATT_TILE ? s1 - t : ATT_TILE;
+            for (int r = 0; r < n; r++) {
+                if (t + r + ATT_PREFETCH < s1) att_prefetch(vg, vsg, t + r + ATT_PREFETCH, hd);
+                att_load(vg, vsg, t + r, tile + (size_t)r * hd, NV);
+            }
             for (int i = 0; i < group; i++) {
-                __m512 p = _mm512_set1_ps(scores[(size_t)i * (len + 16) + (s - s0)]);
-                for (int c = 0; c < nv; c++) o[i][c] = _mm512_fmadd_ps(p, vv[c], o[i][c]);
+                const float *p = scores + (size_t)i * ld + (t - s0);
+                float *oi = o + (size_t)i * hd;
+                /* two accumulator sets (even and odd positions) when the head is short, so enough
+                 * independent FMA chains are in flight */
+                __m512 acc0[NV], acc1[NV];
+                for (int c = 0; c < NV; c++) acc0[c] = _mm512_load_ps(oi + c * 16), acc1[c] = _mm512_setzero_ps();
+                int r = 0;
+                if (NV <= 4)
+                    for (; r + 2 <= n; r += 2) {
+                        const __m512 p0 = _mm512_set1_ps(p[r]), p1 = _mm512_set1_ps(p[r + 1]);
+                        for (int c = 0; c < NV; c++) {
+                            acc0[c] = _mm512_fmadd_ps(p0, _mm512_load_ps(tile + (size_t)r * hd + c * 16), acc0[c]);
+                            acc1[c] = _mm512_fmadd_ps(p1, _mm512_load_ps(tile + (size_t)(r + 1) * hd + c * 16), acc1[c]);
+                        }
+                    }
+                for (; r < n; r++) {
+                    const __m512 p0 = _mm512_set1_ps(p[r]);
+                    for (int c = 0; c < NV; c++)
+                        acc0[c] = _mm512_fmadd_ps(p0, _mm512_load_ps(tile + (size_t)r * hd + c * 16), acc0[c]);
+                }
+                for (int c = 0; c < NV; c++) _mm512_store_ps(oi + c * 16, _mm512_add_ps(acc0[c], acc1[c]));
             }
         }
         for (int i = 0; i < group; i++)
-            for (int c = 0; c < nv; c++)
-                _mm512_storeu_ps(a->part_o + ((size_t)part * ATT_MAX_HEADS + g * group + i) * hd + c * 16, o[i][c]);
+            memcpy(a->part_o + ((size_t)part * ATT_MAX_HEADS + g * group + i) * hd, o + (size_t)i * hd,
+                   sizeof(float) * hd);
     }
     free(scores);
 }
 
-static void attend_core(const float *q, const uint16_t *k, const uint16_t *v, float *out, long stride_h, int H, int Hkv,
-                        int S, int hd, float scale) {
+static void att_rows(const job_t *j, int s0, int s1) {
+    (void)j;
+    switch (g_att.hd / 16) {
+    case 4: att_rows_nv(s0, s1, 4); break;
+    case 8: att_rows_nv(s0, s1, 8); break;
+    case 16: att_rows_nv(s0, s1, 16); break;
+    default: att_rows_nv(s0, s1, g_att.hd / 16); /* other head sizes: the same code, bounds at run time */
+    }
+}
+
+/* k, v: the first position of head 0; ks, vs: its scales (q8_0) or NULL (f16). */
+static void attend_core(const float *q, const uint8_t *k, const uint8_t *v, const uint16_t *ks, const uint16_t *vs,
+                        float *out, long stride_h, int H, int Hkv, int S, int hd, float scale) {
     static float pm[MAX_THREADS * ATT_MAX_HEADS], pl[MAX_THREADS * ATT_MAX_HEADS];
     static float po[MAX_THREADS * ATT_MAX_HEADS * ATT_MAX_HD];
     pthread_mutex_lock(&g_call);
-    g_att = (att_t){q, k, v, stride_h, H, Hkv, S, hd, scale, pm, pl, po};
+    g_att = (att_t){q, k, v, ks, vs, stride_h, H, Hkv, S, hd, scale, pm, pl, po};
     int parts = S >= 256 ? g_threads : 1;
     int saved = g_threads;
     job_t j = {0};
@@ -711,17 +805,21 @@ static void attend_core(const float *q, const uint16_t *k, const uint16_t *v, fl
     pthread_mutex_unlock(&g_call);
 }
 
-static PyObject *py_attend_f16(PyObject *self, PyObject *args) {
-    unsigned long long q, k, v, out;
+/* attend(q, k, v, ks, vs, out, stride_h, H, Hkv, S, hd, scale): ks = vs = 0 for an f16 cache. */
+static PyObject *py_attend(PyObject *self, PyObject *args) {
+    unsigned long long q, k, v, ks, vs, out;
     long long stride_h;
     int H, Hkv, S, hd;
     float scale;
-    if (!PyArg_ParseTuple(args, "KKKKLiiiif", &q, &k, &v, &out, &stride_h, &H, &Hkv, &S, &hd, &scale)) return NULL;
-    if (H > ATT_MAX_HEADS || Hkv < 1 || H % Hkv || H / Hkv > 8 || hd % 16 || hd > ATT_MAX_HD || S < 1)
+    if (!PyArg_ParseTuple(args, "KKKKKKLiiiif", &q, &k, &v, &ks, &vs, &out, &stride_h, &H, &Hkv, &S, &hd, &scale))
+        return NULL;
+    if (H > ATT_MAX_HEADS || Hkv < 1 || H % Hkv || H / Hkv > 8 || hd % (ks ? QK : 16) || hd > ATT_MAX_HD || S < 1 ||
+        (!ks) != (!vs))
         return PyErr_Format(PyExc_ValueError, "unsupported attention shape H=%d Hkv=%d hd=%d S=%d", H, Hkv, hd, S);
     Py_BEGIN_ALLOW_THREADS;
-    attend_core((const float *)(uintptr_t)q, (const uint16_t *)(uintptr_t)k, (const uint16_t *)(uintptr_t)v,
-                (float *)(uintptr_t)out, (long)stride_h, H, Hkv, S, hd, scale);
+    attend_core((const float *)(uintptr_t)q, (const uint8_t *)(uintptr_t)k, (const uint8_t *)(uintptr_t)v,
+                (const uint16_t *)(uintptr_t)ks, (const uint16_t *)(uintptr_t)vs, (float *)(uintptr_t)out,
+                (long)stride_h, H, Hkv, S, hd, scale);
     Py_END_ALLOW_THREADS;
     Py_RETURN_NONE;
 }
@@ -834,9 +932,21 @@ static void products(const prod_t *p, int n, const float *x, float *y, int M, in
     }
 }
 
+/* q8_0 as llama.cpp writes it: per 32 values d = max|x| / 127, q = round(x / d), d kept in f16. */
+static void quantize_q8_0(const float *x, int8_t *q, uint16_t *d, int n) {
+    for (int b = 0; b < n / QK; b++) {
+        float amax = 0.0f;
+        for (int i = 0; i < QK; i++) amax = fmaxf(amax, fabsf(x[b * QK + i]));
+        const float s = amax / 127.0f, inv = s ? 1.0f / s : 0.0f;
+        d[b] = _cvtss_sh(s, _MM_FROUND_TO_NEAREST_INT);
+        for (int i = 0; i < QK; i++) q[b * QK + i] = (int8_t)nearbyintf(x[b * QK + i] * inv);
+    }
+}
+
 /* decode_layer(layer, index, x, M, table, cos, sin_signed): one token for each of M sequences.
- * x is (M, D) float32, updated in place; table is int64 [4][M]: each sequence's key and value
- * cache base pointers (f16, (layers, Hkv, capacity, hd)), its capacity, and its position;
+ * x is (M, D) float32, updated in place; table is int64 [6][M]: each sequence's key and value
+ * cache base pointers ((layers, Hkv, capacity, hd), f16 or int8), its capacity, its position,
+ * and its key and value scale pointers (q8_0: f16, one per 32 values; 0 for an f16 cache);
  * cos and sin_signed are (M, hd). The weights are read once for all M rows. */
 static PyObject *py_decode_layer(PyObject *self, PyObject *args) {
     PyObject *cap;
@@ -867,16 +977,29 @@ static PyObject *py_decode_layer(PyObject *self, PyObject *args) {
             memcpy(v, rot, sizeof(float) * hd);
         }
         const long capacity = (long)table[2 * M + r], pos = (long)table[3 * M + r], stride_h = capacity * hd;
-        uint16_t *kc = (uint16_t *)(uintptr_t)table[r] + (size_t)index * Hkv * stride_h;
-        uint16_t *vc = (uint16_t *)(uintptr_t)table[M + r] + (size_t)index * Hkv * stride_h;
-        for (int g = 0; g < Hkv; g++) /* keys and values into the f16 cache at pos (round to nearest even) */
-            for (int i = 0; i < hd; i++) {
-                kc[g * stride_h + pos * hd + i] = _cvtss_sh(row[(size_t)(H + g) * hd + i], _MM_FROUND_TO_NEAREST_INT);
-                vc[g * stride_h + pos * hd + i] = _cvtss_sh(row[(size_t)(H + Hkv + g) * hd + i], _MM_FROUND_TO_NEAREST_INT);
+        const size_t layer_at = (size_t)index * Hkv * stride_h;
+        uint16_t *ks = table[4 * M + r] ? (uint16_t *)(uintptr_t)table[4 * M + r] + layer_at / QK : NULL;
+        uint16_t *vs = table[5 * M + r] ? (uint16_t *)(uintptr_t)table[5 * M + r] + layer_at / QK : NULL;
+        const size_t esz = ks ? 1 : 2;
+        uint8_t *kc = (uint8_t *)(uintptr_t)table[r] + layer_at * esz;
+        uint8_t *vc = (uint8_t *)(uintptr_t)table[M + r] + layer_at * esz;
+        for (int g = 0; g < Hkv; g++) { /* keys and values into the cache at pos */
+            const size_t at = (size_t)g * stride_h + (size_t)pos * hd;
+            const float *kr = row + (size_t)(H + g) * hd, *vr = row + (size_t)(H + Hkv + g) * hd;
+            if (ks) {
+                quantize_q8_0(kr, (int8_t *)kc + at, ks + at / QK, hd);
+                quantize_q8_0(vr, (int8_t *)vc + at, vs + at / QK, hd);
+            } else {
+                for (int i = 0; i < hd; i++) { /* f16, rounded to nearest even */
+                    ((uint16_t *)kc)[at + i] = _cvtss_sh(kr[i], _MM_FROUND_TO_NEAREST_INT);
+                    ((uint16_t *)vc)[at + i] = _cvtss_sh(vr[i], _MM_FROUND_TO_NEAREST_INT);
+                }
             }
+        }
         /* a sliding layer attends to the last `window` positions only */
         const long first = L->window && pos + 1 > L->window ? pos + 1 - L->window : 0;
-        attend_core(row, kc + first * hd, vc + first * hd, L->att + (size_t)r * H * hd, stride_h, H, Hkv,
+        attend_core(row, kc + first * hd * esz, vc + first * hd * esz, ks ? ks + first * hd / QK : NULL,
+                    vs ? vs + first * hd / QK : NULL, L->att + (size_t)r * H * hd, stride_h, H, Hkv,
                     (int)(pos + 1 - first), hd, L->scale);
     }
     products(&L->o, 1, L->att, L->tmp, M, H * hd, L->xs);
@@ -929,7 +1052,7 @@ static PyMethodDef methods[] = {
     {"dequantize_packed", py_dequantize_packed, METH_VARARGS, "dequantize_packed(kind, q, d, m, out, N, K)"},
 #ifdef HAVE_AVX512
     {"dequantize_packed_bf16", py_dequantize_packed_bf16, METH_VARARGS, "dequantize_packed_bf16(kind, q, d, m, out, N, K)"},
-    {"attend_f16", py_attend_f16, METH_VARARGS, "attend_f16(q, k, v, out, stride_h, H, Hkv, S, hd, scale)"},
+    {"attend", py_attend, METH_VARARGS, "attend(q, k, v, ks, vs, out, stride_h, H, Hkv, S, hd, scale)"},
     {"make_layer", py_make_layer, METH_VARARGS, "make_layer(D, H, Hkv, hd, I, eps, scale, w_in, w_post, qkv, o, gu, down[, w_qn, w_kn, w_post_attn, w_post_ffn, gelu, window])"},
     {"decode_layer", py_decode_layer, METH_VARARGS, "decode_layer(layer, index, x, M, table, cos, sin_signed)"},
 #endif

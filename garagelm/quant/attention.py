@@ -1,4 +1,4 @@
-"""Decode-step attention over an f16 KV cache, in the C kernels (one query position)."""
+"""Decode-step attention over an f16 or q8_0 KV cache, in the C kernels (one query position)."""
 
 from __future__ import annotations
 
@@ -6,26 +6,53 @@ import torch
 
 from garagelm.quant.ggml_linear import _kernels
 
-AVAILABLE = _kernels is not None and hasattr(_kernels, "attend_f16")
+AVAILABLE = _kernels is not None and hasattr(_kernels, "attend")
 
 
-def decode_attention_f16(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
+def decode_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    scale: float,
+    k_scales: torch.Tensor | None = None,
+    v_scales: torch.Tensor | None = None,
 ) -> torch.Tensor | None:
-    """q (1, H, 1, hd) float32; k, v (1, Hkv, S, hd) float16 views of a cache. None if unsupported.
+    """q (1, H, 1, hd) float32; k, v (1, Hkv, S, hd) views of a cache, float16, or int8 with
+    k_scales/v_scales (1, Hkv, S, hd/32) float16 (q8_0). None if the shape is unsupported.
 
-    Reads each cached key and value once (half the bytes of float32), all heads of a group
-    together, positions split over the kernel threads.
+    Reads each cached key and value once, all heads of a group together, positions split over
+    the kernel threads.
     """
     B, H, T, hd = q.shape
     Hkv, S = k.shape[1], k.shape[2]
-    if not AVAILABLE or B != 1 or T != 1 or q.dtype != torch.float32 or k.dtype != torch.float16:
+    q8 = k_scales is not None
+    if not AVAILABLE or B != 1 or T != 1 or q.dtype != torch.float32 or H % Hkv:
         return None
-    if k.stride(-1) != 1 or k.stride(-2) != hd or v.stride() != k.stride() or H % Hkv or hd % 16:
+    if k.dtype != (torch.int8 if q8 else torch.float16) or hd % (32 if q8 else 16):
+        return None
+    if k.stride(-1) != 1 or k.stride(-2) != hd or v.stride() != k.stride():
+        return None
+    if q8 and (
+        v_scales is None
+        or k_scales.stride(-2) != hd // 32
+        or k_scales.stride(1) * 32 != k.stride(1)
+        or v_scales.stride() != k_scales.stride()
+    ):
         return None
     q = q.contiguous()
     out = torch.empty(1, H, 1, hd)
-    _kernels.attend_f16(
-        q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), k.stride(1), H, Hkv, S, hd, scale
+    _kernels.attend(
+        q.data_ptr(),
+        k.data_ptr(),
+        v.data_ptr(),
+        k_scales.data_ptr() if q8 else 0,
+        v_scales.data_ptr() if q8 else 0,
+        out.data_ptr(),
+        k.stride(1),
+        H,
+        Hkv,
+        S,
+        hd,
+        scale,
     )
     return out

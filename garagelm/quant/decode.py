@@ -102,14 +102,19 @@ class DecodePlan:
 
     def step(self, x: torch.Tensor, caches: list, positions: list[int], tables: list) -> None:
         """Run every layer on x (M, hidden) float32 in place, one token for each of M sequences
-        (M <= MAX_ROWS); caches[r] (batch 1, float16) gains position positions[r]. tables holds
+        (M <= MAX_ROWS); caches[r] (batch 1, f16 or q8_0) gains position positions[r]. tables holds
         (cos, sin_signed), each (M, head_dim), per RoPE the model uses (Gemma: global, local)."""
         M = len(caches)
         for cache, pos in zip(caches, positions):
             cache.reserve(pos + 1)
+
+        def scales(c, name: str) -> int:
+            return getattr(c, name).data_ptr() if c.quantized else 0  # 0: an f16 cache
+
         table = torch.tensor(
             [[c.k.data_ptr() for c in caches], [c.v.data_ptr() for c in caches],
-             [c.capacity for c in caches], positions],
+             [c.capacity for c in caches], positions,
+             [scales(c, "k_scales") for c in caches], [scales(c, "v_scales") for c in caches]],
             dtype=torch.int64,
         )  # fmt: skip
         xp, tp = x.data_ptr(), table.data_ptr()

@@ -42,8 +42,9 @@ class Request:
 
 
 class Scheduler:
-    def __init__(self, model, tokenizer, ctx_size: int, slots: int = 4):
+    def __init__(self, model, tokenizer, ctx_size: int, slots: int = 4, kv_cache: str | None = None):
         self.model, self.tokenizer, self.ctx_size = model, tokenizer, ctx_size
+        self.kv_cache = kv_cache  # a KV cache type name, None for the engine's default
         self.n_slots = slots
         self.engines: list[Engine] = []  # made on demand: each holds a KV cache
         self._free: list[Engine] = []
@@ -85,7 +86,7 @@ class Scheduler:
             self._free.remove(best)
             return best
         if len(self.engines) < self.n_slots:
-            engine = Engine(self.model, self.tokenizer, self.ctx_size)
+            engine = Engine(self.model, self.tokenizer, self.ctx_size, kv_dtype=self.kv_cache)
             self.engines.append(engine)
             return engine
         if best is not None:

@@ -18,7 +18,7 @@ from garagelm.errors import GarageError
 from garagelm.quant.attention import AVAILABLE as decode_kernel_available
 from garagelm.quant.dense import DenseLinear
 from garagelm.quant.ggml_linear import MAX_KERNEL_ROWS, GGMLLinear
-from garagelm.runtime.cache import KVCache
+from garagelm.runtime.cache import KVCache, kv_type
 from garagelm.runtime.sampling import Sampler, SamplingParams
 from garagelm.runtime.tokenizer import Tokenizer
 
@@ -65,7 +65,7 @@ class Engine:
         tokenizer: Tokenizer,
         ctx_size: int,
         prefill_chunk: int = 512,
-        kv_dtype: torch.dtype | None = None,
+        kv_dtype: torch.dtype | str | None = None,
     ):
         self.model, self.tokenizer = model, tokenizer
         cfg = model.config
@@ -73,8 +73,12 @@ class Engine:
         self.prefill_chunk = prefill_chunk
         # f16 keys/values (as llama.cpp keeps them) halve the bytes each decode step reads;
         # float32 where the attention kernel is not built.
+        # kv_dtype may also name a type ("f16", "q8_0": half the bytes again, as llama.cpp's
+        # -ctk/-ctv q8_0, for long contexts).
         if kv_dtype is None:
             kv_dtype = torch.float16 if decode_kernel_available else torch.float32
+        elif isinstance(kv_dtype, str):
+            kv_dtype = kv_type(kv_dtype)
         self.cache = KVCache(
             cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim, ctx_size, dtype=kv_dtype
         )

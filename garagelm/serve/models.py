@@ -38,8 +38,11 @@ class Held:
 
 
 class ModelPool:
-    def __init__(self, ctx_size: int | None = None, slots: int = 4, max_loaded: int = 2):
+    def __init__(
+        self, ctx_size: int | None = None, slots: int = 4, max_loaded: int = 2, kv_cache: str | None = None
+    ):
         self.ctx_size, self.slots, self.max_loaded = ctx_size, slots, max_loaded
+        self.kv_cache = kv_cache  # None: the engine's default (f16)
         self.held: dict[str, Held] = {}
         self._lock = threading.Lock()
 
@@ -75,7 +78,7 @@ class ModelPool:
 
         loaded = load_model(path)
         ctx = min(self.ctx_size or loaded.context_length, loaded.context_length)
-        scheduler = Scheduler(loaded.model, loaded.tokenizer, ctx, slots=self.slots)
+        scheduler = Scheduler(loaded.model, loaded.tokenizer, ctx, slots=self.slots, kv_cache=self.kv_cache)
         return Held(name, path, loaded, scheduler, ctx, path.stat().st_size)
 
     def touch(self, held: Held, keep_alive: float | None) -> None:
@@ -91,7 +94,7 @@ class ModelPool:
 
         entry = entry_from_gguf(stored.path, stored.manifest.get("quantization", ""))
         ctx = min(self.ctx_size or entry["context_length"], entry["context_length"])
-        need = estimate(entry, ctx * self.slots).total
+        need = estimate(entry, ctx * self.slots, self.kv_cache or "f16").total
         while True:
             free = detect(with_gpu=False).available_ram
             if len(self.held) < self.max_loaded and need <= free:

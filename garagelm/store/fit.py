@@ -5,8 +5,9 @@ needed = weights as garagelm holds them + KV cache at the chosen context + runti
   values with float32 scales and mins (0.75 bytes a weight), while Q5_K, Q6_K, Q5_0 and Q5_1 are
   unpacked to int8 values with float32 scales (~1.25 bytes a weight, see quant/ggml_linear), so a
   Q4_K_M file (mostly Q4_K, some Q6_K) is held at ~0.82 bytes a weight;
-- KV cache: layers x 2 (keys, values) x KV heads x head dim x context x 2 bytes (f16), or the
-  catalog's kv_bytes_per_token for attention that compresses it (DeepSeek's MLA);
+- KV cache: layers x 2 (keys, values) x KV heads x head dim x context x 2 bytes (f16; 1.0625 for
+  --kv-cache q8_0), or the catalog's kv_bytes_per_token for attention that compresses it
+  (DeepSeek's MLA);
 - runtime: torch and Python (~310 MiB), the tokenizer's tables (measured: ~0.75 KiB a token for
   byte-level BPE vocabularies, ~0.4 KiB for SentencePiece ones, whose merges we derive from
   every split of every piece), plus buffers that grow with the context; then a 10% margin.
@@ -22,6 +23,7 @@ from garagelm.store.hardware import Hardware
 RUNTIME_BYTES = 310 * 2**20
 TOKENIZER_BYTES_PER_TOKEN = {"bpe": 768, "spm": 384}
 MARGIN = 0.10
+KV_BYTES_PER_VALUE = {"f32": 4.0, "f16": 2.0, "q8_0": 34 / 32}  # q8_0: 32 int8 and an f16 scale
 # bytes per weight as the engine holds them, by the file's quantization (None: the file size)
 HELD_BYTES_PER_WEIGHT = {
     "Q4_K_M": 0.82,
@@ -46,7 +48,7 @@ def file_size(entry: dict[str, Any]) -> int | None:
     return entry.get("size") or entry.get("size_estimate")
 
 
-def estimate(entry: dict[str, Any], context: int = 4096) -> Estimate:
+def estimate(entry: dict[str, Any], context: int = 4096, kv_cache: str = "f16") -> Estimate:
     size = file_size(entry) or 0
     per_weight = HELD_BYTES_PER_WEIGHT.get(entry.get("quantization", ""))
     params = entry.get("parameters") or 0
@@ -55,13 +57,13 @@ def estimate(entry: dict[str, Any], context: int = 4096) -> Estimate:
     if entry.get("kv_bytes_per_token"):
         kv = int(entry["kv_bytes_per_token"]) * context
     else:
-        kv = (
+        kv = int(
             int(entry.get("layers", 0))
             * 2
             * int(entry.get("kv_heads", 0))
             * int(entry.get("head_dim", 0))
             * context
-            * 2
+            * KV_BYTES_PER_VALUE[kv_cache]
         )
     hidden = int(entry.get("hidden_size") or 4096)
     vocab = int(entry.get("vocab_size") or 50_000)
