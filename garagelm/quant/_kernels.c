@@ -669,11 +669,12 @@ static inline __attribute__((always_inline)) void att_rows_nv(int s0, int s1, co
         const uint16_t *ksg = a->ks ? a->ks + (size_t)g * (a->stride_h / QK) : NULL;
         const uint16_t *vsg = a->vs ? a->vs + (size_t)g * (a->stride_h / QK) : NULL;
         float mx[8];
+        __m512 mxv[8];
         int s = s0;
-        for (int i = 0; i < group; i++) mx[i] = -INFINITY;
+        for (int i = 0; i < group; i++) mxv[i] = _mm512_set1_ps(-INFINITY);
         for (; s + ATT_TILE <= s1; s += ATT_TILE) { /* scores, 16 positions at a time */
             for (int r = 0; r < ATT_TILE; r++) {
-                if (s + r + ATT_PREFETCH < s1) att_prefetch(kg, ksg, s + r + ATT_PREFETCH, hd);
+                if (ATT_PREFETCH && s + r + ATT_PREFETCH < s1) att_prefetch(kg, ksg, s + r + ATT_PREFETCH, hd);
                 att_load(kg, ksg, s + r, tile + (size_t)r * hd, NV);
             }
             for (int i = 0; i < group; i++) {
@@ -687,9 +688,10 @@ static inline __attribute__((always_inline)) void att_rows_nv(int s0, int s1, co
                 }
                 const __m512 sc = hsum16(acc);
                 _mm512_storeu_ps(scores + (size_t)i * ld + (s - s0), sc);
-                mx[i] = fmaxf(mx[i], _mm512_reduce_max_ps(sc));
+                mxv[i] = _mm512_max_ps(mxv[i], sc);
             }
         }
+        for (int i = 0; i < group; i++) mx[i] = _mm512_reduce_max_ps(mxv[i]);
         for (; s < s1; s++) { /* the last few positions, one at a time */
             att_load(kg, ksg, s, tile, NV);
             for (int i = 0; i < group; i++) {
@@ -724,7 +726,7 @@ static inline __attribute__((always_inline)) void att_rows_nv(int s0, int s1, co
         for (int t = s0; t < s1; t += ATT_TILE) { /* weighted values, 16 positions at a time */
             const int n = s1 - t < ATT_TILE ? s1 - t : ATT_TILE;
             for (int r = 0; r < n; r++) {
-                if (t + r + ATT_PREFETCH < s1) att_prefetch(vg, vsg, t + r + ATT_PREFETCH, hd);
+                if (ATT_PREFETCH && t + r + ATT_PREFETCH < s1) att_prefetch(vg, vsg, t + r + ATT_PREFETCH, hd);
                 att_load(vg, vsg, t + r, tile + (size_t)r * hd, NV);
             }
             for (int i = 0; i < group; i++) {
