@@ -257,8 +257,8 @@ static inline void row_scales512(const uint16_t *src, float *dst, int nb) {
 
 /* Two output rows at a time: each x vector is loaded once for both, and the two rows' FMA
  * chains are independent, which keeps both FMA ports busy. */
-static void rows_packed_avx512(const job_t *j, int n0, int n1) {
-    const int nb = j->K / QK, kind = j->qtype, M = j->M, nb16 = (nb + 15) & ~15;
+static inline __attribute__((always_inline)) void rows_packed_avx512_m(const job_t *j, int n0, int n1, const int M) {
+    const int nb = j->K / QK, kind = j->qtype, nb16 = (nb + 15) & ~15;
     float d[2][2 * MAX_BLOCKS + 16] __attribute__((aligned(64))), m[2][2 * MAX_BLOCKS + 16] __attribute__((aligned(64)));
     const __m128i low = _mm_set1_epi8(0x0F);
     const size_t row_bytes = BYTE_VALUES(kind) ? (size_t)j->K : (size_t)j->K / 2;
@@ -331,6 +331,22 @@ static void rows_packed_avx512(const job_t *j, int n0, int n1) {
         }
     }
 }
+
+/* A copy per row count (decode steps carry 1..MAX_ROWS sequences), with M a constant, so the
+ * accumulators live in registers rather than on the stack: with M rows each block's FMAs would
+ * otherwise wait on stores and reloads of acc. */
+static void rows_packed_avx512(const job_t *j, int n0, int n1) {
+    switch (j->M) {
+    case 1: rows_packed_avx512_m(j, n0, n1, 1); break;
+    case 2: rows_packed_avx512_m(j, n0, n1, 2); break;
+    case 3: rows_packed_avx512_m(j, n0, n1, 3); break;
+    case 4: rows_packed_avx512_m(j, n0, n1, 4); break;
+    case 5: rows_packed_avx512_m(j, n0, n1, 5); break;
+    case 6: rows_packed_avx512_m(j, n0, n1, 6); break;
+    case 7: rows_packed_avx512_m(j, n0, n1, 7); break;
+    default: rows_packed_avx512_m(j, n0, n1, MAX_ROWS); break; /* M is at most MAX_ROWS */
+    }
+}
 #endif
 
 #ifdef HAVE_AVX512
@@ -342,8 +358,8 @@ static inline __m512 load_float16(const uint8_t *row, int kind, int k) {
 }
 
 /* Float weights (f32, bf16 or f16), two rows at a time (each x vector loaded once for both). */
-static void rows_float_avx512(const job_t *j, int n0, int n1) {
-    const int K = j->K, M = j->M, kind = j->qtype;
+static inline __attribute__((always_inline)) void rows_float_avx512_m(const job_t *j, int n0, int n1, const int M) {
+    const int K = j->K, kind = j->qtype;
     const size_t row_bytes = (size_t)K * FLOAT_BYTES(kind);
     for (int n = n0; n < n1; n += 2) {
         const int pair = n + 1 < n1 ? 2 : 1;
@@ -364,6 +380,19 @@ static void rows_float_avx512(const job_t *j, int n0, int n1) {
             j->y[(size_t)r * j->ldy + n] = _mm512_reduce_add_ps(acc[r][0]);
             if (pair == 2) j->y[(size_t)r * j->ldy + n + 1] = _mm512_reduce_add_ps(acc[r][1]);
         }
+    }
+}
+
+static void rows_float_avx512(const job_t *j, int n0, int n1) {
+    switch (j->M) { /* as rows_packed_avx512 */
+    case 1: rows_float_avx512_m(j, n0, n1, 1); break;
+    case 2: rows_float_avx512_m(j, n0, n1, 2); break;
+    case 3: rows_float_avx512_m(j, n0, n1, 3); break;
+    case 4: rows_float_avx512_m(j, n0, n1, 4); break;
+    case 5: rows_float_avx512_m(j, n0, n1, 5); break;
+    case 6: rows_float_avx512_m(j, n0, n1, 6); break;
+    case 7: rows_float_avx512_m(j, n0, n1, 7); break;
+    default: rows_float_avx512_m(j, n0, n1, MAX_ROWS); break;
     }
 }
 #endif
