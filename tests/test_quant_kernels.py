@@ -189,10 +189,11 @@ def test_packing_by_rows_equals_packing_whole(smol_path):
     )
 
 
-def test_q4_k_stays_4_bit(tensors):
+def test_q4_k_and_q5_stay_4_and_5_bit(tensors):
     """Q4_K is held as its 4-bit values plus a float32 scale and min per 32 values: 0.75 bytes a
-    weight (Q6_K, unpacked to int8 with a scale per 16: 1.25)."""
-    for qtype, per_weight in (("Q4_K", 0.75), ("Q6_K", 1.25)):
+    weight; Q5_0 and Q5_1 as their 5-bit values and f16 scales (and mins), as in the file (Q6_K,
+    unpacked to int8 with a scale per 16: 1.25)."""
+    for qtype, per_weight in (("Q4_K", 0.75), ("Q5_0", 22 / 32), ("Q5_1", 24 / 32), ("Q6_K", 1.25)):
         t = tensors[qtype]
         n, k = t.shape
         lin = GGMLLinear(t.raw_bytes(), qtype, k, n)

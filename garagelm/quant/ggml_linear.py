@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from garagelm.formats.ggml_quants import BLOCK_LAYOUT, dequantize, kquant_parts, q5_parts
+from garagelm.formats.ggml_quants import BLOCK_LAYOUT, dequantize, kquant_parts
 
 try:
     from garagelm.quant import _kernels
@@ -29,9 +29,9 @@ except ImportError:  # built without a C compiler: the torch path below still wo
     _kernels = None
 
 # Types split at load into values + scales (+ mins), the layout the fastest kernel reads:
-# Q4_0/Q4_1/Q8_0 keep their bits (f16 scales); Q4_K keeps 4-bit values with a float32 scale and
-# min per 32; Q5_K, Q6_K, Q5_0 and Q5_1 become int8 values with float32 scales.
-PACKED_KINDS = {"Q4_1": 0, "Q4_0": 1, "Q8_0": 2, "Q4_K": 8, "Q5_K": 3, "Q6_K": 4, "Q5_0": 3, "Q5_1": 3}
+# Q4_0/Q4_1/Q5_0/Q5_1/Q8_0 keep their bits (f16 scales); Q4_K keeps 4-bit values with a float32
+# scale and min per 32; Q5_K and Q6_K become int8 values with float32 scales.
+PACKED_KINDS = {"Q4_1": 0, "Q4_0": 1, "Q8_0": 2, "Q4_K": 8, "Q5_K": 3, "Q6_K": 4, "Q5_1": 9, "Q5_0": 10}
 QUANTIZED_TYPES = set(PACKED_KINDS)
 MAX_KERNEL_ROWS = 8
 BF16_MIN_ROWS = 16  # measured on SmolLM2 down_proj: float32 wins at 12 rows, even at 16, bf16 from 24
@@ -73,20 +73,25 @@ def use_bf16(rows: int) -> bool:
 
 def _pack(raw: torch.Tensor, qtype: str, n: int, k: int):
     """GGML blocks (n, row bytes) -> (values, d, m): the same bits without block headers."""
-    if qtype.endswith("_K") or qtype.startswith("Q5_"):
+    nb = k // 32
+    if qtype.startswith("Q5_") and not qtype.endswith("_K"):
+        # per 32 values: the 16 nibble bytes, then the 4 bytes of fifth bits (the file's bits)
+        blocks = raw.reshape(n, nb, BLOCK_LAYOUT[qtype][1])
+        head = 4 if qtype == "Q5_1" else 2
+        q = torch.cat([blocks[:, :, head + 4 :], blocks[:, :, head : head + 4]], dim=2).reshape(n, nb * 20)
+        d = blocks[:, :, 0:2].contiguous().view(torch.int16).reshape(n, nb)
+        m = blocks[:, :, 2:4].contiguous().view(torch.int16).reshape(n, nb) if qtype == "Q5_1" else None
+        return q.contiguous(), d, m
+    if qtype.endswith("_K"):
         blocks = raw.reshape(-1, BLOCK_LAYOUT[qtype][1])
-        if qtype.endswith("_K"):
-            q, scale, mins = kquant_parts(blocks, qtype)
-            added = None if mins is None else -mins  # the kernel adds: scale * q + (-min)
-        else:
-            q, scale, added = q5_parts(blocks, qtype)
+        q, scale, mins = kquant_parts(blocks, qtype)
+        added = None if mins is None else -mins  # the kernel adds: scale * q + (-min)
         added = None if added is None else added.reshape(n, -1).contiguous()
         if qtype == "Q4_K":  # values 0..15: two to a byte, values i and i + 16 of each 32
             halves = q.reshape(-1, 2, 16).to(torch.uint8)
             q = halves[:, 0] | (halves[:, 1] << 4)
             return q.reshape(n, k // 2).contiguous(), scale.reshape(n, -1).contiguous(), added
         return q.reshape(n, k).contiguous(), scale.reshape(n, -1).contiguous(), added
-    nb = k // 32
     blocks = raw.reshape(n, nb, BLOCK_LAYOUT[qtype][1])
     d = blocks[:, :, 0:2].contiguous().view(torch.int16).reshape(n, nb)  # f16 bit patterns
     m = blocks[:, :, 2:4].contiguous().view(torch.int16).reshape(n, nb) if qtype == "Q4_1" else None

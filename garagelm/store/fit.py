@@ -1,8 +1,8 @@
 """Will a model run on this computer? Memory needed by *this* engine, and a verdict.
 
 needed = weights as garagelm holds them + KV cache at the chosen context + runtime + margin:
-- weights: Q4_0/Q4_1/Q8_0 and float files are held at their file size; Q4_K keeps its 4-bit
-  values with float32 scales and mins (0.75 bytes a weight), while Q5_K, Q6_K, Q5_0 and Q5_1 are
+- weights: Q4_0/Q4_1/Q5_0/Q5_1/Q8_0 and float files are held at their file size; Q4_K keeps its
+  4-bit values with float32 scales and mins (0.75 bytes a weight), while Q5_K and Q6_K are
   unpacked to int8 values with float32 scales (~1.25 bytes a weight, see quant/ggml_linear), so a
   Q4_K_M file (mostly Q4_K, some Q6_K) is held at ~0.82 bytes a weight;
 - KV cache: layers x 2 (keys, values) x KV heads x head dim x context x 2 bytes (f16; 1.0625 for
@@ -30,8 +30,6 @@ HELD_BYTES_PER_WEIGHT = {
     "Q5_K_M": 1.25,
     "Q6_K": 1.25,
     "Q4_K_S": 0.77,
-    "Q5_0": 1.125,
-    "Q5_1": 1.25,
 }
 
 
