@@ -216,7 +216,7 @@ def test_sentencepiece_vocabulary_from_tokenizer_json(gemma_path, tmp_path):
                               num_attention_heads=4, num_key_value_heads=1, head_dim=16, sliding_window=8,
                               query_pre_attn_scalar=16, layer_types=["sliding_attention", "full_attention"])  # fmt: skip
     tf.Gemma3ForCausalLM(cfg).save_pretrained(folder)
-    Tokenizer(original.metadata)._tk.save(str(folder / "tokenizer.json"))
+    Tokenizer(original.metadata).hf_tokenizer().save(str(folder / "tokenizer.json"))
     names = {"bos_token": "<bos>", "eos_token": "<eos>", "pad_token": "<pad>", "unk_token": "<unk>"}
     (folder / "tokenizer_config.json").write_text(json.dumps({**names, "add_bos_token": True}))
     out = tmp_path / "gemma.gguf"

@@ -83,18 +83,26 @@ def test_unsupported_tokenizer_is_a_clear_error(vocab_dir):
         Tokenizer(md)
 
 
-def test_sentencepiece_merges_cached_and_rebuilt_when_damaged(vocab_dir, tmp_path, monkeypatch):
-    """The derived merges are kept as a plain .npy (no pickle); a damaged entry is derived again
-    and the tokenizer still reads llama.cpp's vectors exactly."""
+def _hf_encode(tok, text):
+    hf = tok.hf_tokenizer()
+    hf.encode_special_tokens = True
+    return hf.encode(text, add_special_tokens=False).ids if text else []
+
+
+def test_sentencepiece_as_tokenizers_object_cached_and_rebuilt_when_damaged(vocab_dir, tmp_path, monkeypatch):
+    """The `tokenizers` form of a SentencePiece vocabulary (for writing a tokenizer.json) reads
+    llama.cpp's vectors exactly too; its derived merges are kept as a plain .npy (no pickle),
+    and a damaged entry is derived again. Loading a model does not build it."""
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     path = vocab_dir / "ggml-vocab-llama-spm.gguf"
     cases = _vectors(path)[:20]
     expected = [[int(x) for x in exp.split()] for _, exp in cases]
     first = Tokenizer(GGUFFile(path).metadata)
+    assert not (tmp_path / "garagelm").exists()  # encoding needs no derived merges
+    assert [_hf_encode(first, s) for s, _ in cases] == expected
     (entry,) = (tmp_path / "garagelm" / "tokenizers").glob("spm-*.npy")
-    assert [first.encode(s) for s, _ in cases] == expected
     for damage in (b"not an array", b""):  # garbage, and an empty file left by a crash
         entry.write_bytes(damage)
         again = Tokenizer(GGUFFile(path).metadata)
-        assert [again.encode(s) for s, _ in cases] == expected
+        assert [_hf_encode(again, s) for s, _ in cases] == expected
         assert entry.read_bytes().startswith(b"\x93NUMPY")  # written anew

@@ -21,7 +21,9 @@
 #define QK 32
 #define MAX_ROWS 8
 #define MAX_THREADS 64
+#ifndef PREFETCH_ROWS
 #define PREFETCH_ROWS 8
+#endif
 #ifndef ATT_PREFETCH
 #define ATT_PREFETCH 16
 #endif

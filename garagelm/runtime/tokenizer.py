@@ -1,8 +1,9 @@
-"""Tokenizers rebuilt from GGUF metadata with the `tokenizers` library, matching llama.cpp.
+"""Tokenizers rebuilt from GGUF metadata, matching llama.cpp.
 
 Two vocabularies exist in GGUF files: `gpt2` (byte-level BPE with merges and a pre-tokenizer
-regex named by `tokenizer.ggml.pre`) and `llama` (SentencePiece: pieces with scores, byte
-fallback, spaces written as U+2581). Detokenisation does not go through `tokenizers`: every
+regex named by `tokenizer.ggml.pre`, run by the `tokenizers` library) and `llama`
+(SentencePiece: pieces with scores, byte fallback, spaces written as U+2581, encoded by
+runtime/spm.py as llama.cpp does). Detokenisation does not go through `tokenizers`: every
 token maps to its exact bytes, and an incremental UTF-8 decoder turns them into text, so a
 stream never shows half a character.
 """
@@ -21,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from garagelm.runtime.pretokenizers import pre_tokenizer_for
+from garagelm.runtime.spm import SentencePiece
 
 # GGUF token types (tokenizer.ggml.token_type).
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
@@ -73,8 +75,15 @@ class Tokenizer:
         self.add_space_prefix: bool = bool(metadata.get("tokenizer.ggml.add_space_prefix", spm))
         self.eog_ids: set[int] = self._end_of_generation(metadata)
         self.token_bytes: TokenBytes = self._token_bytes()
-        if spm:
-            self._tk = self._build_spm(metadata.get("tokenizer.ggml.scores"))
+        self._spm: SentencePiece | None = None
+        self._scores = metadata.get("tokenizer.ggml.scores")
+        if spm:  # encoded directly from the pieces (runtime/spm.py); no tokenizers object to build
+            unk = next(iter(self._ids_of_types(UNKNOWN)), None)
+            scores = self._scores if self._scores is not None else [0.0] * n
+            self._spm = SentencePiece(self.tokens, np.asarray(scores, dtype=np.float32).tolist(),
+                                      self.add_space_prefix, self._ids_of_types(CONTROL, UNKNOWN),
+                                      self._ids_of_types(USER_DEFINED), unk)  # fmt: skip
+            self._tk = None
         else:
             self._tk = self._build_bpe(metadata.get("tokenizer.ggml.merges") or [], pre)
 
@@ -123,7 +132,7 @@ class Tokenizer:
             eos = json.loads(gen.read_text()).get("eos_token_id")
             self.eog_ids |= set(eos if isinstance(eos, list) else [eos] if isinstance(eos, int) else [])
         self.token_bytes = self._token_bytes()
-        self._tk = tk
+        self._tk, self._spm = tk, None
         return self
 
     @property
@@ -194,6 +203,13 @@ class Tokenizer:
         )
         tk.add_tokens(self._added_tokens())
         return tk
+
+    def hf_tokenizer(self):
+        """This vocabulary as a `tokenizers` object (to write a tokenizer.json). A SentencePiece
+        vocabulary is built for it on first use: encoding does not need it."""
+        if self._tk is None:
+            self._tk = self._build_spm(self._scores)
+        return self._tk
 
     def _build_spm(self, scores):
         """The SentencePiece vocabulary as a `tokenizers` BPE. Deriving the merges of a 262k
@@ -279,8 +295,13 @@ class Tokenizer:
         written in the text (e.g. "<|im_start|>") become their ids; otherwise they are plain
         text, as llama.cpp does for untrusted input.
         """
-        self._tk.encode_special_tokens = not parse_special
-        ids = self._tk.encode(text, add_special_tokens=False).ids if text else []
+        if not text:
+            ids = []
+        elif self._spm is not None:
+            ids = self._spm.encode(text, parse_special)
+        else:
+            self._tk.encode_special_tokens = not parse_special
+            ids = self._tk.encode(text, add_special_tokens=False).ids
         if add_special and self.add_bos and self.bos_id is not None:
             ids = [self.bos_id, *ids]
         if add_special and self.add_eos and self.eos_id is not None:

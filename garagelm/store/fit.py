@@ -9,8 +9,8 @@ needed = weights as garagelm holds them + KV cache at the chosen context + runti
   --kv-cache q8_0), or the catalog's kv_bytes_per_token for attention that compresses it
   (DeepSeek's MLA);
 - runtime: torch and Python (~310 MiB), the tokenizer's tables (measured: ~0.75 KiB a token for
-  byte-level BPE vocabularies, ~0.4 KiB for SentencePiece ones, whose merges we derive from
-  every split of every piece), plus buffers that grow with the context; then a 10% margin.
+  byte-level BPE vocabularies, ~0.15 KiB for SentencePiece ones, encoded from the pieces
+  directly), plus buffers that grow with the context; then a 10% margin.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from typing import Any
 from garagelm.store.hardware import Hardware
 
 RUNTIME_BYTES = 310 * 2**20
-TOKENIZER_BYTES_PER_TOKEN = {"bpe": 768, "spm": 384}
+TOKENIZER_BYTES_PER_TOKEN = {"bpe": 768, "spm": 160}
 MARGIN = 0.10
 KV_BYTES_PER_VALUE = {"f32": 4.0, "f16": 2.0, "q8_0": 34 / 32}  # q8_0: 32 int8 and an f16 scale
 # bytes per weight as the engine holds them, by the file's quantization (None: the file size)
