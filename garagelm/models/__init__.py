@@ -185,11 +185,13 @@ def _linear_weight(name: str) -> bool:
 def _prepare_decode(model: nn.Module) -> None:
     """Float layers become DenseLinear (quant/dense.py), quantized q/k/v and gate/up fuse, and
     the model gets a whole-layer decode plan (None where the kernel does not fit)."""
+    from garagelm.quant import hugepages
     from garagelm.quant.decode import DecodePlan
     from garagelm.quant.dense import use_dense_kernels
 
     use_dense_kernels(model)
     fuse_projections(model)
+    hugepages.move_weights(model)  # decode streams them every token: fewer TLB misses
     model.decode_plan = DecodePlan.build(model)
 
 

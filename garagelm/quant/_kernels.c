@@ -24,6 +24,9 @@
 #ifndef PREFETCH_ROWS
 #define PREFETCH_ROWS 8
 #endif
+#ifndef ATT_SPLIT_MIN
+#define ATT_SPLIT_MIN 256 /* positions below which one thread attends alone */
+#endif
 #ifndef ATT_PREFETCH
 #define ATT_PREFETCH 16
 #endif
@@ -853,7 +856,7 @@ static void attend_core(const float *q, const uint8_t *k, const uint8_t *v, cons
     static float po[MAX_THREADS * ATT_MAX_HEADS * ATT_MAX_HD];
     pthread_mutex_lock(&g_call);
     g_att = (att_t){q, k, v, ks, vs, stride_h, H, Hkv, S, hd, scale, pm, pl, po};
-    int parts = S >= 256 ? g_threads : 1;
+    int parts = S >= ATT_SPLIT_MIN ? g_threads : 1;
     int saved = g_threads;
     job_t j = {0};
     j.N = S;

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from garagelm.formats.ggml_quants import BLOCK_LAYOUT, dequantize, kquant_parts
+from garagelm.quant import hugepages
 
 try:
     from garagelm.quant import _kernels
@@ -147,7 +148,7 @@ class GGMLLinear(nn.Module):
             r1 = min(out_features, r0 + chunk_rows)
             parts = _pack(raw[r0:r1], qtype, r1 - r0, in_features)
             if arrays is None:
-                arrays = [None if x is None else torch.empty((out_features, *x.shape[1:]), dtype=x.dtype)
+                arrays = [None if x is None else hugepages.empty((out_features, *x.shape[1:]), x.dtype)
                           for x in parts]  # fmt: skip
             for dst, src in zip(arrays, parts):
                 if dst is not None:

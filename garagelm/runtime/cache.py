@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from garagelm.quant import hugepages
+
 Q8_0 = "q8_0"  # llama.cpp's -ctk/-ctv q8_0: int8 values with one f16 scale per 32 along the head
 KV_TYPES = {"f32": torch.float32, "f16": torch.float16, "q8_0": Q8_0}
 QK = 32
@@ -91,7 +93,7 @@ class KVCache:
         cap = min(self.max_len, -(-want // self.chunk) * self.chunk)  # whole chunks, within the limit
         for name in self._names():
             old = getattr(self, name)
-            new = old.new_empty((*old.shape[:3], cap, old.shape[4]))
+            new = hugepages.empty((*old.shape[:3], cap, old.shape[4]), old.dtype)  # read whole each step
             new[:, :, :, : old.shape[3]] = old
             setattr(self, name, new)
         self._views()
