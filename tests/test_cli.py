@@ -154,7 +154,7 @@ def test_chat_prompt_contains_history(smol_path):
     from garagelm.cli.run import Session
 
     args = Namespace(
-        model=str(smol_path), raw=False, system="Be brief.", template=None, verbose=False, ctx_size=512,
+        model=str(smol_path), raw=False, system="Be brief.", template=None, verbose=False, ctx_size=512, kv_cache=None,
         temperature=0.0, top_p=1.0, top_k=0, min_p=0.0, repeat_penalty=1.0, seed=None, max_tokens=8, stop=[],
     )  # fmt: skip
     s = Session(args)
