@@ -25,11 +25,11 @@ def _wrap(cls, name, acc, key, when=None):
     """Time cls.name into acc[key] (only the calls `when(self, *args)` accepts, if given)."""
     orig = getattr(cls, name)
 
-    def timed(self, *args):
+    def timed(self, *args, **kwargs):
         if when is not None and not when(self, *args):
-            return orig(self, *args)
+            return orig(self, *args, **kwargs)
         t = time.perf_counter()
-        out = orig(self, *args)
+        out = orig(self, *args, **kwargs)
         acc[key] += time.perf_counter() - t
         return out
 

@@ -111,22 +111,29 @@ def test_whole_layer_decode_matches_the_torch_layers(gemma):
     assert model.decode_plan is not None
     text = " ".join(f"item {i} is {'red' if i % 3 else 'blue'};" for i in range(110)) + " item 7 is"
     ids = gemma.tokenizer.encode(text, add_special=True)
-    runs = {}
-    for planned in (True, False):
-        plan = model.__dict__.pop("decode_plan")
-        if planned:
+    import copy
+
+    plan = model.decode_plan
+    e = Engine(model, gemma.tokenizer, 1024)
+    with exact_products():  # a float32 prefill (this tests decode)
+        logits = e._forward(ids, 0)
+    runs = {True: [], False: []}
+    try:
+        for _ in range(24):  # decode crosses position 512 + window edge handling
+            tok, pos = int(logits.argmax()), len(e.cached)
+            twin = copy.deepcopy(e.cache)  # the torch layers take the same step from the same state
+            model.decode_plan = None
+            with torch.inference_mode():
+                runs[False].append(model(torch.tensor([[tok]]), cache=twin, start=pos)[0, -1])
             model.decode_plan = plan
-        try:
-            e = Engine(model, gemma.tokenizer, 1024)
-            with exact_products():  # the same float32 prefill for both (this tests decode)
-                logits, out = e._forward(ids, 0), []
-            for _ in range(24):  # decode crosses position 512 + window edge handling
-                out.append(logits)
-                logits = e._forward([int(logits.argmax())], len(e.cached))
-            runs[planned] = torch.stack(out)
-        finally:
-            model.decode_plan = plan
+            logits = e._forward([tok], pos)
+            runs[True].append(logits)
+    finally:
+        model.decode_plan = plan
     assert len(ids) > 512
-    assert torch.equal(runs[True].argmax(-1), runs[False].argmax(-1))
-    # float32 rounding in another order (logits span about +-20 here)
-    assert (runs[True] - runs[False]).abs().max() < 5e-3
+    planned, modules = torch.stack(runs[True]), torch.stack(runs[False])
+    assert torch.equal(planned.argmax(-1), modules.argmax(-1))
+    # float32 rounding in another order (logits span about +-20 here). Each step starts from the
+    # same cache: over a whole run the differences compound, and at one position of this text
+    # they grow tenfold (to ~0.04), which would say more about the text than about the kernels.
+    assert (planned - modules).abs().max() < 5e-3

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from garagelm.quant import rows
 from garagelm.quant.attention import decode_attention
 from garagelm.quant.ggml_linear import use_bf16
 
@@ -132,8 +133,12 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Plain ops: on CPU they beat F.rms_norm (~12 vs ~30 us per decode step).
         w = self.weight if self.offset == 0.0 else self.weight + self.offset
+        if x.dtype == torch.float32 and x.numel() >= 8192:  # many rows: one C pass (quant/rows.py)
+            out = rows.rmsnorm(x, w, self.eps)
+            if out is not None:
+                return out
+        # Plain ops: on CPU they beat F.rms_norm (~12 vs ~30 us per decode step).
         xf = x.float()
         ms = (xf * xf).sum(-1, keepdim=True).mul_(1.0 / xf.shape[-1]).add_(self.eps)
         y = xf * ms.rsqrt_() * w.float()

@@ -32,6 +32,7 @@ from garagelm.models.base import (
     gguf_shape,
     hf_shape,
 )
+from garagelm.quant import rows
 
 
 @dataclass
@@ -153,8 +154,12 @@ class Gemma3MLP(nn.Module):
         self.inter = cfg.intermediate_size
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.gate_up_proj is not None:
-            gate, up = self.gate_up_proj(x).split(self.inter, dim=-1)
+        if self.gate_up_proj is not None:  # serving: fused product, activation in C where it can
+            gu = self.gate_up_proj(x, keep_bf16=True)  # bf16 out of a bf16 prefill product
+            h = rows.gated(gu, self.inter, gelu=True)
+            if h is not None:
+                return self.down_proj(h)
+            gate, up = gu.float().split(self.inter, dim=-1)
         else:
             gate, up = self.gate_proj(x), self.up_proj(x)
         return self.down_proj(nn.functional.gelu(gate, approximate="tanh") * up)

@@ -28,6 +28,7 @@ from garagelm.models.base import (
     hf_shape,
     llama3_freq_factors,
 )
+from garagelm.quant import rows
 
 
 class KVCacheLike(Protocol):
@@ -152,9 +153,13 @@ class LlamaMLP(nn.Module):
         self.inter = cfg.intermediate_size
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.gate_up_proj is not None:
-            gate, up = self.gate_up_proj(x).split(self.inter, dim=-1)
-            return self.down_proj(nn.functional.silu(gate) * up)
+        if self.gate_up_proj is not None:  # serving: fused product, activation in C where it can
+            gu = self.gate_up_proj(x, keep_bf16=True)  # bf16 out of a bf16 prefill product
+            h = rows.gated(gu, self.inter, gelu=False)
+            if h is None:
+                gate, up = gu.float().split(self.inter, dim=-1)
+                h = nn.functional.silu(gate) * up
+            return self.down_proj(h)
         return self.down_proj(nn.functional.silu(self.gate_proj(x)) * self.up_proj(x))
 
 

@@ -905,6 +905,100 @@ static PyObject *py_attend(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
+/* act(gate) * up for one row of [gate | up] (2 I values) into h (I values; h may be the row's
+ * own start): SiLU, or GELU with the tanh approximation (Gemma). I is a multiple of 16. */
+static inline __m512 act512(__m512 g, int gelu) {
+    const __m512 one = _mm512_set1_ps(1.0f);
+    if (gelu) { /* 0.5 g (1 + tanh(u)), u = sqrt(2/pi) (g + 0.044715 g^3), written as g / (1 + e^-2u):
+                 * the same function without the cancellation in 1 + tanh(u) where u < 0 */
+        const __m512 u = _mm512_mul_ps(_mm512_set1_ps(0.7978845608028654f),
+                                       _mm512_fmadd_ps(_mm512_mul_ps(_mm512_set1_ps(0.044715f), g),
+                                                       _mm512_mul_ps(g, g), g));
+        const __m512 e = exp512(_mm512_min_ps(_mm512_mul_ps(_mm512_set1_ps(-2.0f), u), _mm512_set1_ps(88.0f)));
+        return _mm512_div_ps(g, _mm512_add_ps(one, e));
+    }
+    return _mm512_div_ps(g, _mm512_add_ps(one, exp512(_mm512_sub_ps(_mm512_setzero_ps(), g))));
+}
+
+static inline void act_mul(const float *gu, float *h, int I, int gelu) {
+    for (int i = 0; i < I; i += 16)
+        _mm512_storeu_ps(h + i, _mm512_mul_ps(act512(_mm512_loadu_ps(gu + i), gelu), _mm512_loadu_ps(gu + I + i)));
+}
+
+static inline __m512 load_bf16(const uint16_t *p) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16));
+}
+
+/* The same on bf16 rows (a bf16 prefill product's output, widened exactly), the result rounded
+ * to bf16 as the next bf16 product would round it. */
+static inline void act_mul_bf16(const uint16_t *gu, uint16_t *h, int I, int gelu) {
+    for (int i = 0; i < I; i += 16)
+        _mm256_storeu_si256((__m256i *)(h + i),
+                            to_bf16_avx512(_mm512_mul_ps(act512(load_bf16(gu + i), gelu), load_bf16(gu + I + i))));
+}
+
+/* ---- prefill helpers: RMSNorm and the gated activation over many rows, split over the pool.
+ * torch's own elementwise kernels in this build are AVX2 and run ~10x below memory speed on
+ * (512, 640) tensors; these are the decode step's loops, row-parallel. job: N rows of K values,
+ * x in, y out, w the norm weight (or NULL), xsum points at eps, qtype the GELU flag. */
+static void rmsnorm_rows_job(const job_t *j, int n0, int n1) {
+    const int n = j->K;
+    const float *w = (const float *)j->w, eps = *j->xsum;
+    for (long r = n0; r < n1; r++) {
+        const float *x = j->x + (size_t)r * n;
+        float *y = j->y + (size_t)r * n;
+        __m512 acc = _mm512_setzero_ps();
+        int i = 0;
+        for (; i + 16 <= n; i += 16) {
+            const __m512 v = _mm512_loadu_ps(x + i);
+            acc = _mm512_fmadd_ps(v, v, acc);
+        }
+        float ss = _mm512_reduce_add_ps(acc);
+        for (; i < n; i++) ss += x[i] * x[i];
+        const float inv = 1.0f / sqrtf(ss / (float)n + eps);
+        const __m512 iv = _mm512_set1_ps(inv);
+        for (i = 0; i + 16 <= n; i += 16)
+            _mm512_storeu_ps(y + i, _mm512_mul_ps(_mm512_mul_ps(_mm512_loadu_ps(x + i), iv), _mm512_loadu_ps(w + i)));
+        for (; i < n; i++) y[i] = x[i] * inv * w[i];
+    }
+}
+
+static void gated_rows_job(const job_t *j, int n0, int n1) {
+    const int gelu = j->qtype & 1, bf16 = j->qtype & 2;
+    for (long r = n0; r < n1; r++) {
+        if (bf16)
+            act_mul_bf16((const uint16_t *)j->x + (size_t)r * 2 * j->K, (uint16_t *)j->y + (size_t)r * j->K, j->K, gelu);
+        else
+            act_mul(j->x + (size_t)r * 2 * j->K, j->y + (size_t)r * j->K, j->K, gelu);
+    }
+}
+
+/* rmsnorm_rows(x, w, out, rows, n, eps) */
+static PyObject *py_rmsnorm_rows(PyObject *self, PyObject *args) {
+    unsigned long long x, w, out;
+    int rows, n;
+    float eps;
+    if (!PyArg_ParseTuple(args, "KKKiif", &x, &w, &out, &rows, &n, &eps)) return NULL;
+    if (rows < 1 || n < 1) return PyErr_Format(PyExc_ValueError, "bad shape rows=%d n=%d", rows, n);
+    job_t j = {0, 1, rows, n, n, (const uint8_t *)(uintptr_t)w, (const float *)(uintptr_t)x, (float *)(uintptr_t)out,
+               NULL, NULL, &eps, rmsnorm_rows_job};
+    Py_BEGIN_ALLOW_THREADS matmul(&j);
+    Py_END_ALLOW_THREADS Py_RETURN_NONE;
+}
+
+/* gated_act(gate_up, out, rows, I, flags): out = act(gate) * up, gate_up rows [gate | up];
+ * flags bit 0: GELU (else SiLU), bit 1: bf16 rows in and out (else float32) */
+static PyObject *py_gated_act(PyObject *self, PyObject *args) {
+    unsigned long long x, out;
+    int rows, I, gelu; /* the flags */
+    if (!PyArg_ParseTuple(args, "KKiii", &x, &out, &rows, &I, &gelu)) return NULL;
+    if (rows < 1 || I < 16 || I % 16) return PyErr_Format(PyExc_ValueError, "bad shape rows=%d I=%d", rows, I);
+    job_t j = {gelu, 1, rows, I, I, NULL, (const float *)(uintptr_t)x, (float *)(uintptr_t)out, NULL, NULL, NULL,
+               gated_rows_job};
+    Py_BEGIN_ALLOW_THREADS matmul(&j);
+    Py_END_ALLOW_THREADS Py_RETURN_NONE;
+}
+
 /* ---- one whole decoder layer for one token -----------------------------------------------
  * The llama block with every step in C: RMSNorm, fused q/k/v product, RoPE, f16 cache write,
  * attention, output product, residual, RMSNorm, fused gate/up product, SiLU, down product,
@@ -1089,26 +1183,9 @@ static PyObject *py_decode_layer(PyObject *self, PyObject *args) {
     for (size_t i = 0; i < (size_t)M * D; i++) x[i] += L->tmp[i];
     for (int r = 0; r < M; r++) rmsnorm(x + (size_t)r * D, L->w_post, L->xn + (size_t)r * D, D, L->eps);
     products(L->gu, L->n_gu, L->xn, L->gu_out, M, D, L->xs);
-    for (int r = 0; r < M; r++) { /* silu(gate) * up, packed to rows of I in place (row r's write
-                                     * lands only on rows already read) for the down product */
-        const float *gu = L->gu_out + (size_t)r * 2 * I;
-        float *h = L->gu_out + (size_t)r * I;
-        for (int i = 0; i < I; i += 16) { /* I is a multiple of 32 (checked in make_layer) */
-            const __m512 g = _mm512_loadu_ps(gu + i), one = _mm512_set1_ps(1.0f);
-            __m512 act;
-            if (L->gelu) { /* 0.5 g (1 + tanh(u)), u = sqrt(2/pi) (g + 0.044715 g^3); tanh u = 1 - 2/(e^2u + 1) */
-                const __m512 u = _mm512_mul_ps(_mm512_set1_ps(0.7978845608028654f),
-                                               _mm512_fmadd_ps(_mm512_mul_ps(_mm512_set1_ps(0.044715f), g),
-                                                               _mm512_mul_ps(g, g), g));
-                const __m512 e2 = exp512(_mm512_min_ps(_mm512_add_ps(u, u), _mm512_set1_ps(88.0f)));
-                const __m512 th = _mm512_sub_ps(one, _mm512_div_ps(_mm512_set1_ps(2.0f), _mm512_add_ps(e2, one)));
-                act = _mm512_mul_ps(_mm512_mul_ps(_mm512_set1_ps(0.5f), g), _mm512_add_ps(one, th));
-            } else {
-                act = _mm512_div_ps(g, _mm512_add_ps(one, exp512(_mm512_sub_ps(_mm512_setzero_ps(), g))));
-            }
-            _mm512_storeu_ps(h + i, _mm512_mul_ps(act, _mm512_loadu_ps(gu + I + i)));
-        }
-    }
+    for (int r = 0; r < M; r++) /* packed to rows of I in place (row r's write lands only on rows
+                                 * already read) for the down product */
+        act_mul(L->gu_out + (size_t)r * 2 * I, L->gu_out + (size_t)r * I, I, L->gelu);
     products(&L->down, 1, L->gu_out, L->tmp, M, I, L->xs);
     if (L->w_post_ffn)
         for (int r = 0; r < M; r++) rmsnorm(L->tmp + (size_t)r * D, L->w_post_ffn, L->tmp + (size_t)r * D, D, L->eps);
@@ -1136,6 +1213,8 @@ static PyMethodDef methods[] = {
     {"attend", py_attend, METH_VARARGS, "attend(q, k, v, ks, vs, out, stride_h, H, Hkv, S, hd, scale)"},
     {"make_layer", py_make_layer, METH_VARARGS, "make_layer(D, H, Hkv, hd, I, eps, scale, w_in, w_post, qkv, o, gu, down[, w_qn, w_kn, w_post_attn, w_post_ffn, gelu, window])"},
     {"decode_layer", py_decode_layer, METH_VARARGS, "decode_layer(layer, index, x, M, table, cos, sin_signed)"},
+    {"rmsnorm_rows", py_rmsnorm_rows, METH_VARARGS, "rmsnorm_rows(x, w, out, rows, n, eps)"},
+    {"gated_act", py_gated_act, METH_VARARGS, "gated_act(gate_up, out, rows, I, gelu)"},
 #endif
     {"set_threads", py_set_threads, METH_VARARGS, "set_threads(n) -> threads used"},
     {NULL, NULL, 0, NULL},

@@ -203,7 +203,9 @@ class GGMLLinear(nn.Module):
         kind, q, d, m = self._kind, *self._pointers()
         return lambda xp, yp, rows: _kernels.matmul_packed(kind, q, d, m, xp, yp, rows, n, k)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, keep_bf16: bool = False) -> torch.Tensor:
+        """x @ W.T. keep_bf16: when the product runs in bf16 (prefill), return its bf16 output
+        as it is (for a caller that feeds it to another bf16 product); float32 otherwise."""
         rows = x.numel() // self.in_features
         if rows <= MAX_KERNEL_ROWS and x.dtype == torch.float32:
             if self.__dict__.get("_fast") is None:
@@ -214,8 +216,9 @@ class GGMLLinear(nn.Module):
                 self._fast(x.data_ptr(), y.data_ptr(), rows)
                 return y if self.bias is None else y + self.bias
         x2 = x.reshape(-1, self.in_features)
-        if not self.exact and x2.dtype == torch.float32 and use_bf16(rows):
-            y = F.linear(x2.to(torch.bfloat16), self.dequantized_bf16()).float()
+        if not self.exact and x2.dtype in (torch.float32, torch.bfloat16) and use_bf16(rows):
+            y = F.linear(x2.to(torch.bfloat16), self.dequantized_bf16())
+            y = y if keep_bf16 and self.bias is None else y.float()
             y = y if self.bias is None else y + self.bias
         else:
             y = F.linear(x2, self.dequantized().to(x2.dtype), self.bias)
