@@ -52,7 +52,7 @@ def empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
 
 
 class Arena:
-    """Many tensors, each a view into shared 2 MiB-page chunks: a model's weights are mostly
+    """Many tensors, each a view into shared 2 MiB-page chunks: a model's packed weights are mostly
     tensors under 2 MiB (SmolLM2's largest layer product is 0.9 MB), which `empty` alone would
     leave on 4 KiB pages. One arena per model, so unloading it frees every chunk."""
 
@@ -79,9 +79,9 @@ class Arena:
 
 
 def move_weights(model: torch.nn.Module) -> None:
-    """Put every quantized or kernel float layer's weight arrays on huge pages (before a decode
-    plan binds their addresses)."""
-    from garagelm.quant.dense import DenseLinear
+    """Put every quantized layer's packed arrays on huge pages (before a decode plan binds their
+    addresses). Float layers keep their parameters where they are: those are trained and saved,
+    and arena views sharing one storage would not save as separate tensors."""
     from garagelm.quant.ggml_linear import GGMLLinear
 
     arena = Arena()
@@ -92,5 +92,3 @@ def move_weights(model: torch.nn.Module) -> None:
                 if t is not None and not (t.nbytes >= HUGE and t.data_ptr() % HUGE == 0):  # not already
                     setattr(m, name, arena.take(t))
             m.__dict__.pop("_fast", None)  # pointers bound to the old arrays
-        elif isinstance(m, DenseLinear):
-            m.weight.data = arena.take(m.weight.data)
