@@ -99,9 +99,11 @@ def test_long_prompt_past_the_window_equals_llama_cpp(gemma_f32_loaded, gemma_f3
     assert ours == ref
 
 
-def test_whole_layer_decode_matches_the_torch_layers(gemma):
+@pytest.mark.parametrize("kv", ["f16", "q8_0"])
+def test_whole_layer_decode_matches_the_torch_layers(gemma, kv):
     """The C decode step (QK-norm, post-norms, GELU, sliding window in C) against the same
-    model's torch layers, through a prompt longer than the window."""
+    model's torch layers, through a prompt longer than the window, on an f16 and a q8_0 cache
+    (the sliding layers read the q8_0 cache from an offset inside it)."""
     import torch
 
     from garagelm.quant.ggml_linear import exact_products
@@ -114,7 +116,7 @@ def test_whole_layer_decode_matches_the_torch_layers(gemma):
     import copy
 
     plan = model.decode_plan
-    e = Engine(model, gemma.tokenizer, 1024)
+    e = Engine(model, gemma.tokenizer, 1024, kv_dtype=kv)
     with exact_products():  # a float32 prefill (this tests decode)
         logits = e._forward(ids, 0)
     runs = {True: [], False: []}
@@ -136,4 +138,4 @@ def test_whole_layer_decode_matches_the_torch_layers(gemma):
     # float32 rounding in another order (logits span about +-20 here). Each step starts from the
     # same cache: over a whole run the differences compound, and at one position of this text
     # they grow tenfold (to ~0.04), which would say more about the text than about the kernels.
-    assert (planned - modules).abs().max() < 5e-3
+    assert (planned - modules).abs().max() < (5e-3 if kv == "f16" else 0.05)

@@ -29,6 +29,7 @@ from garagelm.models.base import (
     llama3_freq_factors,
 )
 from garagelm.quant import rows
+from garagelm.quant.ggml_linear import GGMLLinear
 
 
 class KVCacheLike(Protocol):
@@ -154,7 +155,8 @@ class LlamaMLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.gate_up_proj is not None:  # serving: fused product, activation in C where it can
-            gu = self.gate_up_proj(x, keep_bf16=True)  # bf16 out of a bf16 prefill product
+            # bf16 out of a bf16 prefill product, when the down product takes bf16 as it is
+            gu = self.gate_up_proj(x, keep_bf16=isinstance(self.down_proj, GGMLLinear))
             h = rows.gated(gu, self.inter, gelu=False)
             if h is None:
                 gate, up = gu.float().split(self.inter, dim=-1)

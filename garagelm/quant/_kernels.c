@@ -279,9 +279,11 @@ static inline void row_scales512(const uint16_t *src, float *dst, int nb) {
 
 /* Two output rows at a time: each x vector is loaded once for both, and the two rows' FMA
  * chains are independent, which keeps both FMA ports busy. */
-static inline __attribute__((always_inline)) void rows_packed_avx512_m(const job_t *j, int n0, int n1, const int M) {
+typedef float row_scales_t[2][2 * MAX_BLOCKS + 16];
+
+static inline __attribute__((always_inline)) void rows_packed_avx512_m(const job_t *j, int n0, int n1, const int M,
+                                                                       row_scales_t d, row_scales_t m) {
     const int nb = j->K / QK, kind = j->qtype, nb16 = (nb + 15) & ~15;
-    float d[2][2 * MAX_BLOCKS + 16] __attribute__((aligned(64))), m[2][2 * MAX_BLOCKS + 16] __attribute__((aligned(64)));
     const __m128i low = _mm_set1_epi8(0x0F);
     const size_t row_bytes = ROW_BYTES(kind, j->K);
     for (int n = n0; n < n1; n += 2) {
@@ -373,15 +375,17 @@ static inline __attribute__((always_inline)) void rows_packed_avx512_m(const job
  * accumulators live in registers rather than on the stack: with M rows each block's FMAs would
  * otherwise wait on stores and reloads of acc. */
 static void rows_packed_avx512(const job_t *j, int n0, int n1) {
+    /* one row's scales and mins as float32, shared by the copies (not one 130 KB frame each) */
+    row_scales_t d __attribute__((aligned(64))), m __attribute__((aligned(64)));
     switch (j->M) {
-    case 1: rows_packed_avx512_m(j, n0, n1, 1); break;
-    case 2: rows_packed_avx512_m(j, n0, n1, 2); break;
-    case 3: rows_packed_avx512_m(j, n0, n1, 3); break;
-    case 4: rows_packed_avx512_m(j, n0, n1, 4); break;
-    case 5: rows_packed_avx512_m(j, n0, n1, 5); break;
-    case 6: rows_packed_avx512_m(j, n0, n1, 6); break;
-    case 7: rows_packed_avx512_m(j, n0, n1, 7); break;
-    default: rows_packed_avx512_m(j, n0, n1, MAX_ROWS); break; /* M is at most MAX_ROWS */
+    case 1: rows_packed_avx512_m(j, n0, n1, 1, d, m); break;
+    case 2: rows_packed_avx512_m(j, n0, n1, 2, d, m); break;
+    case 3: rows_packed_avx512_m(j, n0, n1, 3, d, m); break;
+    case 4: rows_packed_avx512_m(j, n0, n1, 4, d, m); break;
+    case 5: rows_packed_avx512_m(j, n0, n1, 5, d, m); break;
+    case 6: rows_packed_avx512_m(j, n0, n1, 6, d, m); break;
+    case 7: rows_packed_avx512_m(j, n0, n1, 7, d, m); break;
+    default: rows_packed_avx512_m(j, n0, n1, MAX_ROWS, d, m); break; /* M is at most MAX_ROWS */
     }
 }
 #endif
@@ -741,7 +745,14 @@ static inline __attribute__((always_inline)) void att_rows_nv(int s0, int s1, co
     const size_t esz = a->ks ? 1 : 2;
     const size_t n_scores = ((size_t)group * ld + 15) & ~(size_t)15, n_out = (size_t)group * hd;
     float *scores = aligned_alloc(64, sizeof(float) * (n_scores + n_out + (size_t)ATT_TILE * hd));
-    if (!scores) return;
+    if (!scores) { /* no memory: this part contributes nothing (weight 0 in the merge) */
+        for (int h = 0; h < a->H; h++) {
+            a->part_m[part * ATT_MAX_HEADS + h] = -INFINITY;
+            a->part_l[part * ATT_MAX_HEADS + h] = 0.0f;
+            memset(a->part_o + ((size_t)part * ATT_MAX_HEADS + h) * hd, 0, sizeof(float) * hd);
+        }
+        return;
+    }
     float *o = scores + n_scores, *tile = o + n_out; /* 64-byte aligned: ATT_TILE positions as float32 */
     for (int g = 0; g < a->Hkv; g++) {
         const uint8_t *kg = a->k + (size_t)g * a->stride_h * esz, *vg = a->v + (size_t)g * a->stride_h * esz;
@@ -868,9 +879,10 @@ static void attend_core(const float *q, const uint8_t *k, const uint8_t *v, cons
     } else {
         dispatch(&j);
     }
-    /* merge the parts: rescale each by exp(its max - overall max) */
+    /* merge the parts that had positions (part() skips empty ones): rescale each by
+     * exp(its max - overall max) */
     float *o = out;
-    const int used = parts == 1 ? 1 : g_threads;
+    const int per = (S + g_threads - 1) / g_threads, used = parts == 1 ? 1 : (S + per - 1) / per;
     for (int h = 0; h < H; h++) {
         float M = -INFINITY, L = 0.0f;
         for (int p = 0; p < used; p++)
@@ -1000,7 +1012,7 @@ static PyObject *py_gated_act(PyObject *self, PyObject *args) {
 }
 
 /* ---- one whole decoder layer for one token -----------------------------------------------
- * The llama block with every step in C: RMSNorm, fused q/k/v product, RoPE, f16 cache write,
+ * The llama block with every step in C: RMSNorm, fused q/k/v product, RoPE, cache write (f16 or q8_0),
  * attention, output product, residual, RMSNorm, fused gate/up product, SiLU, down product,
  * residual. Decode spends most of its time between products otherwise (dozens of tiny torch
  * ops per layer); here the layer is one call. */

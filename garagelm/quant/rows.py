@@ -18,7 +18,7 @@ AVAILABLE = _kernels is not None and hasattr(_kernels, "rmsnorm_rows")
 def _usable(*ts: torch.Tensor) -> bool:
     return (
         AVAILABLE
-        and all(t.dtype == torch.float32 for t in ts)
+        and all(t.dtype == torch.float32 and t.device.type == "cpu" for t in ts)
         and not (torch.is_grad_enabled() and any(t.requires_grad for t in ts))
     )
 
@@ -41,7 +41,9 @@ def gated(gate_up: torch.Tensor, inter: int, gelu: bool) -> torch.Tensor | None:
     bf16 = gate_up.dtype == torch.bfloat16
     if not (bf16 or _usable(gate_up)) or inter % 16 or gate_up.shape[-1] != 2 * inter:
         return None
-    if bf16 and (not AVAILABLE or (torch.is_grad_enabled() and gate_up.requires_grad)):
+    if bf16 and (
+        not AVAILABLE or gate_up.device.type != "cpu" or (torch.is_grad_enabled() and gate_up.requires_grad)
+    ):
         return None
     gu = gate_up.contiguous()
     out = torch.empty((*gu.shape[:-1], inter), dtype=gu.dtype)

@@ -30,16 +30,12 @@ class SentencePiece:
         self.add_space_prefix = add_space_prefix
         # byte fallback (a vocabulary without byte pieces gets its unknown token instead)
         self.byte_ids = [self.vocab.get(f"<0x{b:02X}>", unk_id) for b in range(256)]
-        # llama.cpp sorts its special tokens by text length, longest first
-        self._control = sorted(control, key=lambda i: -len(tokens[i]))
-        self._user = sorted(user_defined, key=lambda i: -len(tokens[i]))
+        # llama.cpp sorts its special tokens by text length in bytes, longest first
+        self._control = sorted(control, key=self._bytes_long)
+        self._user = sorted(user_defined, key=self._bytes_long)
 
     def encode(self, text: str, parse_special: bool) -> list[int]:
-        specials = (
-            sorted(self._control + self._user, key=lambda i: -len(self.tokens[i]))
-            if parse_special
-            else self._user
-        )
+        specials = sorted(self._control + self._user, key=self._bytes_long) if parse_special else self._user
         out: list[int] = []
         prev_special = True  # the first fragment gets the space prefix
         for frag in self._partition(text, specials):
@@ -52,6 +48,9 @@ class SentencePiece:
             out += self._pieces(frag.replace(" ", SPIECE_SPACE))
             prev_special = False
         return out
+
+    def _bytes_long(self, i: int) -> int:
+        return -len(self.tokens[i].encode())
 
     def _partition(self, text: str, specials: list[int]) -> list[str | int]:
         """Text split around every occurrence of each special token (longest first): raw
