@@ -75,12 +75,12 @@ def measure(
             at_ctx[str(n)].append(_decode(engine, int(logits.argmax()), n, tg))
     del first
     from garagelm.quant.ggml_linear import use_bf16
-    from garagelm.runtime.cache import KV_TYPES
+    from garagelm.runtime.cache import kv_type_name
 
     fast = any(getattr(m, "bf16_prefill", False) for m in loaded.model.modules()) and use_bf16(pp)
     out = {"model": str(path), "threads": torch.get_num_threads(), "pp_tokens": pp, "tg_tokens": tg,
            "prefill_products": "bf16" if fast else "float32",
-           "kv_cache": {v: k for k, v in KV_TYPES.items()}[engine.cache.dtype]}  # fmt: skip
+           "kv_cache": kv_type_name(engine.cache.dtype)}  # fmt: skip
     return {**out, **summary("garagelm", pp_rates, tg_rates, at_ctx, load_to_first_token)}
 
 

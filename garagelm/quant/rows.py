@@ -15,10 +15,10 @@ from garagelm.quant.ggml_linear import _kernels
 AVAILABLE = _kernels is not None and hasattr(_kernels, "rmsnorm_rows")
 
 
-def _usable(*ts: torch.Tensor) -> bool:
+def _usable(*ts: torch.Tensor, dtypes: tuple[torch.dtype, ...] = (torch.float32,)) -> bool:
     return (
         AVAILABLE
-        and all(t.dtype == torch.float32 and t.device.type == "cpu" for t in ts)
+        and all(t.dtype in dtypes and t.device.type == "cpu" for t in ts)
         and not (torch.is_grad_enabled() and any(t.requires_grad for t in ts))
     )
 
@@ -38,13 +38,13 @@ def gated(gate_up: torch.Tensor, inter: int, gelu: bool) -> torch.Tensor | None:
     """act(gate) * up for rows laid out [gate | up] (each `inter` wide): SiLU, or GELU (tanh).
     float32 rows give float32; bf16 rows (a bf16 prefill product's output) give bf16, rounded as
     the down product would round its input, without widening the 2 x inter columns first."""
-    bf16 = gate_up.dtype == torch.bfloat16
-    if not (bf16 or _usable(gate_up)) or inter % 16 or gate_up.shape[-1] != 2 * inter:
-        return None
-    if bf16 and (
-        not AVAILABLE or gate_up.device.type != "cpu" or (torch.is_grad_enabled() and gate_up.requires_grad)
+    if (
+        not _usable(gate_up, dtypes=(torch.float32, torch.bfloat16))
+        or inter % 16
+        or gate_up.shape[-1] != 2 * inter
     ):
         return None
+    bf16 = gate_up.dtype == torch.bfloat16
     gu = gate_up.contiguous()
     out = torch.empty((*gu.shape[:-1], inter), dtype=gu.dtype)
     _kernels.gated_act(

@@ -23,11 +23,16 @@ def kv_type(name: str) -> torch.dtype | str:
         raise ValueError(f"unknown KV cache type {name!r}; choose one of {', '.join(KV_TYPES)}") from None
 
 
+def kv_type_name(dtype: torch.dtype | str) -> str:
+    """What KVCache takes -> its --kv-cache name (the inverse of kv_type)."""
+    return next(name for name, t in KV_TYPES.items() if t == dtype)
+
+
 def kv_bytes_per_value(dtype: torch.dtype | str) -> float:
     """Bytes one cached key or value element takes (q8_0: 32 int8 + one f16 scale)."""
     from garagelm.store.fit import KV_BYTES_PER_VALUE
 
-    return KV_BYTES_PER_VALUE[{v: k for k, v in KV_TYPES.items()}[dtype]]
+    return KV_BYTES_PER_VALUE[kv_type_name(dtype)]
 
 
 def quantize_q8_0(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
