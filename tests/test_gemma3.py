@@ -138,4 +138,10 @@ def test_whole_layer_decode_matches_the_torch_layers(gemma, kv):
     # float32 rounding in another order (logits span about +-20 here). Each step starts from the
     # same cache: over a whole run the differences compound, and at one position of this text
     # they grow tenfold (to ~0.04), which would say more about the text than about the kernels.
-    assert (planned - modules).abs().max() < (5e-3 if kv == "f16" else 0.05)
+    # q8_0: both quantize the query to q8_0 (as llama.cpp's q8_0 key dot does), and a query value
+    # that float32 rounding moves across a rounding edge moves its int8 by one step. On Gemma 3
+    # the query's quantization moves logits by up to ~2 (measured against a float query), so
+    # such flips show: measured max 0.16, median 6e-3 (f16: 2.4e-3 and 3e-5).
+    diff = (planned - modules).abs()
+    assert diff.max() < (5e-3 if kv == "f16" else 0.3)
+    assert diff.median() < (1e-4 if kv == "f16" else 0.02)

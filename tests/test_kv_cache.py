@@ -38,11 +38,13 @@ def test_q8_0_is_llama_cpps_q8_0():
 @pytest.mark.skipif(not AVAILABLE, reason="C kernels not built")
 @pytest.mark.parametrize("kind", ["f16", "q8_0"])
 @pytest.mark.parametrize(("H", "Hkv", "hd"), [(9, 3, 64), (4, 1, 256), (8, 8, 128), (6, 2, 96)])
-@pytest.mark.parametrize("S", [1, 15, 17, 255, 256, 1000, 2001])
-def test_decode_attention_kernel(kind, H, Hkv, hd, S):
+@pytest.mark.parametrize(("S", "first"), [(1, 0), (15, 0), (17, 0), (255, 0), (256, 0), (1000, 0), (2001, 0),
+                                          (40, 3), (700, 189), (1030, 512)])  # fmt: skip
+def test_decode_attention_kernel(kind, H, Hkv, hd, S, first):
     """The kernel on a cache's views (capacity above S, so heads are strided) equals float64
     attention over the values the cache holds, for head sizes the kernel specialises (64, 128,
-    256) and one it does not (96), short and split (>= 256 positions) contexts, partial tiles."""
+    256) and one it does not (96), short and split (>= 256 positions) contexts, partial tiles,
+    and sliding windows (positions first..S-1, starting inside a tile or on its edge)."""
     torch.manual_seed(S + hd)
     cache = KVCache(1, Hkv, hd, 4096, dtype=kv_type(kind))
     k, v = torch.randn(1, Hkv, S, hd) * 2, torch.randn(1, Hkv, S, hd)
@@ -50,12 +52,15 @@ def test_decode_attention_kernel(kind, H, Hkv, hd, S):
     held_k, held_v = cache.update(0, k, v, 0)
     q = torch.randn(1, H, 1, hd)
     views = [t[:, :, :S] for t in cache.layer(0)]
-    out = decode_attention(q, *views[:2], hd**-0.5, *views[2:])
+    out = decode_attention(q, *views[:2], hd**-0.5, *views[2:], first=first)
     assert out is not None
-    ref = _reference(q, held_k, held_v, hd**-0.5)
+    # q8_0: the kernel dots keys with the query quantized as llama.cpp's q8_0 key dot does
+    held_q = dequantize_q8_0(*quantize_q8_0(q), torch.float32) if kind == "q8_0" else q
+    window = slice(first, S)
+    ref = _reference(held_q, held_k[:, :, window], held_v[:, :, window], hd**-0.5)
     assert (out - ref).abs().max() < 2e-5
     if kind == "q8_0":  # and the int8 cache stays close to the exact keys and values
-        assert (out - _reference(q, k, v, hd**-0.5)).abs().max() < 0.05
+        assert (out - _reference(q, k[:, :, window], v[:, :, window], hd**-0.5)).abs().max() < 0.05
 
 
 def test_q8_0_cache_grows_and_keeps_what_it_held():
@@ -116,8 +121,11 @@ def test_q8_0_cache_decode_agrees_with_llama_cpps_q8_0_cache(smol_loaded, smol_p
         assert tie_gap(got, expected) < NEAR_TIE, text
         f16 = _decode_logits(smol_loaded, seq, len(ids) - 1, "f16")
         moved = max(moved, float(np.abs(got - f16).max()))
+    print(f"q8_0 cache: top-1 agreement with llama.cpp {agree}/{total}, logits moved up to {moved:.3f}")
     assert agree / total >= 0.95, f"top-1 agreement {agree}/{total}"
-    assert 0 < moved < 1.0  # the int8 cache does change the logits, by little
+    # the int8 cache (and the query quantized for the key dot) does change the logits, by little
+    # (measured 1.13 at most against the f16 cache)
+    assert 0 < moved < 1.5
 
 
 def test_huge_page_buffers_hold_what_is_copied_in():

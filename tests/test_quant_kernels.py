@@ -170,9 +170,13 @@ def test_whole_layer_decode_equals_module_path(smol_path, kv):
     assert model.decode_plan is not None
     planned, modules = _step_pairs(model, kv)
     assert torch.equal(planned.argmax(-1), modules.argmax(-1))
-    # float32 sums in another order; q8_0 can also round a new key one step apart (measured:
-    # 1.4e-3 on f16, 1.4e-2 on q8_0)
-    assert (planned - modules).abs().max() < (1e-2 if kv == "f16" else 0.05)
+    # float32 sums in another order; q8_0 can also round a new key, or the query (quantized to
+    # q8_0 for the key dot, as llama.cpp does), one int8 step apart (measured: max 1.4e-3 on f16;
+    # on q8_0 max 0.13, the median staying small)
+    diff = (planned - modules).abs()
+    print("plan vs modules:", kv, float(diff.max()), float(diff.median()))
+    assert diff.max() < (1e-2 if kv == "f16" else 0.3)
+    assert diff.median() < (1e-3 if kv == "f16" else 0.02)
     if kv == "f16":
         planned, modules = _plan_and_module_logits(model, kv)
         assert torch.equal(planned.argmax(-1), modules.argmax(-1))

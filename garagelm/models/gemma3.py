@@ -138,6 +138,7 @@ class Gemma3Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer, k, v, start)
+            q = cache.query(q)
         if T == 1 and self.window is not None and k.shape[2] > self.window:
             # one query: its window is exactly the last `window` keys, no mask needed
             k, v = k[:, :, -self.window :], v[:, :, -self.window :]

@@ -37,6 +37,8 @@ class KVCacheLike(Protocol):
         self, layer: int, k: torch.Tensor, v: torch.Tensor, start: int
     ) -> tuple[torch.Tensor, torch.Tensor]: ...
 
+    def query(self, q: torch.Tensor) -> torch.Tensor: ...
+
 
 @dataclass
 class LlamaConfig:
@@ -140,6 +142,7 @@ class LlamaAttention(nn.Module):
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer, k, v, start)  # (B, Hkv, start + T, hd)
+            q = cache.query(q)
         y = attention(q, k, v, mask, bf16_prefill=self.bf16_prefill)  # (B, H, T, hd)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.hd))
 

@@ -661,22 +661,48 @@ static PyObject *py_dequantize_packed_bf16(PyObject *self, PyObject *args) {
  * 1.06 bytes a value instead of 2). H query heads share Hkv key/value heads in groups.
  * Positions are split over the pool; each part keeps its own running max, sum and weighted
  * values, merged at the end (split-K). Decode at long context is a stream over the cache, so
- * the loops are arranged to keep that stream at memory speed: keys are converted 16 positions
- * at a time into an L1 tile, and the 16 scores of each head come out of one transposing
- * reduction rather than 16 horizontal sums. */
+ * the loops are arranged to keep that stream at memory speed.
+ * f16: keys are converted 16 positions at a time into an L1 tile, and the 16 scores of each head
+ * come out of one transposing reduction rather than 16 horizontal sums.
+ * q8_0: integer dot products, as llama.cpp's q8_0 key dot: the query is quantized to q8_0 too
+ * (scale applied after), and the keys are laid out for them (see KVCache): per head, tiles of 16
+ * positions, byte t*16*hd + j*64 + r*4 + e holding value 4j + e of position 16t + r as u8 = q + 128.
+ * One vpdpbusd of a tile row with 4 query bytes gives 16 positions' partial dots, so a tile's
+ * scores need no horizontal sums and no conversion of keys to float (the conversions made the
+ * float kernel compute-bound at half the f16 kernel's bytes). Key and value scales are tiled the
+ * same way (element t*16*nb + b*16 + r: block b of position 16t + r); values stay a row per
+ * position, converted to float once for every head of the group. */
 #ifdef HAVE_AVX512
 #define ATT_MAX_HEADS 128
 #define ATT_MAX_HD 256
 #define ATT_TILE 16
 
+/* q8_0 as llama.cpp writes it: per 32 values d = max|x| / 127, q = round(x / d), d kept in f16. */
+static void quantize_q8_0(const float *x, int8_t *q, uint16_t *d, int n) {
+    for (int b = 0; b < n / QK; b++) {
+        float amax = 0.0f;
+        for (int i = 0; i < QK; i++) amax = fmaxf(amax, fabsf(x[b * QK + i]));
+        const float s = amax / 127.0f, inv = s ? 1.0f / s : 0.0f;
+        d[b] = _cvtss_sh(s, _MM_FROUND_TO_NEAREST_INT);
+        for (int i = 0; i < QK; i++) q[b * QK + i] = (int8_t)nearbyintf(x[b * QK + i] * inv);
+    }
+}
+
+
 typedef struct {
     const float *q;
-    const uint8_t *k, *v;     /* f16 or int8 values */
+    const uint8_t *k, *v;     /* f16: position `first` of head 0; q8_0: position 0 (tiles) */
     const uint16_t *ks, *vs;  /* q8_0: f16 scales, one per 32 values (NULL for f16) */
     long stride_h;            /* values between heads in the cache (scales: stride_h / 32) */
-    int H, Hkv, S, hd;
+    int H, Hkv, S, hd;        /* S: positions attended, first .. first + S - 1 */
+    int first, per;           /* per: units (f16: positions, q8_0: tiles) in each part */
     float scale;
     float *part_m, *part_l, *part_o; /* [MAX_THREADS][H], [MAX_THREADS][H], [MAX_THREADS][H][hd] */
+    /* q8_0: the query as q8_0 (int8 per head; per block d * scale and -128 * sum(q), which takes
+     * the keys' +128 back out of the integer dots) */
+    const int8_t *qq;
+    const float *qd;
+    const int32_t *qc;
 } att_t;
 static att_t g_att;
 
@@ -712,37 +738,24 @@ static inline __m512 hsum16(const __m512 *v) {
     return _mm512_add_ps(_mm512_shuffle_f32x4(w0, w1, 0x88), _mm512_shuffle_f32x4(w0, w1, 0xDD));
 }
 
-/* Position s of one head as float32 into out (NV vectors of 16; q8_0: scaled by its blocks' d). */
-static inline __attribute__((always_inline)) void att_load(const uint8_t *base, const uint16_t *sc, long s,
-                                                           float *out, const int NV) {
-    if (!sc) {
-        const uint16_t *row = (const uint16_t *)base + (size_t)s * NV * 16;
-        for (int c = 0; c < NV; c++)
-            _mm512_store_ps(out + c * 16, _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(row + c * 16))));
-    } else {
-        const int8_t *row = (const int8_t *)base + (size_t)s * NV * 16;
-        const uint16_t *d = sc + (size_t)s * (NV / 2);
-        for (int c = 0; c < NV; c++) {
-            const __m512 x = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(row + c * 16))));
-            _mm512_store_ps(out + c * 16, _mm512_mul_ps(x, _mm512_set1_ps(_cvtsh_ss(d[c / 2]))));
-        }
-    }
+/* Position s of one f16 head as float32 into out (NV vectors of 16). */
+static inline __attribute__((always_inline)) void att_load(const uint8_t *base, long s, float *out, const int NV) {
+    const uint16_t *row = (const uint16_t *)base + (size_t)s * NV * 16;
+    for (int c = 0; c < NV; c++)
+        _mm512_store_ps(out + c * 16, _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(row + c * 16))));
 }
 
-static inline void att_prefetch(const uint8_t *base, const uint16_t *sc, long s, int hd) {
-    const size_t bytes = sc ? (size_t)hd : 2 * (size_t)hd;
-    const char *row = (const char *)base + (size_t)s * bytes;
-    for (size_t c = 0; c < bytes; c += 64) __builtin_prefetch(row + c, 0, 3);
-    if (sc && (s % 16) == 0) __builtin_prefetch(sc + (size_t)s * (hd / QK), 0, 3);
+static inline void att_prefetch(const uint8_t *base, long s, int hd) {
+    const char *row = (const char *)base + (size_t)s * 2 * hd;
+    for (size_t c = 0; c < 2 * (size_t)hd; c += 64) __builtin_prefetch(row + c, 0, 3);
 }
 
-/* Rows s0..s1 of every head group, with the head size NV * 16 a compile-time constant where it is
+/* f16: rows s0..s1 of every head group, with the head size NV * 16 a compile-time constant where it is
  * common (64, 128, 256), so the accumulators stay in registers. */
 static inline __attribute__((always_inline)) void att_rows_nv(int s0, int s1, const int NV) {
     const att_t *a = &g_att;
-    const int per = (a->S + g_threads - 1) / g_threads, part = s0 / per, hd = NV * 16, group = a->H / a->Hkv;
+    const int part = s0 / a->per, hd = NV * 16, group = a->H / a->Hkv;
     const int len = s1 - s0, ld = len + ATT_TILE;
-    const size_t esz = a->ks ? 1 : 2;
     const size_t n_scores = ((size_t)group * ld + 15) & ~(size_t)15, n_out = (size_t)group * hd;
     float *scores = aligned_alloc(64, sizeof(float) * (n_scores + n_out + (size_t)ATT_TILE * hd));
     if (!scores) { /* no memory: this part contributes nothing (weight 0 in the merge) */
@@ -755,17 +768,15 @@ static inline __attribute__((always_inline)) void att_rows_nv(int s0, int s1, co
     }
     float *o = scores + n_scores, *tile = o + n_out; /* 64-byte aligned: ATT_TILE positions as float32 */
     for (int g = 0; g < a->Hkv; g++) {
-        const uint8_t *kg = a->k + (size_t)g * a->stride_h * esz, *vg = a->v + (size_t)g * a->stride_h * esz;
-        const uint16_t *ksg = a->ks ? a->ks + (size_t)g * (a->stride_h / QK) : NULL;
-        const uint16_t *vsg = a->vs ? a->vs + (size_t)g * (a->stride_h / QK) : NULL;
+        const uint8_t *kg = a->k + (size_t)g * a->stride_h * 2, *vg = a->v + (size_t)g * a->stride_h * 2;
         float mx[8];
         __m512 mxv[8];
         int s = s0;
         for (int i = 0; i < group; i++) mxv[i] = _mm512_set1_ps(-INFINITY);
         for (; s + ATT_TILE <= s1; s += ATT_TILE) { /* scores, 16 positions at a time */
             for (int r = 0; r < ATT_TILE; r++) {
-                if (ATT_PREFETCH && s + r + ATT_PREFETCH < s1) att_prefetch(kg, ksg, s + r + ATT_PREFETCH, hd);
-                att_load(kg, ksg, s + r, tile + (size_t)r * hd, NV);
+                if (ATT_PREFETCH && s + r + ATT_PREFETCH < s1) att_prefetch(kg, s + r + ATT_PREFETCH, hd);
+                att_load(kg, s + r, tile + (size_t)r * hd, NV);
             }
             for (int i = 0; i < group; i++) {
                 const float *qi = a->q + (size_t)(g * group + i) * hd;
@@ -783,7 +794,7 @@ static inline __attribute__((always_inline)) void att_rows_nv(int s0, int s1, co
         }
         for (int i = 0; i < group; i++) mx[i] = _mm512_reduce_max_ps(mxv[i]);
         for (; s < s1; s++) { /* the last few positions, one at a time */
-            att_load(kg, ksg, s, tile, NV);
+            att_load(kg, s, tile, NV);
             for (int i = 0; i < group; i++) {
                 const float *qi = a->q + (size_t)(g * group + i) * hd;
                 __m512 acc = _mm512_mul_ps(_mm512_loadu_ps(qi), _mm512_load_ps(tile));
@@ -816,8 +827,8 @@ static inline __attribute__((always_inline)) void att_rows_nv(int s0, int s1, co
         for (int t = s0; t < s1; t += ATT_TILE) { /* weighted values, 16 positions at a time */
             const int n = s1 - t < ATT_TILE ? s1 - t : ATT_TILE;
             for (int r = 0; r < n; r++) {
-                if (ATT_PREFETCH && t + r + ATT_PREFETCH < s1) att_prefetch(vg, vsg, t + r + ATT_PREFETCH, hd);
-                att_load(vg, vsg, t + r, tile + (size_t)r * hd, NV);
+                if (ATT_PREFETCH && t + r + ATT_PREFETCH < s1) att_prefetch(vg, t + r + ATT_PREFETCH, hd);
+                att_load(vg, t + r, tile + (size_t)r * hd, NV);
             }
             for (int i = 0; i < group; i++) {
                 const float *p = scores + (size_t)i * ld + (t - s0);
@@ -850,39 +861,199 @@ static inline __attribute__((always_inline)) void att_rows_nv(int s0, int s1, co
     free(scores);
 }
 
-static void att_rows(const job_t *j, int s0, int s1) {
+#if defined(__AVX512VNNI__)
+#define DPBUSD(acc, u, s) _mm512_dpbusd_epi32(acc, u, s)
+#else
+/* vpdpbusd without VNNI: the even and odd bytes widened to 16 bits, two madds (exact) */
+static inline __m512i dpbusd_emul(__m512i acc, __m512i u, __m512i s) {
+    const __m512i ue = _mm512_and_si512(u, _mm512_set1_epi16(0x00FF)), uo = _mm512_srli_epi16(u, 8);
+    const __m512i se = _mm512_srai_epi16(_mm512_slli_epi16(s, 8), 8), so = _mm512_srai_epi16(s, 8);
+    return _mm512_add_epi32(acc, _mm512_add_epi32(_mm512_madd_epi16(ue, se), _mm512_madd_epi16(uo, so)));
+}
+#define DPBUSD(acc, u, s) dpbusd_emul(acc, u, s)
+#endif
+
+/* The lanes (positions 16t + r) of tile t inside first .. end - 1. */
+static inline __mmask16 tile_valid(long t, long first, long end) {
+    unsigned m = 0xFFFFu;
+    const long base = t * ATT_TILE;
+    if (base < first) m &= ~((1u << (first - base)) - 1);
+    if (base + ATT_TILE > end) m &= (1u << (end - base)) - 1;
+    return (__mmask16)m;
+}
+
+/* q8_0: tiles u0..u1 (counted from the tile holding `first`) of every head group, with NB blocks
+ * of 32 in a head. Lanes outside the attended positions (the first and last tiles' edges) get
+ * score -inf and weight exactly 0, and their scales are never read into a product (the cache
+ * past its last position is uninitialised). */
+static inline __attribute__((always_inline)) void att_q8_nb(int u0, int u1, const int NB) {
+    const att_t *a = &g_att;
+    const int hd = NB * QK, NV = hd / 16, group = a->H / a->Hkv, part = u0 / a->per;
+    const long first = a->first, end = a->first + a->S, t0 = first / ATT_TILE + u0, t1 = first / ATT_TILE + u1;
+    const int len = (int)(t1 - t0) * ATT_TILE;
+    const size_t tile_bytes = (size_t)ATT_TILE * hd;
+    float *scores = aligned_alloc(64, sizeof(float) * ((size_t)group * (len + hd + NB * ATT_TILE) + tile_bytes));
+    if (!scores) { /* no memory: this part contributes nothing (weight 0 in the merge) */
+        for (int h = 0; h < a->H; h++) {
+            a->part_m[part * ATT_MAX_HEADS + h] = -INFINITY;
+            a->part_l[part * ATT_MAX_HEADS + h] = 0.0f;
+            memset(a->part_o + ((size_t)part * ATT_MAX_HEADS + h) * hd, 0, sizeof(float) * hd);
+        }
+        return;
+    }
+    float *o = scores + (size_t)group * len, *pv = o + (size_t)group * hd, *vt = pv + (size_t)group * NB * ATT_TILE;
+    for (int g = 0; g < a->Hkv; g++) {
+        const uint8_t *kg = a->k + (size_t)g * a->stride_h;
+        const int8_t *vg = (const int8_t *)a->v + (size_t)g * a->stride_h;
+        const uint16_t *ksg = a->ks + (size_t)g * (a->stride_h / QK), *vsg = a->vs + (size_t)g * (a->stride_h / QK);
+        const int h0 = g * group;
+        __m512 mxv[8];
+        for (int i = 0; i < group; i++) mxv[i] = _mm512_set1_ps(-INFINITY);
+        for (long t = t0; t < t1; t++) { /* scores, a tile of 16 positions at a time */
+            const uint8_t *kt = kg + (size_t)t * tile_bytes;
+            const uint16_t *kst = ksg + (size_t)t * ATT_TILE * NB;
+            if (t + 2 < t1)
+                for (size_t c = 0; c < tile_bytes; c += 64) __builtin_prefetch(kt + 2 * tile_bytes + c, 0, 3);
+            const __mmask16 valid = tile_valid(t, first, end);
+            __m512 sc[8];
+            for (int i = 0; i < group; i++) sc[i] = _mm512_setzero_ps();
+            for (int b = 0; b < NB; b++) {
+                /* two chains per head over the block's 8 rows of the tile (dpbusd latency) */
+                __m512i a0[8], a1[8];
+                for (int i = 0; i < group; i++) {
+                    a0[i] = _mm512_set1_epi32(a->qc[(h0 + i) * 8 + b]);
+                    a1[i] = _mm512_setzero_si512();
+                }
+                for (int jj = 0; jj < 8; jj += 2) {
+                    const __m512i k0 = _mm512_loadu_si512(kt + (size_t)(8 * b + jj) * 64);
+                    const __m512i k1 = _mm512_loadu_si512(kt + (size_t)(8 * b + jj + 1) * 64);
+                    for (int i = 0; i < group; i++) {
+                        const int32_t *qi = (const int32_t *)(a->qq + (size_t)(h0 + i) * hd) + 8 * b + jj;
+                        a0[i] = DPBUSD(a0[i], k0, _mm512_set1_epi32(qi[0]));
+                        a1[i] = DPBUSD(a1[i], k1, _mm512_set1_epi32(qi[1]));
+                    }
+                }
+                const __m512 dk = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(valid, kst + b * ATT_TILE));
+                for (int i = 0; i < group; i++)
+                    sc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(a0[i], a1[i])),
+                                            _mm512_mul_ps(dk, _mm512_set1_ps(a->qd[(h0 + i) * 8 + b])), sc[i]);
+            }
+            for (int i = 0; i < group; i++) {
+                sc[i] = _mm512_mask_blend_ps(valid, _mm512_set1_ps(-INFINITY), sc[i]);
+                _mm512_store_ps(scores + (size_t)i * len + (t - t0) * ATT_TILE, sc[i]);
+                mxv[i] = _mm512_max_ps(mxv[i], sc[i]);
+            }
+        }
+        for (int i = 0; i < group; i++) { /* exp(score - max) in place (0 outside), and its sum */
+            float *sc = scores + (size_t)i * len;
+            const float mx = _mm512_reduce_max_ps(mxv[i]);
+            const __m512 m = _mm512_set1_ps(mx), ninf = _mm512_set1_ps(-INFINITY);
+            __m512 sum = _mm512_setzero_ps();
+            for (int t = 0; t < len; t += 16) {
+                const __m512 x = _mm512_load_ps(sc + t);
+                const __mmask16 in = _mm512_cmp_ps_mask(x, ninf, _CMP_NEQ_OQ);
+                const __m512 e = _mm512_maskz_mov_ps(in, exp512(_mm512_sub_ps(x, m)));
+                _mm512_store_ps(sc + t, e);
+                sum = _mm512_add_ps(sum, e);
+            }
+            a->part_m[part * ATT_MAX_HEADS + h0 + i] = mx;
+            a->part_l[part * ATT_MAX_HEADS + h0 + i] = _mm512_reduce_add_ps(sum);
+        }
+        memset(o, 0, sizeof(float) * group * hd);
+        for (long t = t0; t < t1; t++) { /* weighted values, a tile at a time */
+            const int8_t *vrow = vg + (size_t)t * tile_bytes;
+            const uint16_t *vst = vsg + (size_t)t * ATT_TILE * NB;
+            if (t + 2 < t1)
+                for (size_t c = 0; c < tile_bytes; c += 64) __builtin_prefetch(vrow + 2 * tile_bytes + c, 0, 3);
+            const __mmask16 valid = tile_valid(t, first, end);
+            for (int b = 0; b < NB; b++) { /* each weight times its block's scale */
+                const __m512 dv = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(valid, vst + b * ATT_TILE));
+                for (int i = 0; i < group; i++)
+                    _mm512_store_ps(pv + (size_t)(i * NB + b) * ATT_TILE,
+                                    _mm512_mul_ps(dv, _mm512_load_ps(scores + (size_t)i * len + (t - t0) * ATT_TILE)));
+            }
+            for (int r = 0; r < ATT_TILE; r++)
+                for (int c = 0; c < NV; c++) {
+                    const __m128i x = _mm_loadu_si128((const __m128i *)(vrow + (size_t)r * hd + c * 16));
+                    _mm512_store_ps(vt + (size_t)r * hd + c * 16, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(x)));
+                }
+            for (int i = 0; i < group; i++) {
+                const float *w = pv + (size_t)i * NB * ATT_TILE;
+                float *oi = o + (size_t)i * hd;
+                __m512 acc0[16], acc1[16]; /* even and odd positions: independent FMA chains */
+                for (int c = 0; c < NV; c++) acc0[c] = _mm512_load_ps(oi + c * 16), acc1[c] = _mm512_setzero_ps();
+                for (int r = 0; r < ATT_TILE; r += 2)
+                    for (int c = 0; c < NV; c++) {
+                        const float *wr = w + (c / 2) * ATT_TILE + r;
+                        const float *x = vt + (size_t)r * hd + c * 16;
+                        acc0[c] = _mm512_fmadd_ps(_mm512_set1_ps(wr[0]), _mm512_load_ps(x), acc0[c]);
+                        acc1[c] = _mm512_fmadd_ps(_mm512_set1_ps(wr[1]), _mm512_load_ps(x + hd), acc1[c]);
+                    }
+                for (int c = 0; c < NV; c++) _mm512_store_ps(oi + c * 16, _mm512_add_ps(acc0[c], acc1[c]));
+            }
+        }
+        for (int i = 0; i < group; i++)
+            memcpy(a->part_o + ((size_t)part * ATT_MAX_HEADS + h0 + i) * hd, o + (size_t)i * hd, sizeof(float) * hd);
+    }
+    free(scores);
+}
+
+static void att_rows(const job_t *j, int u0, int u1) {
     (void)j;
+    if (g_att.ks) {
+        switch (g_att.hd / QK) {
+        case 2: att_q8_nb(u0, u1, 2); break;
+        case 4: att_q8_nb(u0, u1, 4); break;
+        case 8: att_q8_nb(u0, u1, 8); break;
+        default: att_q8_nb(u0, u1, g_att.hd / QK);
+        }
+        return;
+    }
     switch (g_att.hd / 16) {
-    case 4: att_rows_nv(s0, s1, 4); break;
-    case 8: att_rows_nv(s0, s1, 8); break;
-    case 16: att_rows_nv(s0, s1, 16); break;
-    default: att_rows_nv(s0, s1, g_att.hd / 16); /* other head sizes: the same code, bounds at run time */
+    case 4: att_rows_nv(u0, u1, 4); break;
+    case 8: att_rows_nv(u0, u1, 8); break;
+    case 16: att_rows_nv(u0, u1, 16); break;
+    default: att_rows_nv(u0, u1, g_att.hd / 16); /* other head sizes: the same code, bounds at run time */
     }
 }
 
-/* k, v: the first position of head 0; ks, vs: its scales (q8_0) or NULL (f16). */
+/* Attention over positions first .. end - 1. k, v: position 0 of head 0; ks, vs: its scales
+ * (q8_0, tiled as above) or NULL (f16). */
 static void attend_core(const float *q, const uint8_t *k, const uint8_t *v, const uint16_t *ks, const uint16_t *vs,
-                        float *out, long stride_h, int H, int Hkv, int S, int hd, float scale) {
+                        float *out, long stride_h, int H, int Hkv, int first, int end, int hd, float scale) {
     static float pm[MAX_THREADS * ATT_MAX_HEADS], pl[MAX_THREADS * ATT_MAX_HEADS];
     static float po[MAX_THREADS * ATT_MAX_HEADS * ATT_MAX_HD];
+    static int8_t qq[ATT_MAX_HEADS * ATT_MAX_HD] __attribute__((aligned(64)));
+    static float qd[ATT_MAX_HEADS * 8];
+    static int32_t qc[ATT_MAX_HEADS * 8];
     pthread_mutex_lock(&g_call);
-    g_att = (att_t){q, k, v, ks, vs, stride_h, H, Hkv, S, hd, scale, pm, pl, po};
-    int parts = S >= ATT_SPLIT_MIN ? g_threads : 1;
-    int saved = g_threads;
+    const int S = end - first, q8 = ks != NULL;
+    if (q8) /* the query as llama.cpp quantizes it for its q8_0 key dot */
+        for (int h = 0; h < H; h++) {
+            uint16_t d16[8];
+            quantize_q8_0(q + (size_t)h * hd, qq + (size_t)h * hd, d16, hd);
+            for (int b = 0; b < hd / QK; b++) {
+                int32_t sum = 0;
+                for (int i = 0; i < QK; i++) sum += qq[(size_t)h * hd + b * QK + i];
+                qd[h * 8 + b] = f16_to_f32(d16[b]) * scale;
+                qc[h * 8 + b] = -128 * sum;
+            }
+        }
+    const int units = q8 ? (end + ATT_TILE - 1) / ATT_TILE - first / ATT_TILE : S;
+    const int parts = S >= ATT_SPLIT_MIN ? g_threads : 1, per = (units + parts - 1) / parts;
+    const size_t at = q8 ? 0 : (size_t)first * hd * 2; /* f16 rows are addressed from `first` */
+    g_att = (att_t){q, k + at, v + at, ks, vs, stride_h, H, Hkv, S, hd, first, per, scale, pm, pl, po, qq, qd, qc};
     job_t j = {0};
-    j.N = S;
+    j.N = units;
     j.rows = att_rows;
-    if (parts == 1) {
-        g_threads = 1; /* att_rows reads g_threads for its part index */
-        att_rows(&j, 0, S);
-        g_threads = saved;
-    } else {
-        dispatch(&j);
-    }
+    if (parts == 1)
+        att_rows(&j, 0, units);
+    else
+        dispatch(&j); /* part() splits the units as `per` does */
     /* merge the parts that had positions (part() skips empty ones): rescale each by
      * exp(its max - overall max) */
     float *o = out;
-    const int per = (S + g_threads - 1) / g_threads, used = parts == 1 ? 1 : (S + per - 1) / per;
+    const int used = (units + per - 1) / per;
     for (int h = 0; h < H; h++) {
         float M = -INFINITY, L = 0.0f;
         for (int p = 0; p < used; p++)
@@ -898,21 +1069,40 @@ static void attend_core(const float *q, const uint8_t *k, const uint8_t *v, cons
     pthread_mutex_unlock(&g_call);
 }
 
-/* attend(q, k, v, ks, vs, out, stride_h, H, Hkv, S, hd, scale): ks = vs = 0 for an f16 cache. */
+/* One position's key and value (one head) into a q8_0 cache in the tiled layout above; kg, vg,
+ * ks, vs: the head's position 0. */
+static void store_q8_0(const float *kr, const float *vr, uint8_t *kg, int8_t *vg, uint16_t *ks, uint16_t *vs, long pos,
+                       int hd) {
+    int8_t q[ATT_MAX_HD];
+    uint16_t d[8];
+    const int nb = hd / QK, r = (int)(pos % ATT_TILE);
+    const size_t t = (size_t)(pos / ATT_TILE);
+    quantize_q8_0(kr, q, d, hd);
+    uint8_t *kt = kg + t * ATT_TILE * hd;
+    for (int i = 0; i < hd; i++) kt[(i / 4) * 64 + r * 4 + i % 4] = (uint8_t)(q[i] + 128);
+    for (int b = 0; b < nb; b++) ks[(t * nb + b) * ATT_TILE + r] = d[b];
+    quantize_q8_0(vr, vg + (size_t)pos * hd, d, hd);
+    for (int b = 0; b < nb; b++) vs[(t * nb + b) * ATT_TILE + r] = d[b];
+}
+
+/* attend(q, k, v, ks, vs, out, stride_h, H, Hkv, S, hd, scale[, first]): positions first .. S - 1
+ * (a sliding window starts past 0); k, v, ks, vs at position 0; ks = vs = 0 for an f16 cache. */
 static PyObject *py_attend(PyObject *self, PyObject *args) {
     unsigned long long q, k, v, ks, vs, out;
     long long stride_h;
-    int H, Hkv, S, hd;
+    int H, Hkv, S, hd, first = 0;
     float scale;
-    if (!PyArg_ParseTuple(args, "KKKKKKLiiiif", &q, &k, &v, &ks, &vs, &out, &stride_h, &H, &Hkv, &S, &hd, &scale))
+    if (!PyArg_ParseTuple(args, "KKKKKKLiiiif|i", &q, &k, &v, &ks, &vs, &out, &stride_h, &H, &Hkv, &S, &hd, &scale,
+                          &first))
         return NULL;
     if (H > ATT_MAX_HEADS || Hkv < 1 || H % Hkv || H / Hkv > 8 || hd % (ks ? QK : 16) || hd > ATT_MAX_HD || S < 1 ||
-        (!ks) != (!vs))
-        return PyErr_Format(PyExc_ValueError, "unsupported attention shape H=%d Hkv=%d hd=%d S=%d", H, Hkv, hd, S);
+        first < 0 || first >= S || (!ks) != (!vs))
+        return PyErr_Format(PyExc_ValueError, "unsupported attention shape H=%d Hkv=%d hd=%d S=%d first=%d", H, Hkv, hd,
+                            S, first);
     Py_BEGIN_ALLOW_THREADS;
     attend_core((const float *)(uintptr_t)q, (const uint8_t *)(uintptr_t)k, (const uint8_t *)(uintptr_t)v,
                 (const uint16_t *)(uintptr_t)ks, (const uint16_t *)(uintptr_t)vs, (float *)(uintptr_t)out,
-                (long)stride_h, H, Hkv, S, hd, scale);
+                (long)stride_h, H, Hkv, first, S, hd, scale);
     Py_END_ALLOW_THREADS;
     Py_RETURN_NONE;
 }
@@ -1119,17 +1309,6 @@ static void products(const prod_t *p, int n, const float *x, float *y, int M, in
     }
 }
 
-/* q8_0 as llama.cpp writes it: per 32 values d = max|x| / 127, q = round(x / d), d kept in f16. */
-static void quantize_q8_0(const float *x, int8_t *q, uint16_t *d, int n) {
-    for (int b = 0; b < n / QK; b++) {
-        float amax = 0.0f;
-        for (int i = 0; i < QK; i++) amax = fmaxf(amax, fabsf(x[b * QK + i]));
-        const float s = amax / 127.0f, inv = s ? 1.0f / s : 0.0f;
-        d[b] = _cvtss_sh(s, _MM_FROUND_TO_NEAREST_INT);
-        for (int i = 0; i < QK; i++) q[b * QK + i] = (int8_t)nearbyintf(x[b * QK + i] * inv);
-    }
-}
-
 /* decode_layer(layer, index, x, M, table, cos, sin_signed): one token for each of M sequences.
  * x is (M, D) float32, updated in place; table is int64 [6][M]: each sequence's key and value
  * cache base pointers ((layers, Hkv, capacity, hd), f16 or int8), its capacity, its position,
@@ -1171,23 +1350,21 @@ static PyObject *py_decode_layer(PyObject *self, PyObject *args) {
         uint8_t *kc = (uint8_t *)(uintptr_t)table[r] + layer_at * esz;
         uint8_t *vc = (uint8_t *)(uintptr_t)table[M + r] + layer_at * esz;
         for (int g = 0; g < Hkv; g++) { /* keys and values into the cache at pos */
-            const size_t at = (size_t)g * stride_h + (size_t)pos * hd;
+            const size_t at = (size_t)g * stride_h;
             const float *kr = row + (size_t)(H + g) * hd, *vr = row + (size_t)(H + Hkv + g) * hd;
             if (ks) {
-                quantize_q8_0(kr, (int8_t *)kc + at, ks + at / QK, hd);
-                quantize_q8_0(vr, (int8_t *)vc + at, vs + at / QK, hd);
+                store_q8_0(kr, vr, kc + at, (int8_t *)vc + at, ks + at / QK, vs + at / QK, pos, hd);
             } else {
                 for (int i = 0; i < hd; i++) { /* f16, rounded to nearest even */
-                    ((uint16_t *)kc)[at + i] = _cvtss_sh(kr[i], _MM_FROUND_TO_NEAREST_INT);
-                    ((uint16_t *)vc)[at + i] = _cvtss_sh(vr[i], _MM_FROUND_TO_NEAREST_INT);
+                    ((uint16_t *)kc)[at + pos * hd + i] = _cvtss_sh(kr[i], _MM_FROUND_TO_NEAREST_INT);
+                    ((uint16_t *)vc)[at + pos * hd + i] = _cvtss_sh(vr[i], _MM_FROUND_TO_NEAREST_INT);
                 }
             }
         }
         /* a sliding layer attends to the last `window` positions only */
         const long first = L->window && pos + 1 > L->window ? pos + 1 - L->window : 0;
-        attend_core(row, kc + first * hd * esz, vc + first * hd * esz, ks ? ks + first * hd / QK : NULL,
-                    vs ? vs + first * hd / QK : NULL, L->att + (size_t)r * H * hd, stride_h, H, Hkv,
-                    (int)(pos + 1 - first), hd, L->scale);
+        attend_core(row, kc, vc, ks, vs, L->att + (size_t)r * H * hd, stride_h, H, Hkv, (int)first, (int)(pos + 1), hd,
+                    L->scale);
     }
     products(&L->o, 1, L->att, L->tmp, M, H * hd, L->xs);
     if (L->w_post_attn)
@@ -1222,7 +1399,7 @@ static PyMethodDef methods[] = {
     {"dequantize_packed", py_dequantize_packed, METH_VARARGS, "dequantize_packed(kind, q, d, m, out, N, K)"},
 #ifdef HAVE_AVX512
     {"dequantize_packed_bf16", py_dequantize_packed_bf16, METH_VARARGS, "dequantize_packed_bf16(kind, q, d, m, out, N, K)"},
-    {"attend", py_attend, METH_VARARGS, "attend(q, k, v, ks, vs, out, stride_h, H, Hkv, S, hd, scale)"},
+    {"attend", py_attend, METH_VARARGS, "attend(q, k, v, ks, vs, out, stride_h, H, Hkv, S, hd, scale[, first])"},
     {"make_layer", py_make_layer, METH_VARARGS, "make_layer(D, H, Hkv, hd, I, eps, scale, w_in, w_post, qkv, o, gu, down[, w_qn, w_kn, w_post_attn, w_post_ffn, gelu, window])"},
     {"decode_layer", py_decode_layer, METH_VARARGS, "decode_layer(layer, index, x, M, table, cos, sin_signed)"},
     {"rmsnorm_rows", py_rmsnorm_rows, METH_VARARGS, "rmsnorm_rows(x, w, out, rows, n, eps)"},

@@ -16,9 +16,11 @@ def decode_attention(
     scale: float,
     k_scales: torch.Tensor | None = None,
     v_scales: torch.Tensor | None = None,
+    first: int = 0,
 ) -> torch.Tensor | None:
-    """q (1, H, 1, hd) float32; k, v (1, Hkv, S, hd) views of a cache, float16, or int8 with
-    k_scales/v_scales (1, Hkv, S, hd/32) float16 (q8_0). None if the shape is unsupported.
+    """q (1, H, 1, hd) float32; k, v (1, Hkv, S, hd) views of a cache, float16, or (q8_0) u8 keys
+    and int8 values with k_scales/v_scales (1, Hkv, S, hd/32) float16, in KVCache's tiled
+    layout. Attends to positions first..S-1 (a sliding window). None if the shape is unsupported.
 
     Reads each cached key and value once, all heads of a group together, positions split over
     the kernel threads.
@@ -28,7 +30,9 @@ def decode_attention(
     q8 = k_scales is not None
     if not AVAILABLE or B != 1 or T != 1 or q.dtype != torch.float32 or H % Hkv:
         return None
-    if k.dtype != (torch.int8 if q8 else torch.float16) or hd % (32 if q8 else 16):
+    if k.dtype != (torch.uint8 if q8 else torch.float16) or v.dtype != (torch.int8 if q8 else torch.float16):
+        return None
+    if hd % (32 if q8 else 16) or (q8 and k.stride(1) % 16):  # q8_0: whole tiles of 16 positions
         return None
     if k.stride(-1) != 1 or k.stride(-2) != hd or v.stride() != k.stride():
         return None
@@ -54,5 +58,6 @@ def decode_attention(
         S,
         hd,
         scale,
+        first,
     )
     return out

@@ -49,14 +49,59 @@ def dequantize_q8_0(q: torch.Tensor, d: torch.Tensor, dtype: torch.dtype) -> tor
     return (q.unflatten(-1, (-1, QK)).to(dtype) * d.to(dtype).unsqueeze(-1)).flatten(-2)
 
 
+# A q8_0 cache keeps positions in tiles of TILE for the C kernel's integer dot products: per head,
+# a key tile holds, for each 4 consecutive values of the head, the TILE positions' 4 bytes (as
+# u8 = q + 128), so one vpdpbusd with 4 query bytes gives TILE partial dots; a scale tile holds
+# block b's TILE scales together. Values stay one row per position. Storage keeps the logical
+# shape (..., positions, width); these map whole tiles between the two orders.
+TILE = 16
+
+
+def _tile_keys(q: torch.Tensor) -> torch.Tensor:
+    """int8 keys (..., n, hd), n a multiple of TILE -> storage (u8, tiled)."""
+    *lead, n, hd = q.shape
+    u = (q.to(torch.int16) + 128).to(torch.uint8)
+    return u.reshape(*lead, n // TILE, TILE, hd // 4, 4).transpose(-3, -2).reshape(*lead, n, hd)
+
+
+def _untile_keys(u: torch.Tensor) -> torch.Tensor:
+    *lead, n, hd = u.shape
+    t = u.reshape(*lead, n // TILE, hd // 4, TILE, 4).transpose(-3, -2).reshape(*lead, n, hd)
+    return (t.to(torch.int16) - 128).to(torch.int8)
+
+
+def _tile_scales(d: torch.Tensor) -> torch.Tensor:
+    *lead, n, nb = d.shape
+    return d.reshape(*lead, n // TILE, TILE, nb).transpose(-2, -1).reshape(*lead, n, nb)
+
+
+def _untile_scales(d: torch.Tensor) -> torch.Tensor:
+    *lead, n, nb = d.shape
+    return d.reshape(*lead, n // TILE, nb, TILE).transpose(-2, -1).reshape(*lead, n, nb)
+
+
+def _put_tiled(store: torch.Tensor, x: torch.Tensor, start: int, tile, untile) -> None:
+    """Write logical rows x at positions start.. of tiled storage (whole tiles read and rewritten)."""
+    end = start + x.shape[-2]
+    a, b = start // TILE * TILE, -(-end // TILE) * TILE
+    rows = untile(store[..., a:b, :]).clone()  # a copy: a view would alias the store
+    rows[..., start - a : end - a, :] = x
+    store[..., a:b, :] = tile(rows)
+
+
+def _get_tiled(store: torch.Tensor, end: int, untile) -> torch.Tensor:
+    return untile(store[..., : -(-end // TILE) * TILE, :])[..., :end, :]
+
+
 class KVCache:
     """Contiguous (layers, batch, kv_heads, positions, head_dim) storage that grows in chunks.
 
     Growing (rather than allocating the whole context up front) keeps memory proportional to
     the tokens actually held; `max_len` is the hard context limit. dtype is a torch float type
-    or Q8_0, which keeps int8 `k`/`v` plus f16 `k_scales`/`v_scales` (positions, head_dim/32):
-    half the bytes of f16, read by the C decode step directly; the torch path (prefill, models
-    without a decode plan) sees it dequantized.
+    or Q8_0, which keeps u8 `k` and int8 `v` plus f16 `k_scales`/`v_scales` (positions,
+    head_dim/32), keys and scales in tiles of 16 positions (see TILE): half the bytes of f16, read
+    by the C decode step directly; the torch path (prefill, models without a decode plan) sees it
+    dequantized. Its capacity is a whole number of tiles.
     """
 
     def __init__(
@@ -75,9 +120,8 @@ class KVCache:
             raise ValueError(f"a q8_0 KV cache needs a head size that is a multiple of {QK}, not {head_dim}")
         self._dtype = dtype
         self._shape = (n_layers, batch, n_kv_heads, 0, head_dim)
-        store = torch.int8 if self.quantized else dtype
-        self.k = torch.empty(self._shape, dtype=store)
-        self.v = torch.empty(self._shape, dtype=store)
+        self.k = torch.empty(self._shape, dtype=torch.uint8 if self.quantized else dtype)
+        self.v = torch.empty(self._shape, dtype=torch.int8 if self.quantized else dtype)
         self.k_scales = self.v_scales = None
         if self.quantized:
             self.k_scales = torch.empty((*self._shape[:4], head_dim // QK), dtype=torch.float16)
@@ -95,7 +139,8 @@ class KVCache:
         if need > self.max_len:
             raise ContextFullError(f"context of {self.max_len} tokens is full (needs {need})")
         want = max(need, 2 * self.capacity, self.chunk)
-        cap = min(self.max_len, -(-want // self.chunk) * self.chunk)  # whole chunks, within the limit
+        limit = -(-self.max_len // TILE) * TILE if self.quantized else self.max_len  # whole tiles
+        cap = min(limit, -(-want // self.chunk) * self.chunk)  # whole chunks, within the limit
         for name in self._names():
             old = getattr(self, name)
             new = hugepages.empty((*old.shape[:3], cap, old.shape[4]), old.dtype)  # read whole each step
@@ -139,9 +184,28 @@ class KVCache:
             vl[:, :, start:end] = v
             return kl[:, :, :end], vl[:, :, :end]
         kl, vl, ksl, vsl = self._layers[layer]
-        kl[:, :, start:end], ksl[:, :, start:end] = quantize_q8_0(k)
-        vl[:, :, start:end], vsl[:, :, start:end] = quantize_q8_0(v)
+        kq, kd = quantize_q8_0(k)
+        vq, vd = quantize_q8_0(v)
+        _put_tiled(kl, kq, start, _tile_keys, _untile_keys)
+        _put_tiled(ksl, kd, start, _tile_scales, _untile_scales)
+        _put_tiled(vsl, vd, start, _tile_scales, _untile_scales)
+        vl[:, :, start:end] = vq
+        return self.held(layer, end, k.dtype)
+
+    def query(self, q: torch.Tensor) -> torch.Tensor:
+        """q as attention over this cache sees it: for q8_0, quantized to q8_0 too, as llama.cpp
+        quantizes the query for its q8_0 key dot and the C kernel does (integer dots)."""
+        return dequantize_q8_0(*quantize_q8_0(q), q.dtype) if self.quantized else q
+
+    def held(
+        self, layer: int, end: int, dtype: torch.dtype = torch.float32
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Layer's keys and values at positions 0..end-1 as `dtype` (dequantized for q8_0)."""
+        if not self.quantized:
+            kl, vl = self._layers[layer]
+            return kl[:, :, :end].to(dtype), vl[:, :, :end].to(dtype)
+        kl, vl, ksl, vsl = self._layers[layer]
         return (
-            dequantize_q8_0(kl[:, :, :end], ksl[:, :, :end], k.dtype),
-            dequantize_q8_0(vl[:, :, :end], vsl[:, :, :end], v.dtype),
+            dequantize_q8_0(_get_tiled(kl, end, _untile_keys), _get_tiled(ksl, end, _untile_scales), dtype),
+            dequantize_q8_0(vl[:, :, :end], _get_tiled(vsl, end, _untile_scales), dtype),
         )
