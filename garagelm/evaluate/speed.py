@@ -68,8 +68,8 @@ def measure(
         logits = engine._forward(prompt[:pp], 0)
         pp_rates.append(pp / (time.perf_counter() - t1))
         tg_rates.append(_decode(engine, int(logits.argmax()), pp, tg))
-    for n in decode_ctx:
-        for _ in range(reps):
+    for _ in range(reps):  # contexts interleaved, as llama.cpp's are in bench/speed.py: drift
+        for n in decode_ctx:  # in this machine's speed then touches every context alike
             engine.reset()
             logits = engine._forward(prompt[:n], 0)
             at_ctx[str(n)].append(_decode(engine, int(logits.argmax()), n, tg))
