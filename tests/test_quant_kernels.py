@@ -48,6 +48,34 @@ def test_matmul_matches_float_reference(tensors, qtype, rows):
     assert (got - want).abs().max() <= 1e-5 * want.abs().max()
 
 
+@pytest.mark.parametrize("qtype", ["Q4_0", "Q4_1", "Q8_0", "Q5_0"])
+def test_decode_products_with_int8_activations(tensors, qtype):
+    """Outside exact_products, a 1..8-row product quantizes x to q8_0 as llama.cpp does for these
+    weight types: it equals a float64 product of the dequantized weights with that int8 input
+    (exact integer dots), differs from the float32 product by the input's rounding, and row r of
+    an 8-row product equals the 1-row product of row r bit for bit. Q5_0 keeps float32 products."""
+    from garagelm.runtime.cache import dequantize_q8_0, quantize_q8_0
+
+    t = tensors[qtype]
+    n, k = t.shape
+    w = torch.from_numpy(gguf_dequantize(t.raw, GGMLQuantizationType[qtype]).reshape(n, k)).double()
+    lin = GGMLLinear(t.raw_bytes(), qtype, k, n)
+    x = torch.randn(8, k, generator=torch.Generator().manual_seed(3)) * torch.logspace(-1, 1, k)
+    with torch.inference_mode():
+        got = lin(x)
+        singles = torch.cat([lin(x[r : r + 1]) for r in range(8)])
+        with exact_products():
+            exact = lin(x)
+    scale = (x.double() @ w.T).abs().max()
+    if qtype == "Q5_0":
+        assert torch.equal(got, exact)
+        return
+    want = dequantize_q8_0(*quantize_q8_0(x), torch.float64) @ w.T
+    assert (got.double() - want).abs().max() <= 1e-6 * scale
+    assert (got.double() - exact.double()).abs().max() > 1e-4 * scale  # the int8 input shows
+    assert torch.equal(got, singles)
+
+
 @pytest.mark.parametrize("qtype", list(FILES))
 def test_bf16_prefill_products(tensors, qtype):
     """Many rows on a CPU with bf16 dot products: the weights dequantized straight to bf16 equal
@@ -102,13 +130,16 @@ def test_quantized_model_equals_dequantized_model(smol_path):
     fast, ref = from_gguf(g, quantized=True), from_gguf(g, quantized=False)
     assert isinstance(fast.model.layers[0].self_attn.qkv_proj, GGMLLinear)
     ids = torch.tensor([[1, 504, 3458, 282, 4649, 314, 253]])
-    with torch.inference_mode():
+    with torch.inference_mode(), exact_products():  # float32 products (no int8 activations)
         a, b = fast(ids), ref(ids)  # prefill path
         a1 = fast(ids[:, :1])  # decode-sized path (kernel)
         b1 = ref(ids[:, :1])
     # float32 rounding differences (fused products, other GEMM blocking) grow over 30 layers
     assert (a - b).abs().max() < 1e-2 and (a1 - b1).abs().max() < 1e-2
     assert torch.equal(a.argmax(-1), b.argmax(-1))
+    with torch.inference_mode():  # decode's default: x quantized to q8_0 as llama.cpp does
+        c1 = fast(ids[:, :1])
+    assert 1e-2 < (c1 - b1).abs().max() < 2.0 and torch.equal(c1.argmax(-1), b1.argmax(-1))
 
 
 def test_bad_raw_shape_is_rejected():
@@ -168,7 +199,8 @@ def test_whole_layer_decode_equals_module_path(smol_path, kv):
 
     model = from_gguf(GGUFFile(smol_path))
     assert model.decode_plan is not None
-    planned, modules = _step_pairs(model, kv)
+    with exact_products():  # float32 products: the C layer computes the torch layers' function
+        planned, modules = _step_pairs(model, kv)
     assert torch.equal(planned.argmax(-1), modules.argmax(-1))
     # float32 sums in another order; q8_0 can also round a new key, or the query (quantized to
     # q8_0 for the key dot, as llama.cpp does), one int8 step apart (measured: max 1.4e-3 on f16;
@@ -178,7 +210,8 @@ def test_whole_layer_decode_equals_module_path(smol_path, kv):
     assert diff.max() < (1e-2 if kv == "f16" else 0.3)
     assert diff.median() < (1e-3 if kv == "f16" else 0.02)
     if kv == "f16":
-        planned, modules = _plan_and_module_logits(model, kv)
+        with exact_products():
+            planned, modules = _plan_and_module_logits(model, kv)
         assert torch.equal(planned.argmax(-1), modules.argmax(-1))
         assert (planned - modules).abs().max() < 1e-2
 

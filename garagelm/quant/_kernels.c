@@ -58,7 +58,17 @@ struct job {
     const uint16_t *d, *m;
     const float *xsum; /* (M, K/32): sum of x over each block, for the min term */
     void (*rows)(const job_t *, int, int);
+    /* int8 activations (rows_int8): x as q8_0, its blocks' d and sums of values, (M, K/32) */
+    const int8_t *xq;
+    const float *xd;
+    const int32_t *xqs;
 };
+/* Scratch for x quantized to q8_0 (int8 activations): M * K values, M * K/32 scales and sums. */
+typedef struct {
+    int8_t *q;
+    float *d;
+    int32_t *s;
+} xq_t;
 
 
 #if defined(__AVX512F__) && defined(__F16C__)
@@ -438,10 +448,191 @@ static void rows_float_avx512(const job_t *j, int n0, int n1) {
 }
 #endif
 
-/* y = x @ W.T for packed W; xs: scratch of M * (K/32 rounded up to 16) floats. */
+#ifdef HAVE_AVX512
+/* ---- products with int8 activations (llama.cpp's arithmetic for Q4_0, Q4_1 and Q8_0) ----------
+ * Each 32 values of x are quantized to q8_0 (int8, d = max|x| / 127 kept in f16: llama.cpp's
+ * quantize_row_q8_0 / q8_1), each block's dot with the weights' integer values is taken exactly
+ * with vpdpbusd, then scaled: y = sum_b dw_b dx_b sum(q xq) [+ m_b dx_b sum(xq)], Q4_0 and Q8_0's
+ * offsets (8, and the 128 that makes int8 weights unsigned) taken out of the integer sums.
+ * Sixteen weight rows go together: their blocks are transposed in registers so that one
+ * vpdpbusd with 4 bytes of x gives 16 rows' partial dots, with no horizontal sums, for every
+ * row of x. Float32 FMAs did a fifth of that work per instruction, so 8 rows of x (a batched
+ * decode step) cost four 1-row steps; here the weights' stream stays the limit. */
+#define INT8_KIND(kind) ((kind) == P_Q4_0 || (kind) == P_Q4_MIN || (kind) == P_Q8)
+#if defined(__AVX512VNNI__)
+#define DPBUSD(acc, u, s) _mm512_dpbusd_epi32(acc, u, s)
+#else
+/* vpdpbusd without VNNI: the even and odd bytes widened to 16 bits, two madds (exact) */
+static inline __m512i dpbusd_emul(__m512i acc, __m512i u, __m512i s) {
+    const __m512i ue = _mm512_and_si512(u, _mm512_set1_epi16(0x00FF)), uo = _mm512_srli_epi16(u, 8);
+    const __m512i se = _mm512_srai_epi16(_mm512_slli_epi16(s, 8), 8), so = _mm512_srai_epi16(s, 8);
+    return _mm512_add_epi32(acc, _mm512_add_epi32(_mm512_madd_epi16(ue, se), _mm512_madd_epi16(uo, so)));
+}
+#define DPBUSD(acc, u, s) dpbusd_emul(acc, u, s)
+#endif
+
+/* q8_0 as llama.cpp writes it: per 32 values d = max|x| / 127, q = round(x / d), d kept in f16. */
+static void quantize_q8_0(const float *x, int8_t *q, uint16_t *d, int n) {
+    for (int b = 0; b < n / QK; b++) {
+        float amax = 0.0f;
+        for (int i = 0; i < QK; i++) amax = fmaxf(amax, fabsf(x[b * QK + i]));
+        const float s = amax / 127.0f, inv = s ? 1.0f / s : 0.0f;
+        d[b] = _cvtss_sh(s, _MM_FROUND_TO_NEAREST_INT);
+        for (int i = 0; i < QK; i++) q[b * QK + i] = (int8_t)nearbyintf(x[b * QK + i] * inv);
+    }
+}
+
+/* x (M, K) -> xq (M, K) int8 (vectorised quantize_q8_0: the same values), xd (M, nb) its f16 d as
+ * float32, xs (M, nb) the sum of each block's int8 values. */
+static void quantize_x(const float *x, int M, int K, int8_t *xq, float *xd, int32_t *xs) {
+    const int nb = K / QK;
+    const __m512 absmask = _mm512_castsi512_ps(_mm512_set1_epi32(0x7FFFFFFF));
+    for (int r = 0; r < M; r++)
+        for (int b = 0; b < nb; b++) {
+            const float *src = x + (size_t)r * K + (size_t)b * QK;
+            const __m512 a = _mm512_loadu_ps(src), c = _mm512_loadu_ps(src + 16);
+            const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_and_ps(a, absmask), _mm512_and_ps(c, absmask)));
+            const float s = amax / 127.0f, inv = s ? 1.0f / s : 0.0f;
+            const uint16_t d16 = _cvtss_sh(s, _MM_FROUND_TO_NEAREST_INT);
+            /* x * inv rounded to nearest even, as nearbyintf (MXCSR's default rounding) */
+            const __m512i qa = _mm512_cvtps_epi32(_mm512_mul_ps(a, _mm512_set1_ps(inv)));
+            const __m512i qc = _mm512_cvtps_epi32(_mm512_mul_ps(c, _mm512_set1_ps(inv)));
+            int8_t *dst = xq + (size_t)r * K + (size_t)b * QK;
+            _mm_storeu_si128((__m128i *)dst, _mm512_cvtepi32_epi8(qa));
+            _mm_storeu_si128((__m128i *)(dst + 16), _mm512_cvtepi32_epi8(qc));
+            xd[r * nb + b] = f16_to_f32(d16);
+            xs[r * nb + b] = _mm512_reduce_add_epi32(_mm512_add_epi32(qa, qc));
+        }
+}
+
+/* Rows' 16-byte pieces at offset `at` of 16 consecutive rows (row p at rows[p]), transposed to
+ * T[c]: lane 4L + g holds dword c of row 4g + L. */
+static inline __attribute__((always_inline)) void load_t16(const uint8_t *const *rows, size_t at, __m512i T[4]) {
+    __m512i A[4];
+    for (int g = 0; g < 4; g++) {
+        __m512i v = _mm512_castsi128_si512(_mm_loadu_si128((const __m128i *)(rows[4 * g] + at)));
+        v = _mm512_inserti32x4(v, _mm_loadu_si128((const __m128i *)(rows[4 * g + 1] + at)), 1);
+        v = _mm512_inserti32x4(v, _mm_loadu_si128((const __m128i *)(rows[4 * g + 2] + at)), 2);
+        A[g] = _mm512_inserti32x4(v, _mm_loadu_si128((const __m128i *)(rows[4 * g + 3] + at)), 3);
+    }
+    const __m512i t0 = _mm512_unpacklo_epi32(A[0], A[1]), t1 = _mm512_unpackhi_epi32(A[0], A[1]);
+    const __m512i t2 = _mm512_unpacklo_epi32(A[2], A[3]), t3 = _mm512_unpackhi_epi32(A[2], A[3]);
+    T[0] = _mm512_unpacklo_epi64(t0, t2);
+    T[1] = _mm512_unpackhi_epi64(t0, t2);
+    T[2] = _mm512_unpacklo_epi64(t1, t3);
+    T[3] = _mm512_unpackhi_epi64(t1, t3);
+}
+
+static float *i8_scratch(size_t n) { /* per thread, kept between calls */
+    static __thread float *buf;
+    static __thread size_t cap;
+    if (n > cap) {
+        free(buf);
+        cap = (n + 4095) & ~(size_t)4095;
+        buf = aligned_alloc(64, cap * sizeof(float));
+        if (!buf) cap = 0;
+    }
+    return buf;
+}
+
+static inline __attribute__((always_inline)) void rows_int8_m(const job_t *j, int n0, int n1, const int M) {
+    const int K = j->K, nb = K / QK, nb16 = (nb + 15) & ~15, kind = j->qtype;
+    const size_t row_bytes = ROW_BYTES(kind, K), bb = BLOCK_BYTES(kind);
+    /* lane k of a transposed vector holds row pi(k) = 4 (k % 4) + k / 4 (its own inverse) */
+    const __m512i pi = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
+    const __m512i at_row = _mm512_mullo_epi32(pi, _mm512_set1_epi32(nb16));
+    const int mins = kind == P_Q4_MIN;
+    float *sc = i8_scratch((size_t)(mins ? 2 : 1) * 16 * nb16);
+    if (!sc) { /* no scratch: the float kernel, same rows (this job's x is float too) */
+        rows_packed_avx512(j, n0, n1);
+        return;
+    }
+    float *mc = sc + 16 * nb16;
+    const __m128i low = _mm_set1_epi8(0x0F);
+    (void)low;
+    for (int n = n0; n < n1; n += 16) {
+        const int have = n1 - n < 16 ? n1 - n : 16; /* rows past n1 repeat the last one, unstored */
+        const uint8_t *rows[16];
+        for (int p = 0; p < 16; p++) {
+            const int row = n + (p < have ? p : have - 1);
+            rows[p] = j->w + (size_t)row * row_bytes;
+            row_scales512(j->d + (size_t)row * nb, sc + p * nb16, nb);
+            if (mins) row_scales512(j->m + (size_t)row * nb, mc + p * nb16, nb);
+        }
+        const uint8_t *next = j->w + (size_t)(n + 16) * row_bytes;
+        const int more = n + 16 < n1;
+        __m512 acc[MAX_ROWS];
+        for (int r = 0; r < M; r++) acc[r] = _mm512_setzero_ps();
+        for (int b = 0; b < nb; b++) {
+            if (more) /* the next 16 rows, a block's share of them at a time */
+                for (size_t o = 0; o < 16 * bb; o += 64) __builtin_prefetch(next + (size_t)b * 16 * bb + o, 0, 3);
+            __m512i w[8], T[4];
+            if (kind == P_Q8) { /* int8 values as u8 = q + 128 */
+                const __m512i flip = _mm512_set1_epi8((char)0x80);
+                load_t16(rows, (size_t)b * QK, T);
+                for (int c = 0; c < 4; c++) w[c] = _mm512_xor_si512(T[c], flip);
+                load_t16(rows, (size_t)b * QK + 16, T);
+                for (int c = 0; c < 4; c++) w[4 + c] = _mm512_xor_si512(T[c], flip);
+            } else { /* nibbles: byte i holds values i and i + 16 */
+                const __m512i nib = _mm512_set1_epi8(0x0F);
+                load_t16(rows, (size_t)b * bb, T);
+                for (int c = 0; c < 4; c++) {
+                    w[c] = _mm512_and_si512(T[c], nib);
+                    w[4 + c] = _mm512_and_si512(_mm512_srli_epi16(T[c], 4), nib);
+                }
+            }
+            const __m512 dw = _mm512_i32gather_ps(at_row, sc + b, 4);
+            const __m512 mw = mins ? _mm512_i32gather_ps(at_row, mc + b, 4) : _mm512_setzero_ps();
+            const int off = kind == P_Q4_0 ? 8 : kind == P_Q8 ? 128 : 0; /* the weights' offset */
+            for (int r = 0; r < M; r++) {
+                const int32_t *xr = (const int32_t *)(j->xq + (size_t)r * K + (size_t)b * QK);
+                const int32_t xs = j->xqs[r * nb + b];
+                const float xd = j->xd[r * nb + b];
+                __m512i a0 = _mm512_set1_epi32(-off * xs), a1 = _mm512_setzero_si512();
+                for (int c = 0; c < 8; c += 2) {
+                    a0 = DPBUSD(a0, w[c], _mm512_set1_epi32(xr[c]));
+                    a1 = DPBUSD(a1, w[c + 1], _mm512_set1_epi32(xr[c + 1]));
+                }
+                acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(a0, a1)),
+                                         _mm512_mul_ps(dw, _mm512_set1_ps(xd)), acc[r]);
+                if (mins) acc[r] = _mm512_fmadd_ps(mw, _mm512_set1_ps(xd * (float)xs), acc[r]);
+            }
+        }
+        const __mmask16 keep = (__mmask16)((1u << have) - 1);
+        for (int r = 0; r < M; r++)
+            _mm512_mask_storeu_ps(j->y + (size_t)r * j->ldy + n, keep, _mm512_permutexvar_ps(pi, acc[r]));
+    }
+}
+
+static void rows_int8(const job_t *j, int n0, int n1) {
+    switch (j->M) { /* as rows_packed_avx512 */
+    case 1: rows_int8_m(j, n0, n1, 1); break;
+    case 2: rows_int8_m(j, n0, n1, 2); break;
+    case 3: rows_int8_m(j, n0, n1, 3); break;
+    case 4: rows_int8_m(j, n0, n1, 4); break;
+    case 5: rows_int8_m(j, n0, n1, 5); break;
+    case 6: rows_int8_m(j, n0, n1, 6); break;
+    case 7: rows_int8_m(j, n0, n1, 7); break;
+    default: rows_int8_m(j, n0, n1, MAX_ROWS); break;
+    }
+}
+#endif
+
+/* y = x @ W.T for packed W; xs: scratch of M * (K/32 rounded up to 16) floats; i8: scratch for
+ * int8 activations (NULL: float32 products, `exact`) where the kind has them. */
 static void packed_product(int kind, const uint8_t *q, const uint16_t *d, const uint16_t *m, const float *x, float *y,
-                           int M, int N, int K, int ldy, float *xs) {
+                           int M, int N, int K, int ldy, float *xs, const xq_t *i8) {
     const int nb = K / QK, nb16 = (nb + 15) & ~15;
+#ifdef HAVE_AVX512
+    if (i8 && INT8_KIND(kind)) {
+        quantize_x(x, M, K, i8->q, i8->d, i8->s);
+        job_t j = {kind, M, N, K, ldy, q, x, y, d, m, NULL, rows_int8, i8->q, i8->d, i8->s};
+        matmul(&j);
+        return;
+    }
+#else
+    (void)i8;
+#endif
     if (IS_FLOAT(kind)) {
         job_t j = {kind, M, N, K, ldy, q, x, y, NULL, NULL, NULL, rows_float_generic};
 #ifdef HAVE_AVX512
@@ -463,22 +654,28 @@ static void packed_product(int kind, const uint8_t *q, const uint16_t *d, const 
     matmul(&j);
 }
 
+/* matmul_packed(kind, q, d, m, x, y, M, N, K[, int8_x]): int8_x quantizes x to q8_0 for the
+ * kinds that have integer products (Q4_0, Q4_1, Q8_0), as decode does outside `exact`. */
 static PyObject *py_matmul_packed(PyObject *self, PyObject *args) {
-    int kind, M, N, K;
+    int kind, M, N, K, int8_x = 0;
     unsigned long long q, d, m, x, y;
-    if (!PyArg_ParseTuple(args, "iKKKKKiii", &kind, &q, &d, &m, &x, &y, &M, &N, &K)) return NULL;
+    if (!PyArg_ParseTuple(args, "iKKKKKiii|p", &kind, &q, &d, &m, &x, &y, &M, &N, &K, &int8_x)) return NULL;
     if (kind < 0 || kind > LAST_KIND) return PyErr_Format(PyExc_ValueError, "unknown packed kind %d", kind);
     if (M < 1 || M > MAX_ROWS) return PyErr_Format(PyExc_ValueError, "rows must be 1..%d, got %d", MAX_ROWS, M);
     if (N < 1 || K < QK || K % QK || K / QK > MAX_BLOCKS) return PyErr_Format(PyExc_ValueError, "bad shape N=%d K=%d", N, K);
-    const int nb16 = (K / QK + 15) & ~15;
-    float xsum[MAX_ROWS * 64];
-    float *xs = M * nb16 <= MAX_ROWS * 64 ? xsum : PyMem_Malloc(sizeof(float) * M * nb16);
-    if (!xs) return PyErr_NoMemory();
+    const int nb = K / QK, nb16 = (nb + 15) & ~15;
+    /* x's block sums (float path), or x as int8 with its scales and sums */
+    char *buf = PyMem_Malloc(sizeof(float) * M * nb16 + (int8_x ? (size_t)M * K + 8 * (size_t)M * nb : 0));
+    if (!buf) return PyErr_NoMemory();
+    float *xs = (float *)buf;
+    xq_t i8 = {(int8_t *)(buf + sizeof(float) * M * nb16), NULL, NULL};
+    i8.d = (float *)(i8.q + (size_t)M * K);
+    i8.s = (int32_t *)(i8.d + (size_t)M * nb);
     Py_BEGIN_ALLOW_THREADS;
     packed_product(kind, (const uint8_t *)(uintptr_t)q, (const uint16_t *)(uintptr_t)d, (const uint16_t *)(uintptr_t)m,
-                   (const float *)(uintptr_t)x, (float *)(uintptr_t)y, M, N, K, N, xs);
+                   (const float *)(uintptr_t)x, (float *)(uintptr_t)y, M, N, K, N, xs, int8_x ? &i8 : NULL);
     Py_END_ALLOW_THREADS;
-    if (xs != xsum) PyMem_Free(xs);
+    PyMem_Free(buf);
     Py_RETURN_NONE;
 }
 
@@ -677,18 +874,6 @@ static PyObject *py_dequantize_packed_bf16(PyObject *self, PyObject *args) {
 #define ATT_MAX_HD 256
 #define ATT_TILE 16
 
-/* q8_0 as llama.cpp writes it: per 32 values d = max|x| / 127, q = round(x / d), d kept in f16. */
-static void quantize_q8_0(const float *x, int8_t *q, uint16_t *d, int n) {
-    for (int b = 0; b < n / QK; b++) {
-        float amax = 0.0f;
-        for (int i = 0; i < QK; i++) amax = fmaxf(amax, fabsf(x[b * QK + i]));
-        const float s = amax / 127.0f, inv = s ? 1.0f / s : 0.0f;
-        d[b] = _cvtss_sh(s, _MM_FROUND_TO_NEAREST_INT);
-        for (int i = 0; i < QK; i++) q[b * QK + i] = (int8_t)nearbyintf(x[b * QK + i] * inv);
-    }
-}
-
-
 typedef struct {
     const float *q;
     const uint8_t *k, *v;     /* f16: position `first` of head 0; q8_0: position 0 (tiles) */
@@ -874,17 +1059,6 @@ static inline __attribute__((always_inline)) void att_rows_nv(int s0, int s1, co
     }
 }
 
-#if defined(__AVX512VNNI__)
-#define DPBUSD(acc, u, s) _mm512_dpbusd_epi32(acc, u, s)
-#else
-/* vpdpbusd without VNNI: the even and odd bytes widened to 16 bits, two madds (exact) */
-static inline __m512i dpbusd_emul(__m512i acc, __m512i u, __m512i s) {
-    const __m512i ue = _mm512_and_si512(u, _mm512_set1_epi16(0x00FF)), uo = _mm512_srli_epi16(u, 8);
-    const __m512i se = _mm512_srai_epi16(_mm512_slli_epi16(s, 8), 8), so = _mm512_srai_epi16(s, 8);
-    return _mm512_add_epi32(acc, _mm512_add_epi32(_mm512_madd_epi16(ue, se), _mm512_madd_epi16(uo, so)));
-}
-#define DPBUSD(acc, u, s) dpbusd_emul(acc, u, s)
-#endif
 
 /* The lanes (positions 16t + r) of tile t inside first .. end - 1. */
 static inline __mmask16 tile_valid(long t, long first, long end) {
@@ -1234,12 +1408,14 @@ typedef struct {
     int gelu, window;
     prod_t qkv[3], o, gu[2], down; /* q/k/v (fused or not), output, gate/up (fused or not), down */
     float *xn, *qkv_out, *att, *gu_out, *tmp, *xs;
+    xq_t i8; /* x as int8 for the products (int8 activations) */
 } layer_t;
 
 static void layer_free(PyObject *cap) {
     layer_t *L = PyCapsule_GetPointer(cap, "garagelm.layer");
     if (!L) return;
     free(L->xn);
+    free(L->i8.q);
     free(L);
 }
 
@@ -1308,15 +1484,24 @@ static PyObject *py_make_layer(PyObject *self, PyObject *args) {
     L->gu_out = L->att + MAX_ROWS * (size_t)L->H * L->hd;
     L->tmp = L->gu_out + MAX_ROWS * 2 * (size_t)L->I;
     L->xs = L->tmp + MAX_ROWS * (size_t)big;
+    /* int8 activations: MAX_ROWS rows of up to `big` values, their scales and sums */
+    L->i8.q = malloc(MAX_ROWS * (size_t)big + 8 * MAX_ROWS * ((size_t)big / QK));
+    if (!L->i8.q) {
+        free(buf);
+        free(L);
+        return PyErr_NoMemory();
+    }
+    L->i8.d = (float *)(L->i8.q + MAX_ROWS * (size_t)big);
+    L->i8.s = (int32_t *)(L->i8.d + MAX_ROWS * ((size_t)big / QK));
     return PyCapsule_New(L, "garagelm.layer", layer_free);
 }
 
 /* Products of M input rows; each row's outputs side by side (a fused product is one of them). */
-static void products(const prod_t *p, int n, const float *x, float *y, int M, int K, float *xs) {
+static void products(const prod_t *p, int n, const float *x, float *y, int M, int K, float *xs, const xq_t *i8) {
     int ldy = 0;
     for (int i = 0; i < n; i++) ldy += p[i].N;
     for (int i = 0; i < n; i++) {
-        packed_product(p[i].kind, p[i].q, p[i].d, p[i].m, x, y, M, p[i].N, K, ldy, xs);
+        packed_product(p[i].kind, p[i].q, p[i].d, p[i].m, x, y, M, p[i].N, K, ldy, xs, i8);
         y += p[i].N;
     }
 }
@@ -1329,8 +1514,8 @@ static void products(const prod_t *p, int n, const float *x, float *y, int M, in
 static PyObject *py_decode_layer(PyObject *self, PyObject *args) {
     PyObject *cap;
     unsigned long long xp, tp, cp, sp;
-    int index, M;
-    if (!PyArg_ParseTuple(args, "OiKiKKK", &cap, &index, &xp, &M, &tp, &cp, &sp)) return NULL;
+    int index, M, exact = 0;
+    if (!PyArg_ParseTuple(args, "OiKiKKK|p", &cap, &index, &xp, &M, &tp, &cp, &sp, &exact)) return NULL;
     layer_t *L = PyCapsule_GetPointer(cap, "garagelm.layer");
     if (!L) return NULL;
     if (M < 1 || M > MAX_ROWS) return PyErr_Format(PyExc_ValueError, "rows must be 1..%d, got %d", MAX_ROWS, M);
@@ -1339,9 +1524,10 @@ static PyObject *py_decode_layer(PyObject *self, PyObject *args) {
     const float *cs = (const float *)(uintptr_t)cp, *sn = (const float *)(uintptr_t)sp;
     const int D = L->D, H = L->H, Hkv = L->Hkv, hd = L->hd, I = L->I, half = hd / 2;
     const size_t n_qkv = (size_t)(H + 2 * Hkv) * hd;
+    const xq_t *i8 = exact ? NULL : &L->i8; /* exact: float32 products */
     Py_BEGIN_ALLOW_THREADS;
     for (int r = 0; r < M; r++) rmsnorm(x + (size_t)r * D, L->w_in, L->xn + (size_t)r * D, D, L->eps);
-    products(L->qkv, L->n_qkv, L->xn, L->qkv_out, M, D, L->xs);
+    products(L->qkv, L->n_qkv, L->xn, L->qkv_out, M, D, L->xs, i8);
     for (int r = 0; r < M; r++) {
         float *row = L->qkv_out + r * n_qkv;
         const float *c = cs + (size_t)r * hd, *sg = sn + (size_t)r * hd;
@@ -1378,16 +1564,16 @@ static PyObject *py_decode_layer(PyObject *self, PyObject *args) {
         attend_core(row, kc, vc, ks, vs, L->att + (size_t)r * H * hd, stride_h, H, Hkv, (int)first, (int)(pos + 1), hd,
                     L->scale);
     }
-    products(&L->o, 1, L->att, L->tmp, M, H * hd, L->xs);
+    products(&L->o, 1, L->att, L->tmp, M, H * hd, L->xs, i8);
     if (L->w_post_attn)
         for (int r = 0; r < M; r++) rmsnorm(L->tmp + (size_t)r * D, L->w_post_attn, L->tmp + (size_t)r * D, D, L->eps);
     for (size_t i = 0; i < (size_t)M * D; i++) x[i] += L->tmp[i];
     for (int r = 0; r < M; r++) rmsnorm(x + (size_t)r * D, L->w_post, L->xn + (size_t)r * D, D, L->eps);
-    products(L->gu, L->n_gu, L->xn, L->gu_out, M, D, L->xs);
+    products(L->gu, L->n_gu, L->xn, L->gu_out, M, D, L->xs, i8);
     for (int r = 0; r < M; r++) /* packed to rows of I in place (row r's write lands only on rows
                                  * already read) for the down product */
         act_mul(L->gu_out + (size_t)r * 2 * I, L->gu_out + (size_t)r * I, I, L->gelu);
-    products(&L->down, 1, L->gu_out, L->tmp, M, I, L->xs);
+    products(&L->down, 1, L->gu_out, L->tmp, M, I, L->xs, i8);
     if (L->w_post_ffn)
         for (int r = 0; r < M; r++) rmsnorm(L->tmp + (size_t)r * D, L->w_post_ffn, L->tmp + (size_t)r * D, D, L->eps);
     for (size_t i = 0; i < (size_t)M * D; i++) x[i] += L->tmp[i];

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from garagelm.quant.dense import DenseLinear
-from garagelm.quant.ggml_linear import MAX_KERNEL_ROWS, GGMLLinear, _kernels
+from garagelm.quant.ggml_linear import MAX_KERNEL_ROWS, GGMLLinear, _kernels, int8_activations
 
 AVAILABLE = _kernels is not None and hasattr(_kernels, "decode_layer")
 
@@ -119,6 +119,7 @@ class DecodePlan:
         )  # fmt: skip
         xp, tp = x.data_ptr(), table.data_ptr()
         ptrs = [(cos.data_ptr(), sin.data_ptr()) for cos, sin in tables]
+        exact = not int8_activations()
         for i, layer in enumerate(self._layers):
             cp, sp = ptrs[self._rope[i]]
-            _kernels.decode_layer(layer, i, xp, M, tp, cp, sp)
+            _kernels.decode_layer(layer, i, xp, M, tp, cp, sp, exact)

@@ -62,6 +62,18 @@ def exact_products():
         _exact.depth = depth
 
 
+def int8_activations() -> bool:
+    """Whether decode's products (1..MAX_KERNEL_ROWS rows, in C) take x quantized to q8_0 for the
+    weight types that have integer products (Q4_0, Q4_1, Q8_0), as llama.cpp computes them:
+    everywhere but under exact_products() or GARAGE_EXACT=1, which keep float32 products."""
+    return not getattr(_exact, "depth", 0) and os.environ.get("GARAGE_EXACT", "").lower() in (
+        "",
+        "0",
+        "false",
+        "no",
+    )
+
+
 def use_bf16(rows: int) -> bool:
     """Whether a quantized model's product (or attention) over `rows` rows runs in bf16."""
     return (
@@ -201,7 +213,11 @@ class GGMLLinear(nn.Module):
             return None
         n, k = self.out_features, self.in_features
         kind, q, d, m = self._kind, *self._pointers()
-        return lambda xp, yp, rows: _kernels.matmul_packed(kind, q, d, m, xp, yp, rows, n, k)
+        if self.exact:  # the output head: logits and logprobs from float32 products
+            return lambda xp, yp, rows: _kernels.matmul_packed(kind, q, d, m, xp, yp, rows, n, k)
+        return lambda xp, yp, rows: _kernels.matmul_packed(
+            kind, q, d, m, xp, yp, rows, n, k, int8_activations()
+        )
 
     def forward(self, x: torch.Tensor, keep_bf16: bool = False) -> torch.Tensor:
         """x @ W.T. keep_bf16: when the product runs in bf16 (prefill), return its bf16 output
