@@ -7,7 +7,6 @@ import threading
 import pytest
 import torch
 
-from garagelm.quant.ggml_linear import exact_products
 from garagelm.runtime.batching import Request, Scheduler
 from garagelm.runtime.generate import Completion, Engine
 from garagelm.runtime.load import load_model
@@ -93,7 +92,32 @@ def test_scheduler_queues_past_its_slots_and_cancels(loaded):
     assert sorted(i for i, kind, _ in done) == [0, 1, 2] and all(kind == "done" for _, kind, _ in done)
     for i in range(3):
         c = Completion()
-        e = Engine(loaded.model, loaded.tokenizer, 256)
-        with exact_products():  # the scheduler computes in float32 throughout
-            assert texts.get(i, "") == "".join(e.complete(prompts[i], params, c))
+        e = Engine(loaded.model, loaded.tokenizer, 256, stepwise_prefill=True)  # as a slot
+        assert texts.get(i, "") == "".join(e.complete(prompts[i], params, c))
     assert len(sched.engines) == 2 and 3 not in texts
+
+
+@pytest.mark.parametrize("kv", ["f16", "q8_0"])
+def test_stepwise_prefill_does_not_depend_on_what_was_reused(loaded, kv):
+    """A server slot's prompt goes through the decode step, so a position's keys, values and
+    logits are the same bits whether it came in one prompt, after a reused prefix, or as a
+    decoded token that a later prompt reuses."""
+    tok = loaded.tokenizer
+    prompt = tok.encode("The quick brown fox jumps over the lazy dog, and then it", add_special=True)
+
+    def slot():
+        return Engine(loaded.model, tok, 256, kv_dtype=kv, stepwise_prefill=True)
+
+    whole = slot()
+    want = whole.prefill(prompt, Completion().stats)
+    split = slot()  # a shorter prompt first, then the whole one reusing it
+    split.prefill(prompt[:7], Completion().stats)
+    c = Completion()
+    assert torch.equal(split.prefill(prompt, c.stats), want) and c.stats.cached_tokens == 7
+    # a reply's decoded tokens reused by the next prompt, against a fresh slot
+    reply = list(Engine.tokens(split, prompt, SamplingParams(temperature=0, max_tokens=6)))
+    follow = prompt + reply[:-1] + tok.encode(" again", add_special=False)
+    c = Completion()
+    got = split.prefill(follow, c.stats)
+    assert c.stats.cached_tokens == len(prompt) + len(reply) - 1
+    assert torch.equal(got, slot().prefill(follow, Completion().stats))

@@ -102,8 +102,12 @@ class CausalLM(nn.Module):
             and all(c is not None and c.kernel_ready for c in caches)
         )
 
-    def decode_batch(self, ids: list[int], caches: list, positions: list[int]) -> torch.Tensor:
-        """One new token for each of several sequences, each with its own cache: logits (M, vocab).
+    def decode_batch(
+        self, ids: list[int], caches: list, positions: list[int], last_only: bool = False
+    ) -> torch.Tensor:
+        """One new token for each of several sequences, each with its own cache: logits (M, vocab)
+        (of the last row only with last_only). Rows may also be consecutive positions of one
+        sequence (one cache repeated): each row writes its keys and values before it attends.
 
         With a decode plan the M sequences share one step, so each weight is read once for all
         of them (the server's continuous batching); otherwise they run one after another.
@@ -117,12 +121,12 @@ class CausalLM(nn.Module):
                 tables.append((cos.reshape(M, -1).contiguous(), sin.reshape(M, -1).contiguous()))
             x = self.embed(torch.tensor(ids).unsqueeze(1)).reshape(M, -1).contiguous()
             self.decode_plan.step(x, caches, positions, tables)
-            return self.logits(x)
+            return self.logits(x[-1:] if last_only else x)
         rows = [
             self(torch.tensor([[t]]), cache=c, start=p, last_only=True)[0, -1]
             for t, c, p in zip(ids, caches, positions)
         ]
-        return torch.stack(rows)
+        return torch.stack(rows[-1:] if last_only else rows)
 
 
 class RMSNorm(nn.Module):

@@ -14,6 +14,7 @@ that slot and only its new tokens are computed. The worker computes in float32 t
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -86,7 +87,9 @@ class Scheduler:
             self._free.remove(best)
             return best
         if len(self.engines) < self.n_slots:
-            engine = Engine(self.model, self.tokenizer, self.ctx_size, kv_dtype=self.kv_cache)
+            engine = Engine(
+                self.model, self.tokenizer, self.ctx_size, kv_dtype=self.kv_cache, stepwise_prefill=True
+            )
             self.engines.append(engine)
             return engine
         if best is not None:
@@ -107,12 +110,15 @@ class Scheduler:
             self._running.append(_Running(req, engine))
 
     def _loop(self) -> None:
-        # float32 products throughout, prefill included: a slot may reuse keys and values that
-        # an earlier request computed, and a reply must not depend on which prefix was reused
-        # (bf16 prefill would round a reused prefix differently from a freshly computed one).
+        # A slot may reuse keys and values that an earlier request computed, and a reply must not
+        # depend on which prefix was reused. With a decode plan, prompts go through the decode
+        # step (stepwise_prefill): every position is computed by one arithmetic (int8
+        # activations, as llama.cpp), wherever it came from. Without one, float32 products
+        # throughout (bf16 prefill would round a reused prefix differently from a fresh one).
         from garagelm.quant.ggml_linear import exact_products
 
-        with exact_products():
+        probe = Engine(self.model, self.tokenizer, self.ctx_size, kv_dtype=self.kv_cache)  # its cache type
+        with contextlib.nullcontext() if self.model.planned(1, [probe.cache]) else exact_products():
             self._steps()
 
     def _steps(self) -> None:

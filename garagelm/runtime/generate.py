@@ -66,8 +66,14 @@ class Engine:
         ctx_size: int,
         prefill_chunk: int = 512,
         kv_dtype: torch.dtype | str | None = None,
+        stepwise_prefill: bool = False,
     ):
+        """stepwise_prefill: prompts go through the decode step, up to MAX_KERNEL_ROWS tokens at a
+        time, where the model has one: every position is then computed by the same arithmetic
+        whether it came in a prompt, in a reply or after a reused prefix (a server slot's need:
+        a reply must not depend on which prefix its slot held)."""
         self.model, self.tokenizer = model, tokenizer
+        self.stepwise_prefill = stepwise_prefill
         cfg = model.config
         self.ctx_size = ctx_size
         self.prefill_chunk = prefill_chunk
@@ -111,12 +117,22 @@ class Engine:
         self.cached = self.cached[:reuse]
         stats.prompt_tokens, stats.cached_tokens = len(prompt), reuse
         pos = reuse
+        stepwise = self.stepwise_prefill and self.model.planned(MAX_KERNEL_ROWS, [self.cache])
         while pos < len(prompt):
-            chunk = prompt[pos : pos + self.prefill_chunk]
-            logits = self._forward(chunk, pos)
+            chunk = prompt[pos : pos + (MAX_KERNEL_ROWS if stepwise else self.prefill_chunk)]
+            logits = self._step_rows(chunk, pos) if stepwise else self._forward(chunk, pos)
             pos += len(chunk)
         stats.prompt_seconds = time.perf_counter() - t0
         return logits
+
+    @torch.inference_mode()
+    def _step_rows(self, ids: list[int], start: int) -> torch.Tensor:
+        """Consecutive tokens of this sequence as the rows of one decode step; last logits."""
+        with _decode_threads(len(ids), self._kernel_model):
+            positions = list(range(start, start + len(ids)))
+            logits = self.model.decode_batch(ids, [self.cache] * len(ids), positions, last_only=True)
+        self.cached = self.cached[:start] + ids
+        return logits[-1]
 
     def tokens(self, prompt: list[int], params: SamplingParams, stats: Stats | None = None) -> Iterator[int]:
         """Yield sampled token ids after `prompt` until an end token, max_tokens or a full context."""
