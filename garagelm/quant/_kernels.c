@@ -90,6 +90,20 @@ static inline void cpu_relax(void) {
 #endif
 }
 
+/* Per-thread scratch kept between calls (an allocation per product or attention part showed as
+ * 2% of decode at long context): slot 0 for products, 1 for attention. NULL if it cannot grow. */
+static float *thread_scratch(int slot, size_t n) {
+    static __thread float *buf[2];
+    static __thread size_t cap[2];
+    if (n > cap[slot]) {
+        free(buf[slot]);
+        cap[slot] = (n + 4095) & ~(size_t)4095; /* room to grow: whole 16 KiB steps */
+        buf[slot] = aligned_alloc(64, cap[slot] * sizeof(float));
+        if (!buf[slot]) cap[slot] = 0;
+    }
+    return buf[slot];
+}
+
 static void part(int i, int parts) {
     int n = g_job.N, per = (n + parts - 1) / parts;
     int n0 = i * per, n1 = n0 + per < n ? n0 + per : n;
@@ -384,19 +398,25 @@ static inline __attribute__((always_inline)) void rows_packed_avx512_m(const job
 /* A copy per row count (decode steps carry 1..MAX_ROWS sequences), with M a constant, so the
  * accumulators live in registers rather than on the stack: with M rows each block's FMAs would
  * otherwise wait on stores and reloads of acc. */
+/* CALL(m) for m = the job's row count as a compile-time constant (M is at most MAX_ROWS). */
+#define BY_ROWS(M, CALL)                                                                                   \
+    switch (M) {                                                                                           \
+    case 1: CALL(1); break;                                                                                \
+    case 2: CALL(2); break;                                                                                \
+    case 3: CALL(3); break;                                                                                \
+    case 4: CALL(4); break;                                                                                \
+    case 5: CALL(5); break;                                                                                \
+    case 6: CALL(6); break;                                                                                \
+    case 7: CALL(7); break;                                                                                \
+    default: CALL(MAX_ROWS); break;                                                                        \
+    }
+
 static void rows_packed_avx512(const job_t *j, int n0, int n1) {
     /* one row's scales and mins as float32, shared by the copies (not one 130 KB frame each) */
     row_scales_t d __attribute__((aligned(64))), m __attribute__((aligned(64)));
-    switch (j->M) {
-    case 1: rows_packed_avx512_m(j, n0, n1, 1, d, m); break;
-    case 2: rows_packed_avx512_m(j, n0, n1, 2, d, m); break;
-    case 3: rows_packed_avx512_m(j, n0, n1, 3, d, m); break;
-    case 4: rows_packed_avx512_m(j, n0, n1, 4, d, m); break;
-    case 5: rows_packed_avx512_m(j, n0, n1, 5, d, m); break;
-    case 6: rows_packed_avx512_m(j, n0, n1, 6, d, m); break;
-    case 7: rows_packed_avx512_m(j, n0, n1, 7, d, m); break;
-    default: rows_packed_avx512_m(j, n0, n1, MAX_ROWS, d, m); break; /* M is at most MAX_ROWS */
-    }
+#define CALL(rows) rows_packed_avx512_m(j, n0, n1, rows, d, m)
+    BY_ROWS(j->M, CALL)
+#undef CALL
 }
 #endif
 
@@ -435,16 +455,9 @@ static inline __attribute__((always_inline)) void rows_float_avx512_m(const job_
 }
 
 static void rows_float_avx512(const job_t *j, int n0, int n1) {
-    switch (j->M) { /* as rows_packed_avx512 */
-    case 1: rows_float_avx512_m(j, n0, n1, 1); break;
-    case 2: rows_float_avx512_m(j, n0, n1, 2); break;
-    case 3: rows_float_avx512_m(j, n0, n1, 3); break;
-    case 4: rows_float_avx512_m(j, n0, n1, 4); break;
-    case 5: rows_float_avx512_m(j, n0, n1, 5); break;
-    case 6: rows_float_avx512_m(j, n0, n1, 6); break;
-    case 7: rows_float_avx512_m(j, n0, n1, 7); break;
-    default: rows_float_avx512_m(j, n0, n1, MAX_ROWS); break;
-    }
+#define CALL(rows) rows_float_avx512_m(j, n0, n1, rows)
+    BY_ROWS(j->M, CALL)
+#undef CALL
 }
 #endif
 
@@ -523,18 +536,6 @@ static inline __attribute__((always_inline)) void load_t16(const uint8_t *const 
     T[3] = _mm512_unpackhi_epi64(t1, t3);
 }
 
-static float *i8_scratch(size_t n) { /* per thread, kept between calls */
-    static __thread float *buf;
-    static __thread size_t cap;
-    if (n > cap) {
-        free(buf);
-        cap = (n + 4095) & ~(size_t)4095;
-        buf = aligned_alloc(64, cap * sizeof(float));
-        if (!buf) cap = 0;
-    }
-    return buf;
-}
-
 static inline __attribute__((always_inline)) void rows_int8_m(const job_t *j, int n0, int n1, const int M) {
     const int K = j->K, nb = K / QK, nb16 = (nb + 15) & ~15, kind = j->qtype;
     const size_t row_bytes = ROW_BYTES(kind, K), bb = BLOCK_BYTES(kind);
@@ -542,14 +543,12 @@ static inline __attribute__((always_inline)) void rows_int8_m(const job_t *j, in
     const __m512i pi = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
     const __m512i at_row = _mm512_mullo_epi32(pi, _mm512_set1_epi32(nb16));
     const int mins = kind == P_Q4_MIN;
-    float *sc = i8_scratch((size_t)(mins ? 2 : 1) * 16 * nb16);
+    float *sc = thread_scratch(0, (size_t)(mins ? 2 : 1) * 16 * nb16);
     if (!sc) { /* no scratch: the float kernel, same rows (this job's x is float too) */
         rows_packed_avx512(j, n0, n1);
         return;
     }
     float *mc = sc + 16 * nb16;
-    const __m128i low = _mm_set1_epi8(0x0F);
-    (void)low;
     for (int n = n0; n < n1; n += 16) {
         const int have = n1 - n < 16 ? n1 - n : 16; /* rows past n1 repeat the last one, unstored */
         const uint8_t *rows[16];
@@ -605,16 +604,9 @@ static inline __attribute__((always_inline)) void rows_int8_m(const job_t *j, in
 }
 
 static void rows_int8(const job_t *j, int n0, int n1) {
-    switch (j->M) { /* as rows_packed_avx512 */
-    case 1: rows_int8_m(j, n0, n1, 1); break;
-    case 2: rows_int8_m(j, n0, n1, 2); break;
-    case 3: rows_int8_m(j, n0, n1, 3); break;
-    case 4: rows_int8_m(j, n0, n1, 4); break;
-    case 5: rows_int8_m(j, n0, n1, 5); break;
-    case 6: rows_int8_m(j, n0, n1, 6); break;
-    case 7: rows_int8_m(j, n0, n1, 7); break;
-    default: rows_int8_m(j, n0, n1, MAX_ROWS); break;
-    }
+#define CALL(rows) rows_int8_m(j, n0, n1, rows)
+    BY_ROWS(j->M, CALL)
+#undef CALL
 }
 #endif
 
@@ -935,20 +927,6 @@ static inline void att_prefetch(const uint8_t *base, long s, int hd) {
     for (size_t c = 0; c < 2 * (size_t)hd; c += 64) __builtin_prefetch(row + c, 0, 3);
 }
 
-/* Scratch for one attention part, kept per thread between calls (an allocation per layer and
- * part showed as 2% of decode at long context); NULL if it cannot grow. */
-static float *att_scratch(size_t n) {
-    static __thread float *buf;
-    static __thread size_t cap;
-    if (n > cap) {
-        free(buf);
-        cap = (n + 4095) & ~(size_t)4095; /* room to grow: whole 16 KiB steps */
-        buf = aligned_alloc(64, cap * sizeof(float));
-        if (!buf) cap = 0;
-    }
-    return buf;
-}
-
 /* f16: rows s0..s1 of every head group, with the head size NV * 16 a compile-time constant where it is
  * common (64, 128, 256), so the accumulators stay in registers. */
 static inline __attribute__((always_inline)) void att_rows_nv(int s0, int s1, const int NV) {
@@ -956,7 +934,7 @@ static inline __attribute__((always_inline)) void att_rows_nv(int s0, int s1, co
     const int part = s0 / a->per, hd = NV * 16, group = a->H / a->Hkv;
     const int len = s1 - s0, ld = len + ATT_TILE;
     const size_t n_scores = ((size_t)group * ld + 15) & ~(size_t)15, n_out = (size_t)group * hd;
-    float *scores = att_scratch(n_scores + n_out + (size_t)ATT_TILE * hd);
+    float *scores = thread_scratch(1, n_scores + n_out + (size_t)ATT_TILE * hd);
     if (!scores) { /* no memory: this part contributes nothing (weight 0 in the merge) */
         for (int h = 0; h < a->H; h++) {
             a->part_m[part * ATT_MAX_HEADS + h] = -INFINITY;
@@ -1079,7 +1057,7 @@ static inline __attribute__((always_inline)) void att_q8_nb(int u0, int u1, cons
     const long first = a->first, end = a->first + a->S, t0 = first / ATT_TILE + u0, t1 = first / ATT_TILE + u1;
     const int len = (int)(t1 - t0) * ATT_TILE;
     const size_t tile_bytes = (size_t)ATT_TILE * hd;
-    float *scores = att_scratch((size_t)group * (len + hd + NB * ATT_TILE) + tile_bytes);
+    float *scores = thread_scratch(1, (size_t)group * (len + hd + NB * ATT_TILE) + tile_bytes);
     if (!scores) { /* no memory: this part contributes nothing (weight 0 in the merge) */
         for (int h = 0; h < a->H; h++) {
             a->part_m[part * ATT_MAX_HEADS + h] = -INFINITY;

@@ -190,22 +190,12 @@ class KVCache:
         _put_tiled(ksl, kd, start, _tile_scales, _untile_scales)
         _put_tiled(vsl, vd, start, _tile_scales, _untile_scales)
         vl[:, :, start:end] = vq
-        return self.held(layer, end, k.dtype)
+        return (
+            dequantize_q8_0(_get_tiled(kl, end, _untile_keys), _get_tiled(ksl, end, _untile_scales), k.dtype),
+            dequantize_q8_0(vl[:, :, :end], _get_tiled(vsl, end, _untile_scales), v.dtype),
+        )
 
     def query(self, q: torch.Tensor) -> torch.Tensor:
         """q as attention over this cache sees it: for q8_0, quantized to q8_0 too, as llama.cpp
         quantizes the query for its q8_0 key dot and the C kernel does (integer dots)."""
         return dequantize_q8_0(*quantize_q8_0(q), q.dtype) if self.quantized else q
-
-    def held(
-        self, layer: int, end: int, dtype: torch.dtype = torch.float32
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Layer's keys and values at positions 0..end-1 as `dtype` (dequantized for q8_0)."""
-        if not self.quantized:
-            kl, vl = self._layers[layer]
-            return kl[:, :, :end].to(dtype), vl[:, :, :end].to(dtype)
-        kl, vl, ksl, vsl = self._layers[layer]
-        return (
-            dequantize_q8_0(_get_tiled(kl, end, _untile_keys), _get_tiled(ksl, end, _untile_scales), dtype),
-            dequantize_q8_0(vl[:, :, :end], _get_tiled(vsl, end, _untile_scales), dtype),
-        )
