@@ -927,6 +927,15 @@ static inline void att_prefetch(const uint8_t *base, long s, int hd) {
     for (size_t c = 0; c < 2 * (size_t)hd; c += 64) __builtin_prefetch(row + c, 0, 3);
 }
 
+/* Part `part` as one that saw no positions: weight 0 when the parts are merged. */
+static void att_part_empty(const att_t *a, int part, int hd) {
+    for (int h = 0; h < a->H; h++) {
+        a->part_m[part * ATT_MAX_HEADS + h] = -INFINITY;
+        a->part_l[part * ATT_MAX_HEADS + h] = 0.0f;
+        memset(a->part_o + ((size_t)part * ATT_MAX_HEADS + h) * hd, 0, sizeof(float) * hd);
+    }
+}
+
 /* f16: rows s0..s1 of every head group, with the head size NV * 16 a compile-time constant where it is
  * common (64, 128, 256), so the accumulators stay in registers. */
 static inline __attribute__((always_inline)) void att_rows_nv(int s0, int s1, const int NV) {
@@ -936,11 +945,7 @@ static inline __attribute__((always_inline)) void att_rows_nv(int s0, int s1, co
     const size_t n_scores = ((size_t)group * ld + 15) & ~(size_t)15, n_out = (size_t)group * hd;
     float *scores = thread_scratch(1, n_scores + n_out + (size_t)ATT_TILE * hd);
     if (!scores) { /* no memory: this part contributes nothing (weight 0 in the merge) */
-        for (int h = 0; h < a->H; h++) {
-            a->part_m[part * ATT_MAX_HEADS + h] = -INFINITY;
-            a->part_l[part * ATT_MAX_HEADS + h] = 0.0f;
-            memset(a->part_o + ((size_t)part * ATT_MAX_HEADS + h) * hd, 0, sizeof(float) * hd);
-        }
+        att_part_empty(a, part, hd);
         return;
     }
     float *o = scores + n_scores, *tile = o + n_out; /* 64-byte aligned: ATT_TILE positions as float32 */
@@ -1059,11 +1064,7 @@ static inline __attribute__((always_inline)) void att_q8_nb(int u0, int u1, cons
     const size_t tile_bytes = (size_t)ATT_TILE * hd;
     float *scores = thread_scratch(1, (size_t)group * (len + hd + NB * ATT_TILE) + tile_bytes);
     if (!scores) { /* no memory: this part contributes nothing (weight 0 in the merge) */
-        for (int h = 0; h < a->H; h++) {
-            a->part_m[part * ATT_MAX_HEADS + h] = -INFINITY;
-            a->part_l[part * ATT_MAX_HEADS + h] = 0.0f;
-            memset(a->part_o + ((size_t)part * ATT_MAX_HEADS + h) * hd, 0, sizeof(float) * hd);
-        }
+        att_part_empty(a, part, hd);
         return;
     }
     float *o = scores + (size_t)group * len, *pv = o + (size_t)group * hd, *vt = pv + (size_t)group * NB * ATT_TILE;

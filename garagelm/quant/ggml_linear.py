@@ -62,11 +62,9 @@ def exact_products():
         _exact.depth = depth
 
 
-def int8_activations() -> bool:
-    """Whether decode's products (1..MAX_KERNEL_ROWS rows, in C) take x quantized to q8_0 for the
-    weight types that have integer products (Q4_0, Q4_1, Q8_0), as llama.cpp computes them:
-    everywhere but under exact_products() or GARAGE_EXACT=1, which keep float32 products."""
-    return not getattr(_exact, "depth", 0) and os.environ.get("GARAGE_EXACT", "").lower() in (
+def _exact_mode() -> bool:
+    """Float32 products asked for: exact_products() in this thread, or GARAGE_EXACT=1."""
+    return bool(getattr(_exact, "depth", 0)) or os.environ.get("GARAGE_EXACT", "").lower() not in (
         "",
         "0",
         "false",
@@ -74,14 +72,16 @@ def int8_activations() -> bool:
     )
 
 
+def int8_activations() -> bool:
+    """Whether decode's products (1..MAX_KERNEL_ROWS rows, in C) take x quantized to q8_0 for the
+    weight types that have integer products (Q4_0, Q4_1, Q8_0), as llama.cpp computes them:
+    everywhere but under exact_products() or GARAGE_EXACT=1, which keep float32 products."""
+    return not _exact_mode()
+
+
 def use_bf16(rows: int) -> bool:
     """Whether a quantized model's product (or attention) over `rows` rows runs in bf16."""
-    return (
-        rows >= BF16_MIN_ROWS
-        and not getattr(_exact, "depth", 0)
-        and os.environ.get("GARAGE_EXACT", "").lower() in ("", "0", "false", "no")
-        and bf16_products_fast()
-    )
+    return rows >= BF16_MIN_ROWS and not _exact_mode() and bf16_products_fast()
 
 
 def _pack(raw: torch.Tensor, qtype: str, n: int, k: int):

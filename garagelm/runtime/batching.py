@@ -117,8 +117,10 @@ class Scheduler:
         # throughout (bf16 prefill would round a reused prefix differently from a fresh one).
         from garagelm.quant.ggml_linear import exact_products
 
-        probe = Engine(self.model, self.tokenizer, self.ctx_size, kv_dtype=self.kv_cache)  # its cache type
-        with contextlib.nullcontext() if self.model.planned(1, [probe.cache]) else exact_products():
+        probe = Engine(
+            self.model, self.tokenizer, self.ctx_size, kv_dtype=self.kv_cache, stepwise_prefill=True
+        )
+        with contextlib.nullcontext() if probe.stepwise else exact_products():
             self._steps()
 
     def _steps(self) -> None:

@@ -117,13 +117,18 @@ class Engine:
         self.cached = self.cached[:reuse]
         stats.prompt_tokens, stats.cached_tokens = len(prompt), reuse
         pos = reuse
-        stepwise = self.stepwise_prefill and self.model.planned(MAX_KERNEL_ROWS, [self.cache])
+        stepwise = self.stepwise
         while pos < len(prompt):
             chunk = prompt[pos : pos + (MAX_KERNEL_ROWS if stepwise else self.prefill_chunk)]
             logits = self._step_rows(chunk, pos) if stepwise else self._forward(chunk, pos)
             pos += len(chunk)
         stats.prompt_seconds = time.perf_counter() - t0
         return logits
+
+    @property
+    def stepwise(self) -> bool:
+        """Whether prompts go through the decode step (stepwise_prefill, and the model has one)."""
+        return self.stepwise_prefill and self.model.planned(MAX_KERNEL_ROWS, [self.cache])
 
     @torch.inference_mode()
     def _step_rows(self, ids: list[int], start: int) -> torch.Tensor:
