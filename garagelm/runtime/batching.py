@@ -8,8 +8,10 @@ hands them to its event loop), so a slow reader never holds up the others; a can
 request leaves the batch at the next step and frees its slot.
 
 A slot remembers the tokens it holds: a follow-up turn of the same conversation lands on
-that slot and only its new tokens are computed. The worker computes in float32 throughout
-(no bf16 prefill), so a reply is the same whichever slot and cached prefix serve it.
+that slot and only its new tokens are computed. So that a reply is the same whichever slot and
+cached prefix serve it, slots run prompts through the decode step itself (every position then
+has one arithmetic, int8 activations included); a model without a decode plan computes in
+float32 throughout (no bf16 prefill).
 """
 
 from __future__ import annotations
