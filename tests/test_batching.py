@@ -121,3 +121,49 @@ def test_stepwise_prefill_does_not_depend_on_what_was_reused(loaded, kv):
     got = split.prefill(follow, c.stats)
     assert c.stats.cached_tokens == len(prompt) + len(reply) - 1
     assert torch.equal(got, slot().prefill(follow, Completion().stats))
+
+
+def test_prompts_join_the_running_steps_and_replies_equal_each_alone(loaded, monkeypatch):
+    """A request that arrives while others decode has its prompt computed in the same steps as
+    their tokens (chunked prefill: the rows left in a step), and every reply is still the one
+    its request gets alone."""
+    tok, model = loaded.tokenizer, loaded.model
+    steps = []  # per decode_batch call: how many rows each cache had
+    real = model.decode_batch
+
+    def spy(ids, caches, positions, rows_out=None):
+        steps.append([sum(c is d for d in caches) for c in dict.fromkeys(caches)])
+        return real(ids, caches, positions, rows_out=rows_out)
+
+    monkeypatch.setattr(model, "decode_batch", spy)
+    sched = Scheduler(model, tok, 256, slots=3)
+    params = SamplingParams(temperature=0, max_tokens=16)
+    prompts = [tok.encode(p, add_special=True) for p in PROMPTS[:3]]
+    texts, finished = ["", "", ""], threading.Semaphore(0)
+    first_tokens = threading.Event()
+
+    def events(i):
+        def on(kind, payload):
+            if kind == "text":
+                texts[i] += payload[0]
+                if i == 0 and len(texts[0]) > 8:
+                    first_tokens.set()
+            elif kind in ("done", "error"):
+                assert kind == "done", payload
+                finished.release()
+
+        return on
+
+    sched.submit(Request(prompts[0], params, events(0)))
+    assert first_tokens.wait(60)  # the first request is decoding ...
+    sched.submit(Request(prompts[1], params, events(1)))  # ... when two more arrive
+    sched.submit(Request(prompts[2], params, events(2)))
+    for _ in range(3):
+        assert finished.acquire(timeout=60)
+    sched.close()
+    monkeypatch.undo()
+    # some step carried one decoding row and several prompt rows of another sequence
+    assert any(1 in rows and max(rows) > 1 for rows in steps)
+    for i in range(3):
+        alone = Engine(model, tok, 256, stepwise_prefill=True)  # as a slot, by itself
+        assert texts[i] == "".join(alone.complete(prompts[i], params, Completion()))

@@ -116,7 +116,7 @@ def test_logprobs_are_the_models_distribution(oai, smol_path):
     # the same arithmetic whatever prefix the slot reused: equal up to the log-softmax's rounding
     assert [t.logprob for t in content[0].top_logprobs] == pytest.approx(best.values.tolist(), abs=1e-5)
     with exact_products():  # and near the float32 model's distribution: int8 activations, as
-        # llama.cpp computes, moved these 20 log-probabilities by 0.24 at most
+        # llama.cpp computes (the output head's too), moved these 20 log-probabilities by 0.21
         exact = torch.log_softmax(Engine(loaded.model, loaded.tokenizer, CTX)._forward(ids, 0).float(), -1)
     assert torch.topk(exact, 20).values.tolist() == pytest.approx(best.values.tolist(), abs=0.5)
     assert int(exact.argmax()) == int(best.indices[0])

@@ -98,7 +98,7 @@ def from_gguf(gguf: GGUFFile, dtype: torch.dtype = torch.float32, quantized: boo
     if "rope_freqs.weight" in gguf.tensors:
         model.rope.freq_factors = gguf.tensors["rope_freqs.weight"].to_float()
     if isinstance(model.lm_head, GGMLLinear):
-        model.lm_head.exact = True  # logits and logprobs always from float32 products
+        model.lm_head.exact = True  # logits over many rows from float32 products, never bf16
     if any(isinstance(m, GGMLLinear) for m in model.model.layers.modules()):
         for m in model.modules():  # weights already rounded to a few bits: prefill may use bf16
             if hasattr(m, "bf16_prefill"):

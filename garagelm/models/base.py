@@ -103,14 +103,15 @@ class CausalLM(nn.Module):
         )
 
     def decode_batch(
-        self, ids: list[int], caches: list, positions: list[int], last_only: bool = False
+        self, ids: list[int], caches: list, positions: list[int], rows_out: list[int] | None = None
     ) -> torch.Tensor:
-        """One new token for each of several sequences, each with its own cache: logits (M, vocab)
-        (of the last row only with last_only). Rows may also be consecutive positions of one
-        sequence (one cache repeated): each row writes its keys and values before it attends.
+        """One new token for each of several sequences, each with its own cache: logits (M, vocab),
+        or of the rows listed in rows_out only. Rows may also be consecutive positions of one
+        sequence (its cache repeated, in order): every row's keys and values are stored before
+        any row attends, and a row attends only up to its own position.
 
-        With a decode plan the M sequences share one step, so each weight is read once for all
-        of them (the server's continuous batching); otherwise they run one after another.
+        With a decode plan the M rows share one step, so each weight is read once for all of them
+        (the server's continuous batching); otherwise they run one after another.
         """
         M = len(ids)
         if self.planned(M, caches):
@@ -121,12 +122,16 @@ class CausalLM(nn.Module):
                 tables.append((cos.reshape(M, -1).contiguous(), sin.reshape(M, -1).contiguous()))
             x = self.embed(torch.tensor(ids).unsqueeze(1)).reshape(M, -1).contiguous()
             self.decode_plan.step(x, caches, positions, tables)
-            return self.logits(x[-1:] if last_only else x)
+            if rows_out == []:  # rows of a prompt that goes on in the next step: no logits yet
+                return torch.empty(0, self.config.vocab_size)
+            return self.logits(x if rows_out is None else x[rows_out])
         rows = [
             self(torch.tensor([[t]]), cache=c, start=p, last_only=True)[0, -1]
             for t, c, p in zip(ids, caches, positions)
         ]
-        return torch.stack(rows[-1:] if last_only else rows)
+        if rows_out is not None:
+            rows = [rows[i] for i in rows_out]
+        return torch.stack(rows) if rows else torch.empty(0, self.config.vocab_size)
 
 
 class RMSNorm(nn.Module):

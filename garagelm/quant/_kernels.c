@@ -7,7 +7,8 @@
  * fused multiply-add changes a rounding). Memory traffic is the quantized bytes, not 4 per weight.
  *
  * Work is split over a small persistent pthread pool whose workers spin briefly between calls
- * (decode issues many small calls per token) and then sleep.
+ * (decode issues many small calls per token) and then sleep. A call's work is cut in chunks that
+ * the threads claim as they go, so a thread the OS has descheduled does not hold the others up.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -21,11 +22,17 @@
 #define QK 32
 #define MAX_ROWS 8
 #define MAX_THREADS 64
+#ifndef CHUNKS_PER_THREAD
+#define CHUNKS_PER_THREAD 4
+#endif
 #ifndef PREFETCH_ROWS
 #define PREFETCH_ROWS 8
 #endif
 #ifndef ATT_SPLIT_MIN
 #define ATT_SPLIT_MIN 256 /* positions below which one thread attends alone */
+#endif
+#ifndef INT8_PREFETCH
+#define INT8_PREFETCH 1
 #endif
 #ifndef ATT_PREFETCH
 #define ATT_PREFETCH 16
@@ -62,13 +69,18 @@ struct job {
     const int8_t *xq;
     const float *xd;
     const int32_t *xqs;
+    const float *xds; /* per block: its scale times the sum of its values */
+    int chunk; /* units a thread takes at a time; 0: about a quarter of a thread's share */
 };
-/* Scratch for x quantized to q8_0 (int8 activations): M * K values, M * K/32 scales and sums. */
+/* Scratch for x quantized to q8_0 (int8 activations): M * K values, and per block of 32 its
+ * scale, the sum of its values and their product (the min term's factor). */
 typedef struct {
     int8_t *q;
     float *d;
     int32_t *s;
+    float *ds;
 } xq_t;
+#define XQ_BYTES(M, K) ((size_t)(M) * (K) + 12 * (size_t)(M) * ((K) / QK))
 
 
 #if defined(__AVX512F__) && defined(__F16C__)
@@ -80,7 +92,11 @@ typedef struct {
 static job_t g_job;
 static int g_threads = 1, g_started = 0;
 static atomic_uint g_gen;
-static atomic_int g_done;
+/* The current job's chunks: generation << 32 | chunk count << 16 | next chunk. A thread claims a
+ * chunk by a compare-and-swap that also checks the generation, so one that wakes late can never
+ * take a chunk of a later job, and the job it reads stays in place until its chunk is done. */
+static _Atomic uint64_t g_ctr;
+static atomic_int g_finished; /* chunks of the current job done */
 static pthread_mutex_t g_mu = PTHREAD_MUTEX_INITIALIZER;
 static pthread_cond_t g_cv = PTHREAD_COND_INITIALIZER;
 
@@ -104,10 +120,20 @@ static float *thread_scratch(int slot, size_t n) {
     return buf[slot];
 }
 
-static void part(int i, int parts) {
-    int n = g_job.N, per = (n + parts - 1) / parts;
-    int n0 = i * per, n1 = n0 + per < n ? n0 + per : n;
-    if (n0 < n1) g_job.rows(&g_job, n0, n1);
+/* Take chunks of generation `gen` until none is left. Chunks rather than one fixed share per
+ * thread: on two cores the other thread is often descheduled for a while (the server's own
+ * Python, its clients), and a fixed share would keep this one spinning until it came back. */
+static void run_chunks(unsigned gen) {
+    uint64_t v = atomic_load_explicit(&g_ctr, memory_order_acquire);
+    for (;;) {
+        if ((unsigned)(v >> 32) != gen || (v & 0xFFFF) >= ((v >> 16) & 0xFFFF)) return;
+        if (!atomic_compare_exchange_weak_explicit(&g_ctr, &v, v + 1, memory_order_acq_rel, memory_order_acquire))
+            continue; /* v now holds the counter's value */
+        const int c = (int)(v & 0xFFFF), n0 = c * g_job.chunk, n1 = n0 + g_job.chunk < g_job.N ? n0 + g_job.chunk : g_job.N;
+        g_job.rows(&g_job, n0, n1);
+        atomic_fetch_add_explicit(&g_finished, 1, memory_order_release);
+        v = atomic_load_explicit(&g_ctr, memory_order_acquire);
+    }
 }
 
 static void *worker(void *arg) {
@@ -127,10 +153,7 @@ static void *worker(void *arg) {
             break;
         }
         seen = gen;
-        if (id < g_threads) {
-            part(id, g_threads);
-            atomic_fetch_add_explicit(&g_done, 1, memory_order_release);
-        }
+        if (id < g_threads) run_chunks(gen);
     }
     return NULL;
 }
@@ -148,16 +171,28 @@ static void ensure_pool(int threads) {
 
 static pthread_mutex_t g_call = PTHREAD_MUTEX_INITIALIZER; /* one product at a time */
 
-/* Run j over the pool: every thread takes its share of rows. The caller holds g_call. */
+/* Run j over the pool in chunks of j->chunk units (0: rows in multiples of 16, four chunks a
+ * thread); the caller works too and returns when every chunk is done. The caller holds g_call. */
 static void dispatch(const job_t *j) {
     g_job = *j;
-    atomic_store(&g_done, 0);
+    if (g_job.chunk <= 0) {
+        const int share = (g_job.N + CHUNKS_PER_THREAD * g_threads - 1) / (CHUNKS_PER_THREAD * g_threads);
+        g_job.chunk = (share + 15) & ~15;
+    }
+    int chunks = (g_job.N + g_job.chunk - 1) / g_job.chunk;
+    if (chunks > 0xFFFF) { /* the counter's 16 bits */
+        g_job.chunk = (g_job.N + 0xFFFE) / 0xFFFF;
+        chunks = (g_job.N + g_job.chunk - 1) / g_job.chunk;
+    }
+    const unsigned gen = atomic_load(&g_gen) + 1;
+    atomic_store_explicit(&g_finished, 0, memory_order_relaxed);
+    atomic_store_explicit(&g_ctr, (uint64_t)gen << 32 | (uint64_t)chunks << 16, memory_order_release);
     pthread_mutex_lock(&g_mu);
-    atomic_fetch_add_explicit(&g_gen, 1, memory_order_release);
+    atomic_store_explicit(&g_gen, gen, memory_order_release);
     pthread_cond_broadcast(&g_cv);
     pthread_mutex_unlock(&g_mu);
-    part(0, g_threads);
-    while (atomic_load_explicit(&g_done, memory_order_acquire) < g_threads - 1) cpu_relax();
+    run_chunks(gen);
+    while (atomic_load_explicit(&g_finished, memory_order_acquire) < chunks) cpu_relax();
 }
 
 static void matmul(const job_t *j) {
@@ -497,7 +532,7 @@ static void quantize_q8_0(const float *x, int8_t *q, uint16_t *d, int n) {
 
 /* x (M, K) -> xq (M, K) int8 (vectorised quantize_q8_0: the same values), xd (M, nb) its f16 d as
  * float32, xs (M, nb) the sum of each block's int8 values. */
-static void quantize_x(const float *x, int M, int K, int8_t *xq, float *xd, int32_t *xs) {
+static void quantize_x(const float *x, int M, int K, int8_t *xq, float *xd, int32_t *xs, float *xds) {
     const int nb = K / QK;
     const __m512 absmask = _mm512_castsi512_ps(_mm512_set1_epi32(0x7FFFFFFF));
     for (int r = 0; r < M; r++)
@@ -515,6 +550,7 @@ static void quantize_x(const float *x, int M, int K, int8_t *xq, float *xd, int3
             _mm_storeu_si128((__m128i *)(dst + 16), _mm512_cvtepi32_epi8(qc));
             xd[r * nb + b] = f16_to_f32(d16);
             xs[r * nb + b] = _mm512_reduce_add_epi32(_mm512_add_epi32(qa, qc));
+            xds[r * nb + b] = xd[r * nb + b] * (float)xs[r * nb + b];
         }
 }
 
@@ -563,7 +599,7 @@ static inline __attribute__((always_inline)) void rows_int8_m(const job_t *j, in
         __m512 acc[MAX_ROWS];
         for (int r = 0; r < M; r++) acc[r] = _mm512_setzero_ps();
         for (int b = 0; b < nb; b++) {
-            if (more) /* the next 16 rows, a block's share of them at a time */
+            if (INT8_PREFETCH && more) /* the next 16 rows, a block's share of them at a time */
                 for (size_t o = 0; o < 16 * bb; o += 64) __builtin_prefetch(next + (size_t)b * 16 * bb + o, 0, 3);
             __m512i w[8], T[4];
             if (kind == P_Q8) { /* int8 values as u8 = q + 128 */
@@ -583,6 +619,7 @@ static inline __attribute__((always_inline)) void rows_int8_m(const job_t *j, in
             const __m512 dw = _mm512_i32gather_ps(at_row, sc + b, 4);
             const __m512 mw = mins ? _mm512_i32gather_ps(at_row, mc + b, 4) : _mm512_setzero_ps();
             const int off = kind == P_Q4_0 ? 8 : kind == P_Q8 ? 128 : 0; /* the weights' offset */
+#pragma GCC unroll 8 /* accumulators in registers, not on the stack */
             for (int r = 0; r < M; r++) {
                 const int32_t *xr = (const int32_t *)(j->xq + (size_t)r * K + (size_t)b * QK);
                 const int32_t xs = j->xqs[r * nb + b];
@@ -594,7 +631,7 @@ static inline __attribute__((always_inline)) void rows_int8_m(const job_t *j, in
                 }
                 acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(a0, a1)),
                                          _mm512_mul_ps(dw, _mm512_set1_ps(xd)), acc[r]);
-                if (mins) acc[r] = _mm512_fmadd_ps(mw, _mm512_set1_ps(xd * (float)xs), acc[r]);
+                if (mins) acc[r] = _mm512_fmadd_ps(mw, _mm512_set1_ps(j->xds[r * nb + b]), acc[r]);
             }
         }
         const __mmask16 keep = (__mmask16)((1u << have) - 1);
@@ -617,8 +654,9 @@ static void packed_product(int kind, const uint8_t *q, const uint16_t *d, const 
     const int nb = K / QK, nb16 = (nb + 15) & ~15;
 #ifdef HAVE_AVX512
     if (i8 && INT8_KIND(kind)) {
-        quantize_x(x, M, K, i8->q, i8->d, i8->s);
+        quantize_x(x, M, K, i8->q, i8->d, i8->s, i8->ds);
         job_t j = {kind, M, N, K, ldy, q, x, y, d, m, NULL, rows_int8, i8->q, i8->d, i8->s};
+        j.xds = i8->ds;
         matmul(&j);
         return;
     }
@@ -657,12 +695,13 @@ static PyObject *py_matmul_packed(PyObject *self, PyObject *args) {
     if (N < 1 || K < QK || K % QK || K / QK > MAX_BLOCKS) return PyErr_Format(PyExc_ValueError, "bad shape N=%d K=%d", N, K);
     const int nb = K / QK, nb16 = (nb + 15) & ~15;
     /* x's block sums (float path), or x as int8 with its scales and sums */
-    char *buf = PyMem_Malloc(sizeof(float) * M * nb16 + (int8_x ? (size_t)M * K + 8 * (size_t)M * nb : 0));
+    char *buf = PyMem_Malloc(sizeof(float) * M * nb16 + (int8_x ? XQ_BYTES(M, K) : 0));
     if (!buf) return PyErr_NoMemory();
     float *xs = (float *)buf;
-    xq_t i8 = {(int8_t *)(buf + sizeof(float) * M * nb16), NULL, NULL};
+    xq_t i8 = {(int8_t *)(buf + sizeof(float) * M * nb16), NULL, NULL, NULL};
     i8.d = (float *)(i8.q + (size_t)M * K);
     i8.s = (int32_t *)(i8.d + (size_t)M * nb);
+    i8.ds = (float *)(i8.s + (size_t)M * nb);
     Py_BEGIN_ALLOW_THREADS;
     packed_product(kind, (const uint8_t *)(uintptr_t)q, (const uint16_t *)(uintptr_t)d, (const uint16_t *)(uintptr_t)m,
                    (const float *)(uintptr_t)x, (float *)(uintptr_t)y, M, N, K, N, xs, int8_x ? &i8 : NULL);
@@ -872,7 +911,7 @@ typedef struct {
     const uint16_t *ks, *vs;  /* q8_0: f16 scales, one per 32 values (NULL for f16) */
     long stride_h;            /* values between heads in the cache (scales: stride_h / 32) */
     int H, Hkv, S, hd;        /* S: positions attended, first .. first + S - 1 */
-    int first, per;           /* per: units (f16: positions, q8_0: tiles) in each part */
+    int first, per, units;    /* units (f16: positions, q8_0: tiles) attended, per part */
     float scale;
     float *part_m, *part_l, *part_o; /* [MAX_THREADS][H], [MAX_THREADS][H], [MAX_THREADS][H][hd] */
     /* q8_0: the query as q8_0 (int8 per head; per block d * scale and -128 * sum(q), which takes
@@ -881,7 +920,6 @@ typedef struct {
     const float *qd;
     const int32_t *qc;
 } att_t;
-static att_t g_att;
 
 static inline __m512 exp512(__m512 x) {
     /* Cephes expf: n = round(x log2 e), r = x - n ln 2 (two-part), e^r by its degree-6
@@ -938,8 +976,7 @@ static void att_part_empty(const att_t *a, int part, int hd) {
 
 /* f16: rows s0..s1 of every head group, with the head size NV * 16 a compile-time constant where it is
  * common (64, 128, 256), so the accumulators stay in registers. */
-static inline __attribute__((always_inline)) void att_rows_nv(int s0, int s1, const int NV) {
-    const att_t *a = &g_att;
+static inline __attribute__((always_inline)) void att_rows_nv(const att_t *a, int s0, int s1, const int NV) {
     const int part = s0 / a->per, hd = NV * 16, group = a->H / a->Hkv;
     const int len = s1 - s0, ld = len + ATT_TILE;
     const size_t n_scores = ((size_t)group * ld + 15) & ~(size_t)15, n_out = (size_t)group * hd;
@@ -1056,8 +1093,7 @@ static inline __mmask16 tile_valid(long t, long first, long end) {
  * of 32 in a head. Lanes outside the attended positions (the first and last tiles' edges) get
  * score -inf and weight exactly 0, and their scales are never read into a product (the cache
  * past its last position is uninitialised). */
-static inline __attribute__((always_inline)) void att_q8_nb(int u0, int u1, const int NB) {
-    const att_t *a = &g_att;
+static inline __attribute__((always_inline)) void att_q8_nb(const att_t *a, int u0, int u1, const int NB) {
     const int hd = NB * QK, NV = hd / 16, group = a->H / a->Hkv, part = u0 / a->per;
     const long first = a->first, end = a->first + a->S, t0 = first / ATT_TILE + u0, t1 = first / ATT_TILE + u1;
     const int len = (int)(t1 - t0) * ATT_TILE;
@@ -1163,75 +1199,135 @@ static inline __attribute__((always_inline)) void att_q8_nb(int u0, int u1, cons
     }
 }
 
-static void att_rows(const job_t *j, int u0, int u1) {
-    (void)j;
-    if (g_att.ks) {
-        switch (g_att.hd / QK) {
-        case 2: att_q8_nb(u0, u1, 2); break;
-        case 4: att_q8_nb(u0, u1, 4); break;
-        case 8: att_q8_nb(u0, u1, 8); break;
-        default: att_q8_nb(u0, u1, g_att.hd / QK);
+/* Units u0..u1 of one row's attention: one part of it, with the head size a constant where common. */
+static void att_run(const att_t *a, int u0, int u1) {
+    if (a->ks) {
+        switch (a->hd / QK) {
+        case 2: att_q8_nb(a, u0, u1, 2); break;
+        case 4: att_q8_nb(a, u0, u1, 4); break;
+        case 8: att_q8_nb(a, u0, u1, 8); break;
+        default: att_q8_nb(a, u0, u1, a->hd / QK);
         }
         return;
     }
-    switch (g_att.hd / 16) {
-    case 4: att_rows_nv(u0, u1, 4); break;
-    case 8: att_rows_nv(u0, u1, 8); break;
-    case 16: att_rows_nv(u0, u1, 16); break;
-    default: att_rows_nv(u0, u1, g_att.hd / 16); /* other head sizes: the same code, bounds at run time */
+    switch (a->hd / 16) {
+    case 4: att_rows_nv(a, u0, u1, 4); break;
+    case 8: att_rows_nv(a, u0, u1, 8); break;
+    case 16: att_rows_nv(a, u0, u1, 16); break;
+    default: att_rows_nv(a, u0, u1, a->hd / 16); /* other head sizes: the same code, bounds at run time */
     }
 }
 
-/* Attention over positions first .. end - 1. k, v: position 0 of head 0; ks, vs: its scales
- * (q8_0, tiled as above) or NULL (f16). */
-static void attend_core(const float *q, const uint8_t *k, const uint8_t *v, const uint16_t *ks, const uint16_t *vs,
-                        float *out, long stride_h, int H, int Hkv, int first, int end, int hd, float scale) {
-    static float pm[MAX_THREADS * ATT_MAX_HEADS], pl[MAX_THREADS * ATT_MAX_HEADS];
-    static float po[MAX_THREADS * ATT_MAX_HEADS * ATT_MAX_HD];
-    static int8_t qq[ATT_MAX_HEADS * ATT_MAX_HD] __attribute__((aligned(64)));
-    static float qd[ATT_MAX_HEADS * 8];
-    static int32_t qc[ATT_MAX_HEADS * 8];
-    pthread_mutex_lock(&g_call);
-    const int S = end - first, q8 = ks != NULL;
-    if (q8) /* the query as llama.cpp quantizes it for its q8_0 key dot */
-        for (int h = 0; h < H; h++) {
-            uint16_t d16[8];
-            quantize_q8_0(q + (size_t)h * hd, qq + (size_t)h * hd, d16, hd);
-            for (int b = 0; b < hd / QK; b++) {
-                int32_t sum = 0;
-                for (int i = 0; i < QK; i++) sum += qq[(size_t)h * hd + b * QK + i];
-                qd[h * 8 + b] = f16_to_f32(d16[b]) * scale;
-                qc[h * 8 + b] = -128 * sum;
-            }
-        }
-    const int units = q8 ? (end + ATT_TILE - 1) / ATT_TILE - first / ATT_TILE : S;
-    const int parts = S >= ATT_SPLIT_MIN ? g_threads : 1, per = (units + parts - 1) / parts;
-    const size_t at = q8 ? 0 : (size_t)first * hd * 2; /* f16 rows are addressed from `first` */
-    g_att = (att_t){q, k + at, v + at, ks, vs, stride_h, H, Hkv, S, hd, first, per, scale, pm, pl, po, qq, qd, qc};
-    job_t j = {0};
-    j.N = units;
-    j.rows = att_rows;
-    if (parts == 1)
-        att_rows(&j, 0, units);
-    else
-        dispatch(&j); /* part() splits the units as `per` does */
-    /* merge the parts that had positions (part() skips empty ones): rescale each by
-     * exp(its max - overall max) */
-    float *o = out;
-    const int used = (units + per - 1) / per;
-    for (int h = 0; h < H; h++) {
-        float M = -INFINITY, L = 0.0f;
-        for (int p = 0; p < used; p++)
-            if (pm[p * ATT_MAX_HEADS + h] > M) M = pm[p * ATT_MAX_HEADS + h];
-        for (int d = 0; d < hd; d++) o[(size_t)h * hd + d] = 0.0f;
-        for (int p = 0; p < used; p++) {
-            float w = expf(pm[p * ATT_MAX_HEADS + h] - M);
-            L += w * pl[p * ATT_MAX_HEADS + h];
-            for (int d = 0; d < hd; d++) o[(size_t)h * hd + d] += w * po[((size_t)p * ATT_MAX_HEADS + h) * hd + d];
-        }
-        for (int d = 0; d < hd; d++) o[(size_t)h * hd + d] /= L;
+/* One query row of a decode step: its cache (k, v: position 0 of head 0; ks, vs: its scales,
+ * q8_0 tiled as above, or NULL for f16) and the positions first .. end - 1 it attends. */
+typedef struct {
+    const float *q;
+    const uint8_t *k, *v;
+    const uint16_t *ks, *vs;
+    float *out;
+    long stride_h;
+    int first, end;
+} att_req_t;
+
+/* The pool's work in a step: (row, part) units, so a batch's rows attend side by side (at
+ * short contexts a row is one part, and one thread would otherwise do all of them). */
+static att_t g_atts[MAX_ROWS];
+static int g_unit_row[MAX_ROWS * MAX_THREADS], g_unit_part[MAX_ROWS * MAX_THREADS];
+
+static void att_units(const job_t *j, int u0, int u1) {
+    (void)j;
+    for (int u = u0; u < u1; u++) {
+        const att_t *a = &g_atts[g_unit_row[u]];
+        const int s0 = g_unit_part[u] * a->per, s1 = s0 + a->per < a->units ? s0 + a->per : a->units;
+        att_run(a, s0, s1);
     }
-    pthread_mutex_unlock(&g_call);
+}
+
+/* Part buffers for M rows: running max and sum [row][part][head], weighted values
+ * [row][part][head][hd]. One row fits the static ones; a batch's grow on the heap once. */
+static int att_buffers(int M, int hd, float **pm, float **pl, float **po) {
+    static float spm[MAX_THREADS * ATT_MAX_HEADS], spl[MAX_THREADS * ATT_MAX_HEADS];
+    static float spo[MAX_THREADS * ATT_MAX_HEADS * ATT_MAX_HD];
+    static float *heap;
+    static size_t cap;
+    const size_t per_row = (size_t)g_threads * ATT_MAX_HEADS, need = (size_t)M * per_row * (2 + hd);
+    if (M == 1) {
+        *pm = spm, *pl = spl, *po = spo;
+        return 1;
+    }
+    if (need > cap) {
+        float *grown = aligned_alloc(64, (need * sizeof(float) + 63) & ~(size_t)63);
+        if (!grown) return 0;
+        free(heap);
+        heap = grown, cap = need;
+    }
+    *pm = heap, *pl = heap + (size_t)M * per_row, *po = heap + 2 * (size_t)M * per_row;
+    return 1;
+}
+
+/* Attention of M query rows, each over its own positions. A row's split into parts depends on
+ * its length alone, never on the other rows, so a row's result is the same bits alone or in a
+ * batch. The caller holds g_call. */
+static void attend_rows(const att_req_t *rq, int M, int H, int Hkv, int hd, float scale) {
+    static int8_t qq[MAX_ROWS][ATT_MAX_HEADS * ATT_MAX_HD] __attribute__((aligned(64)));
+    static float qd[MAX_ROWS][ATT_MAX_HEADS * 8];
+    static int32_t qc[MAX_ROWS][ATT_MAX_HEADS * 8];
+    float *pm, *pl, *po;
+    if (!att_buffers(M, hd, &pm, &pl, &po)) { /* no memory for a batch's buffers: a row at a time */
+        for (int r = 0; r < M; r++) attend_rows(rq + r, 1, H, Hkv, hd, scale);
+        return;
+    }
+    const size_t per_row = (size_t)g_threads * ATT_MAX_HEADS;
+    int n_units = 0;
+    for (int r = 0; r < M; r++) {
+        const att_req_t *x = rq + r;
+        const int S = x->end - x->first, q8 = x->ks != NULL;
+        if (q8) /* the query as llama.cpp quantizes it for its q8_0 key dot */
+            for (int h = 0; h < H; h++) {
+                uint16_t d16[8];
+                quantize_q8_0(x->q + (size_t)h * hd, qq[r] + (size_t)h * hd, d16, hd);
+                for (int b = 0; b < hd / QK; b++) {
+                    int32_t sum = 0;
+                    for (int i = 0; i < QK; i++) sum += qq[r][(size_t)h * hd + b * QK + i];
+                    qd[r][h * 8 + b] = f16_to_f32(d16[b]) * scale;
+                    qc[r][h * 8 + b] = -128 * sum;
+                }
+            }
+        const int units = q8 ? (x->end + ATT_TILE - 1) / ATT_TILE - x->first / ATT_TILE : S;
+        const int parts = S >= ATT_SPLIT_MIN ? g_threads : 1, per = (units + parts - 1) / parts;
+        const size_t at = q8 ? 0 : (size_t)x->first * hd * 2; /* f16 rows are addressed from `first` */
+        g_atts[r] = (att_t){x->q, x->k + at, x->v + at, x->ks, x->vs, x->stride_h, H, Hkv, S, hd, x->first, per,
+                            units, scale, pm + r * per_row, pl + r * per_row, po + r * per_row * hd,
+                            qq[r], qd[r], qc[r]};
+        for (int p = 0; p * per < units; p++) g_unit_row[n_units] = r, g_unit_part[n_units++] = p;
+    }
+    if (n_units == 1) {
+        att_units(NULL, 0, 1);
+    } else {
+        job_t j = {0};
+        j.N = n_units;
+        j.rows = att_units;
+        j.chunk = 1;
+        dispatch(&j);
+    }
+    for (int r = 0; r < M; r++) { /* merge each row's parts: rescale each by exp(its max - overall max) */
+        const att_t *a = &g_atts[r];
+        const int used = (a->units + a->per - 1) / a->per;
+        float *o = rq[r].out;
+        for (int h = 0; h < H; h++) {
+            float mx = -INFINITY, L = 0.0f;
+            for (int p = 0; p < used; p++)
+                if (a->part_m[p * ATT_MAX_HEADS + h] > mx) mx = a->part_m[p * ATT_MAX_HEADS + h];
+            for (int d = 0; d < hd; d++) o[(size_t)h * hd + d] = 0.0f;
+            for (int p = 0; p < used; p++) {
+                const float w = expf(a->part_m[p * ATT_MAX_HEADS + h] - mx);
+                L += w * a->part_l[p * ATT_MAX_HEADS + h];
+                for (int d = 0; d < hd; d++)
+                    o[(size_t)h * hd + d] += w * a->part_o[((size_t)p * ATT_MAX_HEADS + h) * hd + d];
+            }
+            for (int d = 0; d < hd; d++) o[(size_t)h * hd + d] /= L;
+        }
+    }
 }
 
 /* One position's key and value (one head) into a q8_0 cache in the tiled layout above; kg, vg,
@@ -1264,10 +1360,13 @@ static PyObject *py_attend(PyObject *self, PyObject *args) {
         first < 0 || first >= S || (!ks) != (!vs))
         return PyErr_Format(PyExc_ValueError, "unsupported attention shape H=%d Hkv=%d hd=%d S=%d first=%d", H, Hkv, hd,
                             S, first);
+    const att_req_t rq = {(const float *)(uintptr_t)q, (const uint8_t *)(uintptr_t)k, (const uint8_t *)(uintptr_t)v,
+                          (const uint16_t *)(uintptr_t)ks, (const uint16_t *)(uintptr_t)vs, (float *)(uintptr_t)out,
+                          (long)stride_h, first, S};
     Py_BEGIN_ALLOW_THREADS;
-    attend_core((const float *)(uintptr_t)q, (const uint8_t *)(uintptr_t)k, (const uint8_t *)(uintptr_t)v,
-                (const uint16_t *)(uintptr_t)ks, (const uint16_t *)(uintptr_t)vs, (float *)(uintptr_t)out,
-                (long)stride_h, H, Hkv, first, S, hd, scale);
+    pthread_mutex_lock(&g_call);
+    attend_rows(&rq, 1, H, Hkv, hd, scale);
+    pthread_mutex_unlock(&g_call);
     Py_END_ALLOW_THREADS;
     Py_RETURN_NONE;
 }
@@ -1464,7 +1563,7 @@ static PyObject *py_make_layer(PyObject *self, PyObject *args) {
     L->tmp = L->gu_out + MAX_ROWS * 2 * (size_t)L->I;
     L->xs = L->tmp + MAX_ROWS * (size_t)big;
     /* int8 activations: MAX_ROWS rows of up to `big` values, their scales and sums */
-    L->i8.q = malloc(MAX_ROWS * (size_t)big + 8 * MAX_ROWS * ((size_t)big / QK));
+    L->i8.q = malloc(XQ_BYTES(MAX_ROWS, big));
     if (!L->i8.q) {
         free(buf);
         free(L);
@@ -1472,6 +1571,7 @@ static PyObject *py_make_layer(PyObject *self, PyObject *args) {
     }
     L->i8.d = (float *)(L->i8.q + MAX_ROWS * (size_t)big);
     L->i8.s = (int32_t *)(L->i8.d + MAX_ROWS * ((size_t)big / QK));
+    L->i8.ds = (float *)(L->i8.s + MAX_ROWS * ((size_t)big / QK));
     return PyCapsule_New(L, "garagelm.layer", layer_free);
 }
 
@@ -1504,6 +1604,7 @@ static PyObject *py_decode_layer(PyObject *self, PyObject *args) {
     const int D = L->D, H = L->H, Hkv = L->Hkv, hd = L->hd, I = L->I, half = hd / 2;
     const size_t n_qkv = (size_t)(H + 2 * Hkv) * hd;
     const xq_t *i8 = exact ? NULL : &L->i8; /* exact: float32 products */
+    att_req_t rq[MAX_ROWS];
     Py_BEGIN_ALLOW_THREADS;
     for (int r = 0; r < M; r++) rmsnorm(x + (size_t)r * D, L->w_in, L->xn + (size_t)r * D, D, L->eps);
     products(L->qkv, L->n_qkv, L->xn, L->qkv_out, M, D, L->xs, i8);
@@ -1540,9 +1641,14 @@ static PyObject *py_decode_layer(PyObject *self, PyObject *args) {
         }
         /* a sliding layer attends to the last `window` positions only */
         const long first = L->window && pos + 1 > L->window ? pos + 1 - L->window : 0;
-        attend_core(row, kc, vc, ks, vs, L->att + (size_t)r * H * hd, stride_h, H, Hkv, (int)first, (int)(pos + 1), hd,
-                    L->scale);
+        rq[r] = (att_req_t){row, kc, vc, ks, vs, L->att + (size_t)r * H * hd, stride_h, (int)first, (int)(pos + 1)};
     }
+    /* Every row's keys and values are stored before any row attends: a row of a later position of
+     * the same sequence (a prompt taken through the step) reads them, and a row never reads a
+     * position past its own. */
+    pthread_mutex_lock(&g_call);
+    attend_rows(rq, M, H, Hkv, hd, L->scale);
+    pthread_mutex_unlock(&g_call);
     products(&L->o, 1, L->att, L->tmp, M, H * hd, L->xs, i8);
     if (L->w_post_attn)
         for (int r = 0; r < M; r++) rmsnorm(L->tmp + (size_t)r * D, L->w_post_attn, L->tmp + (size_t)r * D, D, L->eps);

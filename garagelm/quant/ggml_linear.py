@@ -1,13 +1,15 @@
 """Linear layers and embeddings whose weights stay quantized (Q4_0/Q4_1/Q5_0/Q5_1/Q8_0, K-quants).
 
 At load the GGML blocks are split into values and scales ("packed", see PACKED_KINDS). Decode
-(a few rows) runs the C kernel on them, reading 0.6-1.25 bytes per weight instead of 4: the
+(a few rows) runs the C kernel on them, reading 0.6-1.25 bytes per weight instead of 4, with x
+quantized to q8_0 where the weight type has integer products (see int8_activations), or as the
 float32 product of the dequantized weights up to float32 rounding. Longer inputs (prefill)
 dequantize the weight for the call, bit-equal to gguf-py, and multiply in one matmul: in bf16 on
 CPUs with bf16 dot products (AMX, AVX512-BF16), from BF16_MIN_ROWS rows, which rounds the
 activations to 8 significant bits as llama.cpp rounds them to 8-bit blocks; in float32 otherwise,
-for the output head, and inside `exact_products()` (evaluation, tests against references, or
-GARAGE_EXACT=1). `models.from_gguf` puts these layers in place of nn.Linear.
+for the output head's many-row calls (evaluation's logits), and inside `exact_products()`
+(evaluation, tests against references, or GARAGE_EXACT=1). `models.from_gguf` puts these layers
+in place of nn.Linear.
 """
 
 from __future__ import annotations
@@ -75,7 +77,8 @@ def _exact_mode() -> bool:
 def int8_activations() -> bool:
     """Whether decode's products (1..MAX_KERNEL_ROWS rows, in C) take x quantized to q8_0 for the
     weight types that have integer products (Q4_0, Q4_1, Q8_0), as llama.cpp computes them:
-    everywhere but under exact_products() or GARAGE_EXACT=1, which keep float32 products."""
+    everywhere (the output head included) but under exact_products() or GARAGE_EXACT=1, which keep
+    float32 products."""
     return not _exact_mode()
 
 
@@ -124,7 +127,9 @@ def set_threads(n: int) -> int:
 class GGMLLinear(nn.Module):
     """y = x @ W.T (+ bias) with W held as raw GGML blocks, shape (out_features, row bytes)."""
 
-    exact = False  # True for the output head: logits (and logprobs) always in float32
+    # True for the output head: many-row calls (evaluation's logits over a text) stay float32
+    # rather than bf16; its 1..8-row calls take int8 activations, as llama.cpp's output product
+    exact = False
 
     def __init__(self, raw: torch.Tensor | None, qtype: str, in_features: int, out_features: int, bias=None,
                  packed: tuple | None = None):  # fmt: skip
@@ -213,8 +218,6 @@ class GGMLLinear(nn.Module):
             return None
         n, k = self.out_features, self.in_features
         kind, q, d, m = self._kind, *self._pointers()
-        if self.exact:  # the output head: logits and logprobs from float32 products
-            return lambda xp, yp, rows: _kernels.matmul_packed(kind, q, d, m, xp, yp, rows, n, k)
         return lambda xp, yp, rows: _kernels.matmul_packed(
             kind, q, d, m, xp, yp, rows, n, k, int8_activations()
         )

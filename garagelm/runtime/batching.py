@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 
+from garagelm.quant.ggml_linear import MAX_KERNEL_ROWS
 from garagelm.runtime.generate import Completion, Engine, Generation, _common_prefix, _decode_threads
 from garagelm.runtime.sampling import SamplingParams
 
@@ -146,10 +147,16 @@ class Scheduler:
                     self._release(item, None)
                     continue
                 try:  # whatever one request does wrong ends that request, never the worker
-                    if item.gen is None:  # a newcomer: its state (a grammar may take a while), prefill
+                    if item.gen is None:  # a newcomer: its state (a grammar may take a while)
                         req.completion.top_logprobs = req.top_logprobs
                         item.gen = Generation(item.engine, req.prompt, req.params, req.completion)
-                        logits[id(req)] = item.gen.start()
+                        if item.engine.stepwise:  # its prompt goes into the coming steps
+                            item.todo = item.gen.begin()
+                        else:
+                            logits[id(req)] = item.gen.start()
+                    if item.todo:  # still reading its prompt
+                        batch.append(item)
+                        continue
                     seen = len(req.completion.logprobs)
                     piece = item.gen.accept(logits.pop(id(req)))
                     if piece or len(req.completion.logprobs) > seen:
@@ -172,17 +179,46 @@ class Scheduler:
                     self._release(item, ("error", e))
 
     def _decode(self, batch: list[_Running], logits: dict) -> None:
-        step = 8  # rows the packed kernels take at once
-        for i in range(0, len(batch), step):
-            group = batch[i : i + step]
-            engines = [item.engine for item in group]
-            ids = [item.gen.last for item in group]
-            positions = [len(e.cached) for e in engines]
-            with torch.inference_mode(), _decode_threads(len(ids), engines[0]._kernel_model):
-                out = self.model.decode_batch(ids, [e.cache for e in engines], positions)
-            for item, tok, row in zip(group, ids, out):
+        """One step: a row for each sequence that is decoding, then prompt tokens of the newcomers
+        in the room left (chunked prefill), so a prompt does not hold the others up for a whole
+        prefill, and a step's groups of rows are full."""
+        step = MAX_KERNEL_ROWS  # rows the packed kernels take at once
+        rows = [(item, [item.gen.last]) for item in batch if not item.todo]
+        reading = [item for item in batch if item.todo]
+        if reading:
+            room = -(-len(rows) // step) * step - len(rows)  # the last group's free rows
+            room += step if room < step // 2 else 0  # too few: one more group
+            for item in reading:
+                if room == 0:
+                    break
+                take = item.todo[:room]
+                rows.append((item, take))
+                room -= len(take)
+        # (item, token, whether its logits are needed): a decoding row's are, and those of a
+        # prompt's last token
+        flat = [
+            (item, tok, k == len(toks) - 1 and len(toks) == max(len(item.todo), 1))
+            for item, toks in rows
+            for k, tok in enumerate(toks)
+        ]
+        for i in range(0, len(flat), step):
+            group = flat[i : i + step]
+            ids = [tok for _, tok, _ in group]
+            caches = [item.engine.cache for item, _, _ in group]
+            positions = []
+            for item, tok, _ in group:  # consecutive rows of one sequence take consecutive positions
+                positions.append(len(item.engine.cached))
                 item.engine.cached.append(tok)
-                logits[id(item.req)] = row
+            out_rows = [r for r, (_, _, wanted) in enumerate(group) if wanted]
+            with torch.inference_mode(), _decode_threads(len(ids), group[0][0].engine._kernel_model):
+                out = self.model.decode_batch(ids, caches, positions, rows_out=out_rows)
+            for r, row in zip(out_rows, out):
+                logits[id(group[r][0].req)] = row
+        for item, toks in rows:
+            if item.todo:
+                item.todo = item.todo[len(toks) :]
+                if not item.todo:
+                    item.gen.prefilled()
 
     def _release(self, item: _Running, event) -> None:
         with self._cv:
@@ -201,3 +237,4 @@ class _Running:
     req: Request
     engine: Engine
     gen: Generation | None = None
+    todo: list[int] = field(default_factory=list)  # prompt tokens not yet computed

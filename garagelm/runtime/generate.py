@@ -104,19 +104,8 @@ class Engine:
 
     def prefill(self, prompt: list[int], stats: Stats) -> torch.Tensor:
         """Bring the cache to `prompt` (reusing the prefix it holds); logits after its last token."""
-        if len(prompt) >= self.ctx_size:
-            raise GarageError(
-                f"the prompt has {len(prompt)} tokens but the context holds {self.ctx_size}; "
-                "shorten it or raise --ctx-size"
-            )
-        if not prompt:
-            raise GarageError("the prompt is empty")
         t0 = time.perf_counter()
-        reuse = _common_prefix(self.cached, prompt)
-        reuse = min(reuse, len(prompt) - 1)  # always evaluate at least one token for logits
-        self.cached = self.cached[:reuse]
-        stats.prompt_tokens, stats.cached_tokens = len(prompt), reuse
-        pos = reuse
+        pos = len(prompt) - len(self.begin(prompt, stats))
         stepwise = self.stepwise
         while pos < len(prompt):
             chunk = prompt[pos : pos + (MAX_KERNEL_ROWS if stepwise else self.prefill_chunk)]
@@ -124,6 +113,23 @@ class Engine:
             pos += len(chunk)
         stats.prompt_seconds = time.perf_counter() - t0
         return logits
+
+    def begin(self, prompt: list[int], stats: Stats) -> list[int]:
+        """Check `prompt` and keep the prefix of it the cache holds: the tokens still to compute
+        (at least the last one, whose logits come next). The server's scheduler computes them
+        in its own steps (stepwise engines); prefill() computes them here."""
+        if len(prompt) >= self.ctx_size:
+            raise GarageError(
+                f"the prompt has {len(prompt)} tokens but the context holds {self.ctx_size}; "
+                "shorten it or raise --ctx-size"
+            )
+        if not prompt:
+            raise GarageError("the prompt is empty")
+        reuse = _common_prefix(self.cached, prompt)
+        reuse = min(reuse, len(prompt) - 1)  # always evaluate at least one token for logits
+        self.cached = self.cached[:reuse]
+        stats.prompt_tokens, stats.cached_tokens = len(prompt), reuse
+        return prompt[reuse:]
 
     @property
     def stepwise(self) -> bool:
@@ -135,7 +141,7 @@ class Engine:
         """Consecutive tokens of this sequence as the rows of one decode step; last logits."""
         with _decode_threads(len(ids), self._kernel_model):
             positions = list(range(start, start + len(ids)))
-            logits = self.model.decode_batch(ids, [self.cache] * len(ids), positions, last_only=True)
+            logits = self.model.decode_batch(ids, [self.cache] * len(ids), positions, rows_out=[len(ids) - 1])
         self.cached = self.cached[:start] + ids
         return logits[-1]
 
@@ -189,8 +195,18 @@ class Generation:
             self.constraint = Constraint(engine.tokenizer, params.grammar)
 
     def start(self) -> torch.Tensor:
+        """Prefill here: the logits for the first token."""
         self._t0 = time.perf_counter()
         return self.engine.prefill(self.prompt, self.completion.stats)
+
+    def begin(self) -> list[int]:
+        """Or leave the prefill to the caller: the prompt tokens it still has to compute (in order,
+        appending each to engine.cached), calling prefilled() after the last."""
+        self._t0 = time.perf_counter()
+        return self.engine.begin(self.prompt, self.completion.stats)
+
+    def prefilled(self) -> None:
+        self.completion.stats.prompt_seconds = time.perf_counter() - self._t0
 
     def accept(self, logits: torch.Tensor) -> str:
         """Sample the next token from `logits`; return the text that is now safe to show."""
