@@ -132,3 +132,14 @@ def test_released_tensors_leave_memory_but_keep_their_bytes(smol_path):
     after = _mapped_kib(g.path.resolve())
     assert before - after >= t.n_bytes // 1024 - 8, (before, after)
     assert hashlib.sha256(t.raw.tobytes()).hexdigest() == digest
+
+
+def test_type_ids_are_ggmls():
+    """Our GGML type id table (so reading a file need not import gguf) against gguf-py's enum."""
+    import gguf
+
+    from garagelm.formats.ggml_quants import BLOCK_LAYOUT, GGML_TYPE_NAMES
+
+    theirs = {t.value: t.name for t in gguf.GGMLQuantizationType}
+    assert all(theirs[i] == name for i, name in GGML_TYPE_NAMES.items())
+    assert set(BLOCK_LAYOUT) <= set(GGML_TYPE_NAMES.values())  # every type we read has its id

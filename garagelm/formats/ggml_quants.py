@@ -14,6 +14,16 @@ import torch
 QK_K = 256
 CHUNK_VALUES = 1 << 21  # values dequantized per slice
 
+# GGML type id (as a GGUF file stores it) -> name: ggml's enum ggml_type, the ids with a type
+# (gguf-py's GGMLQuantizationType; kept here so reading a file does not import gguf and yaml).
+GGML_TYPE_NAMES: dict[int, str] = {
+    0: "F32", 1: "F16", 2: "Q4_0", 3: "Q4_1", 6: "Q5_0", 7: "Q5_1", 8: "Q8_0", 9: "Q8_1",
+    10: "Q2_K", 11: "Q3_K", 12: "Q4_K", 13: "Q5_K", 14: "Q6_K", 15: "Q8_K", 16: "IQ2_XXS",
+    17: "IQ2_XS", 18: "IQ3_XXS", 19: "IQ1_S", 20: "IQ4_NL", 21: "IQ3_S", 22: "IQ2_S", 23: "IQ4_XS",
+    24: "I8", 25: "I16", 26: "I32", 27: "I64", 28: "F64", 29: "IQ1_M", 30: "BF16", 34: "TQ1_0",
+    35: "TQ2_0", 39: "MXFP4",
+}  # fmt: skip
+
 # name -> (block_size, type_size); matches ggml's type traits.
 BLOCK_LAYOUT: dict[str, tuple[int, int]] = {
     "F32": (1, 4),

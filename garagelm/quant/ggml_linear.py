@@ -87,9 +87,27 @@ def use_bf16(rows: int) -> bool:
     return rows >= BF16_MIN_ROWS and not _exact_mode() and bf16_products_fast()
 
 
+_SPLIT_HEAD = {"Q4_0": 2, "Q4_1": 4, "Q8_0": 2}  # bytes of f16 scale (and min) before the values
+
+
+def _split_into(
+    raw: torch.Tensor, qtype: str, q: torch.Tensor, d: torch.Tensor, m: torch.Tensor | None
+) -> None:
+    """Q4_0/Q4_1/Q8_0 blocks (rows, row bytes) into contiguous q, d (, m) in one C pass."""
+    n_blocks = raw.numel() // BLOCK_LAYOUT[qtype][1]
+    _kernels.split_blocks(raw.data_ptr(), n_blocks, BLOCK_LAYOUT[qtype][1], _SPLIT_HEAD[qtype],
+                          q.data_ptr(), d.data_ptr(), 0 if m is None else m.data_ptr())  # fmt: skip
+
+
 def _pack(raw: torch.Tensor, qtype: str, n: int, k: int):
     """GGML blocks (n, row bytes) -> (values, d, m): the same bits without block headers."""
     nb = k // 32
+    if qtype in _SPLIT_HEAD and hasattr(_kernels, "split_blocks") and raw.is_contiguous():
+        q = torch.empty(n, nb * (BLOCK_LAYOUT[qtype][1] - _SPLIT_HEAD[qtype]), dtype=torch.uint8)
+        d = torch.empty(n, nb, dtype=torch.int16)
+        m = torch.empty(n, nb, dtype=torch.int16) if qtype == "Q4_1" else None
+        _split_into(raw, qtype, q, d, m)
+        return q, d, m
     if qtype.startswith("Q5_") and not qtype.endswith("_K"):
         # per 32 values: the 16 nibble bytes, then the 4 bytes of fifth bits (the file's bits)
         blocks = raw.reshape(n, nb, BLOCK_LAYOUT[qtype][1])
@@ -163,6 +181,11 @@ class GGMLLinear(nn.Module):
         arrays = None
         for r0 in range(0, out_features, chunk_rows):
             r1 = min(out_features, r0 + chunk_rows)
+            if arrays is not None and qtype in _SPLIT_HEAD and hasattr(_kernels, "split_blocks"):
+                _split_into(raw[r0:r1], qtype, *[None if a is None else a[r0:r1] for a in arrays])
+                if done is not None:  # straight into place: no slice copy in between
+                    done(r0, r1)
+                continue
             parts = _pack(raw[r0:r1], qtype, r1 - r0, in_features)
             if arrays is None:
                 arrays = [None if x is None else hugepages.empty((out_features, *x.shape[1:]), x.dtype)
