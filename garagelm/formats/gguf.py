@@ -25,6 +25,7 @@ from garagelm.formats.ggml_quants import BLOCK_LAYOUT, GGML_TYPE_NAMES, dequanti
 
 GGUF_MAGIC = b"GGUF"
 DEFAULT_ALIGNMENT = 32
+MADV_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22)  # Linux 5.14+
 
 # GGUF value type -> numpy dtype for the fixed-size scalars (8 = string, 9 = array).
 _SCALAR = {
@@ -222,6 +223,18 @@ class GGUFFile:
         again maps them back). Loading a model tensor by tensor then never holds the file and
         its repacked copy at once."""
         self.release_bytes(tensor.offset, tensor.n_bytes)
+
+    def populate_bytes(self, offset: int, n_bytes: int) -> None:
+        """Map a byte range's pages (already in the page cache) in one call before it is read:
+        a 178 MB embedding otherwise takes ~45k page faults, a third of a model's load. Best
+        effort: kernels before 5.14 lack MADV_POPULATE_READ and fault the pages on first touch."""
+        if not hasattr(self._map, "madvise") or n_bytes <= 0:  # pragma: no cover (non-Linux)
+            return
+        start = offset // mmap.PAGESIZE * mmap.PAGESIZE
+        try:
+            self._map.madvise(MADV_POPULATE_READ, start, offset + n_bytes - start)
+        except OSError:
+            pass
 
     def release_bytes(self, offset: int, n_bytes: int) -> None:
         """release() for a byte range of the file (a slice of a tensor's rows)."""

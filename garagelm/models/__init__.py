@@ -37,6 +37,7 @@ def from_gguf(gguf: GGUFFile, dtype: torch.dtype = torch.float32, quantized: boo
     (packed values and scales, see quant.ggml_linear); everything else is dequantized to `dtype`.
     quantized=False dequantizes everything (for training or as a reference).
     """
+    from garagelm.quant import hugepages
     from garagelm.quant.ggml_linear import QUANTIZED_TYPES, GGMLEmbedding, GGMLLinear, kernels_available
 
     keep = quantized and kernels_available()
@@ -58,13 +59,23 @@ def from_gguf(gguf: GGUFFile, dtype: torch.dtype = torch.float32, quantized: boo
     with torch.device("meta"):
         model = model_cls(cfg)
     state, swapped = {}, set()
-    for name, t in gguf.tensors.items():
+    embd = gguf.tensors["token_embd.weight"]
+    embd_arrays = None
+    if keep and embd.qtype in QUANTIZED_TYPES and len(embd.shape) == 2:
+        # The largest tensor goes last: its (huge) pages fault in on the other core meanwhile.
+        embd_arrays = GGMLLinear.split_arrays(embd.qtype, embd.shape[1], embd.shape[0])
+    faulting = hugepages.prefault([a for a in embd_arrays or () if a is not None])
+    for name in sorted(gguf.tensors, key=lambda n: n == "token_embd.weight"):
+        t = gguf.tensors[name]
         if name == "rope_freqs.weight":
             continue  # llama3-style frequency factors, handled below
         try:
             hf = gguf_to_hf(name, arch)
         except KeyError as e:
             raise GarageError(f"{gguf.path}: {e.args[0]}") from None
+        big = keep and name == "token_embd.weight"  # packed by rows below, its pages mapped as it goes
+        if not big:
+            gguf.populate_bytes(t.offset, t.n_bytes)
         raw = t.raw_bytes()
         if permuted and name.endswith("attn_q.weight"):
             raw = unpermute_qk(raw, cfg.num_attention_heads)
@@ -75,9 +86,12 @@ def from_gguf(gguf: GGUFFile, dtype: torch.dtype = torch.float32, quantized: boo
             out_f, in_f = t.shape
             if hf == "model.embed_tokens.weight":
                 row_bytes = raw.shape[1]
+                faulting.join()  # before the arrays are written
                 table = GGMLLinear.packed_by_rows(  # the largest tensor: its pages go as it packs
                     raw, t.qtype, in_f, out_f, max(1, (16 << 20) // row_bytes),
                     lambda r0, r1, t=t, rb=row_bytes: gguf.release_bytes(t.offset + r0 * rb, (r1 - r0) * rb),
+                    lambda r0, r1, t=t, rb=row_bytes: gguf.populate_bytes(t.offset + r0 * rb, (r1 - r0) * rb),
+                    embd_arrays,
                 )  # fmt: skip
                 _set_module(model, module, GGMLEmbedding(table))
                 if tied:  # the output head reads the same weights

@@ -172,15 +172,17 @@ class GGMLLinear(nn.Module):
 
     @classmethod
     def packed_by_rows(cls, raw: torch.Tensor, qtype: str, in_features: int, out_features: int,
-                       chunk_rows: int, done=None) -> GGMLLinear:  # fmt: skip
-        """Pack a large weight a slice of rows at a time into preallocated arrays, calling
-        done(row0, row1) after each slice, so that its source pages can be released as it goes
-        (a 262k-row embedding otherwise holds file and copy whole at once)."""
+                       chunk_rows: int, done=None, before=None, arrays=None) -> GGMLLinear:  # fmt: skip
+        """Pack a large weight a slice of rows at a time into preallocated arrays (`arrays`, from
+        split_arrays, or allocated here), calling before(row0, row1) ahead of each slice (to
+        map its source pages) and done(row0, row1) after it, so that its source pages can be
+        released as it goes (a 262k-row embedding otherwise holds file and copy whole at once)."""
         if _kernels is None or qtype not in PACKED_KINDS:
             return cls(raw, qtype, in_features, out_features)
-        arrays = None
         for r0 in range(0, out_features, chunk_rows):
             r1 = min(out_features, r0 + chunk_rows)
+            if before is not None:
+                before(r0, r1)
             if arrays is not None and qtype in _SPLIT_HEAD and hasattr(_kernels, "split_blocks"):
                 _split_into(raw[r0:r1], qtype, *[None if a is None else a[r0:r1] for a in arrays])
                 if done is not None:  # straight into place: no slice copy in between
@@ -196,6 +198,17 @@ class GGMLLinear(nn.Module):
             if done is not None:
                 done(r0, r1)
         return cls(None, qtype, in_features, out_features, packed=tuple(arrays))
+
+    @staticmethod
+    def split_arrays(qtype: str, in_features: int, out_features: int) -> tuple | None:
+        """Empty packed arrays (q, d, m) on huge pages for a Q4_0/Q4_1/Q8_0 weight, to hand to
+        packed_by_rows; None for other types (allocated as they pack)."""
+        if qtype not in _SPLIT_HEAD or not hasattr(_kernels, "split_blocks"):
+            return None
+        nb = in_features // 32
+        q = hugepages.empty((out_features, nb * (BLOCK_LAYOUT[qtype][1] - _SPLIT_HEAD[qtype])), torch.uint8)
+        m = hugepages.empty((out_features, nb), torch.int16) if qtype == "Q4_1" else None
+        return q, hugepages.empty((out_features, nb), torch.int16), m
 
     @classmethod
     def concat(cls, parts: list[GGMLLinear]) -> GGMLLinear:
