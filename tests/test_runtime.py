@@ -8,7 +8,7 @@ import torch
 from garagelm.quant.ggml_linear import exact_products
 from garagelm.runtime.chat_template import ChatTemplate, TemplateError
 from garagelm.runtime.generate import Completion, Engine, _partial_stop
-from garagelm.runtime.sampling import SamplingParams, min_p, top_k, top_p
+from garagelm.runtime.sampling import Sampler, SamplingParams, min_p, top_k, top_p
 
 GREEDY = SamplingParams(temperature=0, max_tokens=12)
 
@@ -92,6 +92,18 @@ def test_samplers():
     kept = ~torch.isinf(top_p(logits, 0.7))
     assert kept.tolist() == [True, True, False, False, False]  # 0.64 < 0.7 <= 0.88
     assert (~torch.isinf(min_p(logits, 0.3))).tolist() == [True, True, False, False, False]
+
+
+def test_greedy_takes_the_first_of_equal_maxima():
+    greedy = Sampler(SamplingParams(temperature=0))
+    assert greedy(torch.tensor([1.0, 5.0, 2.0, 5.0]), []) == 1
+    assert greedy(torch.tensor([0.0, float("-inf"), 0.0]), []) == 0
+    g = torch.Generator().manual_seed(0)
+    for _ in range(20):  # as torch.argmax picks, on vocabularies with many ties
+        row = torch.randint(0, 50, (49152,), generator=g).float()
+        assert greedy(row, []) == int(torch.argmax(row))
+    view = torch.randn(4, 100, generator=g)[:, 3]  # a strided row
+    assert greedy(view, []) == int(torch.argmax(view))
 
 
 def test_template_sandbox_blocks_escapes():

@@ -1585,27 +1585,13 @@ static void products(const prod_t *p, int n, const float *x, float *y, int M, in
     }
 }
 
-/* decode_layer(layer, index, x, M, table, cos, sin_signed): one token for each of M sequences.
- * x is (M, D) float32, updated in place; table is int64 [6][M]: each sequence's key and value
- * cache base pointers ((layers, Hkv, capacity, hd), f16 or int8), its capacity, its position,
- * and its key and value scale pointers (q8_0: f16, one per 32 values; 0 for an f16 cache);
- * cos and sin_signed are (M, hd). The weights are read once for all M rows. */
-static PyObject *py_decode_layer(PyObject *self, PyObject *args) {
-    PyObject *cap;
-    unsigned long long xp, tp, cp, sp;
-    int index, M, exact = 0;
-    if (!PyArg_ParseTuple(args, "OiKiKKK|p", &cap, &index, &xp, &M, &tp, &cp, &sp, &exact)) return NULL;
-    layer_t *L = PyCapsule_GetPointer(cap, "garagelm.layer");
-    if (!L) return NULL;
-    if (M < 1 || M > MAX_ROWS) return PyErr_Format(PyExc_ValueError, "rows must be 1..%d, got %d", MAX_ROWS, M);
-    float *x = (float *)(uintptr_t)xp;
-    const int64_t *table = (const int64_t *)(uintptr_t)tp;
-    const float *cs = (const float *)(uintptr_t)cp, *sn = (const float *)(uintptr_t)sp;
+/* One layer for M rows (the GIL released by the caller). */
+static void layer_step(const layer_t *L, int index, float *x, int M, const int64_t *table, const float *cs,
+                       const float *sn, int exact) {
     const int D = L->D, H = L->H, Hkv = L->Hkv, hd = L->hd, I = L->I, half = hd / 2;
     const size_t n_qkv = (size_t)(H + 2 * Hkv) * hd;
     const xq_t *i8 = exact ? NULL : &L->i8; /* exact: float32 products */
     att_req_t rq[MAX_ROWS];
-    Py_BEGIN_ALLOW_THREADS;
     for (int r = 0; r < M; r++) rmsnorm(x + (size_t)r * D, L->w_in, L->xn + (size_t)r * D, D, L->eps);
     products(L->qkv, L->n_qkv, L->xn, L->qkv_out, M, D, L->xs, i8);
     for (int r = 0; r < M; r++) {
@@ -1662,6 +1648,38 @@ static PyObject *py_decode_layer(PyObject *self, PyObject *args) {
     if (L->w_post_ffn)
         for (int r = 0; r < M; r++) rmsnorm(L->tmp + (size_t)r * D, L->w_post_ffn, L->tmp + (size_t)r * D, D, L->eps);
     for (size_t i = 0; i < (size_t)M * D; i++) x[i] += L->tmp[i];
+}
+
+/* decode_layers(layers, x, M, table, ropes[, exact]): one token for each of M sequences through
+ * every layer (capsules from make_layer), layer i with ropes[i] = (cos, sin_signed), each (M, hd).
+ * x is (M, D) float32, updated in place; table is int64 [6][M]: each sequence's key and value
+ * cache base pointers ((layers, Hkv, capacity, hd), f16 or int8), its capacity, its position,
+ * and its key and value scale pointers (q8_0: f16, one per 32 values; 0 for an f16 cache). The
+ * weights are read once for all M rows. One call a step: the GIL is let go once, not once a
+ * layer (a server's event loop holding it made each layer wait to return). */
+#define MAX_LAYERS 512
+static PyObject *py_decode_layers(PyObject *self, PyObject *args) {
+    PyObject *layers, *ropes;
+    unsigned long long xp, tp;
+    int M, exact = 0;
+    if (!PyArg_ParseTuple(args, "O!KiKO!|p", &PyTuple_Type, &layers, &xp, &M, &tp, &PyTuple_Type, &ropes, &exact))
+        return NULL;
+    const Py_ssize_t n = PyTuple_GET_SIZE(layers);
+    if (n > MAX_LAYERS || PyTuple_GET_SIZE(ropes) != n)
+        return PyErr_Format(PyExc_ValueError, "need one (cos, sin) per layer and at most %d layers", MAX_LAYERS);
+    if (M < 1 || M > MAX_ROWS) return PyErr_Format(PyExc_ValueError, "rows must be 1..%d, got %d", MAX_ROWS, M);
+    const layer_t *Ls[MAX_LAYERS];
+    const float *cs[MAX_LAYERS], *sn[MAX_LAYERS];
+    for (Py_ssize_t i = 0; i < n; i++) {
+        Ls[i] = PyCapsule_GetPointer(PyTuple_GET_ITEM(layers, i), "garagelm.layer");
+        if (!Ls[i]) return NULL;
+        unsigned long long cp, sp;
+        if (!PyArg_ParseTuple(PyTuple_GET_ITEM(ropes, i), "KK", &cp, &sp)) return NULL;
+        cs[i] = (const float *)(uintptr_t)cp, sn[i] = (const float *)(uintptr_t)sp;
+    }
+    Py_BEGIN_ALLOW_THREADS;
+    for (Py_ssize_t i = 0; i < n; i++)
+        layer_step(Ls[i], (int)i, (float *)(uintptr_t)xp, M, (const int64_t *)(uintptr_t)tp, cs[i], sn[i], exact);
     Py_END_ALLOW_THREADS;
     Py_RETURN_NONE;
 }
@@ -1750,7 +1768,7 @@ static PyMethodDef methods[] = {
     {"dequantize_packed_bf16", py_dequantize_packed_bf16, METH_VARARGS, "dequantize_packed_bf16(kind, q, d, m, out, N, K)"},
     {"attend", py_attend, METH_VARARGS, "attend(q, k, v, ks, vs, out, stride_h, H, Hkv, S, hd, scale[, first])"},
     {"make_layer", py_make_layer, METH_VARARGS, "make_layer(D, H, Hkv, hd, I, eps, scale, w_in, w_post, qkv, o, gu, down[, w_qn, w_kn, w_post_attn, w_post_ffn, gelu, window])"},
-    {"decode_layer", py_decode_layer, METH_VARARGS, "decode_layer(layer, index, x, M, table, cos, sin_signed)"},
+    {"decode_layers", py_decode_layers, METH_VARARGS, "decode_layers(layers, x, M, table, ropes[, exact])"},
     {"rmsnorm_rows", py_rmsnorm_rows, METH_VARARGS, "rmsnorm_rows(x, w, out, rows, n, eps)"},
     {"gated_act", py_gated_act, METH_VARARGS, "gated_act(gate_up, out, rows, I, gelu)"},
 #endif

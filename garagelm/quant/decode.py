@@ -18,7 +18,7 @@ from torch import nn
 from garagelm.quant.dense import DenseLinear
 from garagelm.quant.ggml_linear import MAX_KERNEL_ROWS, GGMLLinear, _kernels, int8_activations
 
-AVAILABLE = _kernels is not None and hasattr(_kernels, "decode_layer")
+AVAILABLE = _kernels is not None and hasattr(_kernels, "decode_layers")
 
 
 class DecodePlan:
@@ -28,7 +28,7 @@ class DecodePlan:
     max_rows = MAX_KERNEL_ROWS  # sequences one step can carry
 
     def __init__(self, layers: list, keep_alive: list, rope_of_layer: list[int]):
-        self._layers = layers
+        self._layers = tuple(layers)  # capsules, one per layer (decode_layers takes a tuple)
         self._keep = keep_alive  # tensors whose memory the C side points into
         self._rope = rope_of_layer  # per layer: which RoPE table of step()'s `tables` it uses
 
@@ -117,9 +117,8 @@ class DecodePlan:
              [scales(c, "k_scales") for c in caches], [scales(c, "v_scales") for c in caches]],
             dtype=torch.int64,
         )  # fmt: skip
-        xp, tp = x.data_ptr(), table.data_ptr()
         ptrs = [(cos.data_ptr(), sin.data_ptr()) for cos, sin in tables]
-        exact = not int8_activations()
-        for i, layer in enumerate(self._layers):
-            cp, sp = ptrs[self._rope[i]]
-            _kernels.decode_layer(layer, i, xp, M, tp, cp, sp, exact)
+        ropes = tuple(ptrs[r] for r in self._rope)
+        # every layer in one call: the GIL is let go once a step (a server's event loop would
+        # otherwise hold each layer's return up)
+        _kernels.decode_layers(self._layers, x.data_ptr(), M, table.data_ptr(), ropes, not int8_activations())
