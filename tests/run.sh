@@ -4,6 +4,12 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python -m pip install -q -e '.[test]'
+# The C kernels are optional (without a compiler garagelm runs the torch path), so pip does not
+# fail when they do not build; where there is a compiler, a failed build must not pass unseen.
+if command -v cc >/dev/null && ! python -c "import garagelm.quant._kernels" 2>/dev/null; then
+  echo "tests/run.sh: the C kernels did not build; 'pip install -v -e .' shows the compiler's error" >&2
+  exit 1
+fi
 # llama.cpp built from source; with gcc 12 its AMX path crashes on the first decode, so AMX is off.
 if ! python -c "import llama_cpp" 2>/dev/null; then
   CMAKE_ARGS='-DCMAKE_C_FLAGS="-mno-amx-tile -mno-amx-int8 -mno-amx-bf16" -DCMAKE_CXX_FLAGS="-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"' \
