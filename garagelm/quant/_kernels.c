@@ -497,16 +497,22 @@ static void rows_float_avx512(const job_t *j, int n0, int n1) {
 #endif
 
 #ifdef HAVE_AVX512
-/* ---- products with int8 activations (llama.cpp's arithmetic for Q4_0, Q4_1 and Q8_0) ----------
+/* ---- products with int8 activations (llama.cpp's arithmetic for Q4_0, Q4_1, Q5_0, Q5_1, Q8_0) --
  * Each 32 values of x are quantized to q8_0 (int8, d = max|x| / 127 kept in f16: llama.cpp's
  * quantize_row_q8_0 / q8_1), each block's dot with the weights' integer values is taken exactly
- * with vpdpbusd, then scaled: y = sum_b dw_b dx_b sum(q xq) [+ m_b dx_b sum(xq)], Q4_0 and Q8_0's
- * offsets (8, and the 128 that makes int8 weights unsigned) taken out of the integer sums.
+ * with vpdpbusd, then scaled: y = sum_b dw_b dx_b sum(q xq) [+ m_b dx_b sum(xq)], Q4_0, Q5_0 and
+ * Q8_0's offsets (8, 16, and the 128 that makes int8 weights unsigned) taken out of the integer
+ * sums. Q5's fifth bits are added to the nibbles after the transpose, 64 at a time, by a bit
+ * shuffle (vpshufbitqmb) that picks each byte's bit out of its row's 32 high bits.
  * Sixteen weight rows go together: their blocks are transposed in registers so that one
  * vpdpbusd with 4 bytes of x gives 16 rows' partial dots, with no horizontal sums, for every
  * row of x. Float32 FMAs did a fifth of that work per instruction, so 8 rows of x (a batched
  * decode step) cost four 1-row steps; here the weights' stream stays the limit. */
+#if defined(__AVX512BITALG__) /* Q5_0/Q5_1's fifth bits go in by vpshufbitqmb */
+#define INT8_KIND(kind) ((kind) == P_Q4_0 || (kind) == P_Q4_MIN || (kind) == P_Q8 || IS_Q5(kind))
+#else
 #define INT8_KIND(kind) ((kind) == P_Q4_0 || (kind) == P_Q4_MIN || (kind) == P_Q8)
+#endif
 #if defined(__AVX512VNNI__)
 #define DPBUSD(acc, u, s) _mm512_dpbusd_epi32(acc, u, s)
 #else
@@ -578,7 +584,16 @@ static inline __attribute__((always_inline)) void rows_int8_m(const job_t *j, in
     /* lane k of a transposed vector holds row pi(k) = 4 (k % 4) + k / 4 (its own inverse) */
     const __m512i pi = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
     const __m512i at_row = _mm512_mullo_epi32(pi, _mm512_set1_epi32(nb16));
-    const int mins = kind == P_Q4_MIN;
+    const int mins = kind == P_Q4_MIN || kind == P_Q5_1;
+#ifdef __AVX512BITALG__
+    /* Q5: byte e of lane k of w[c] is value 4c + e (w[4 + c]: 16 + 4c + e) of lane k's row, whose
+     * fifth bit is that bit of the row's 32 high bits; a lane pair shares a qword of H. */
+    __m512i fifth[8];
+    for (int c = 0; c < 8; c++) {
+        const long long base = (c < 4 ? 4 * c : 16 + 4 * (c - 4)) * 0x0101010101010101LL;
+        fifth[c] = _mm512_add_epi8(_mm512_set1_epi64(base), _mm512_set1_epi64(0x2322212003020100LL));
+    }
+#endif
     float *sc = thread_scratch(0, (size_t)(mins ? 2 : 1) * 16 * nb16);
     if (!sc) { /* no scratch: the float kernel, same rows (this job's x is float too) */
         rows_packed_avx512(j, n0, n1);
@@ -596,6 +611,11 @@ static inline __attribute__((always_inline)) void rows_int8_m(const job_t *j, in
         }
         const uint8_t *next = j->w + (size_t)(n + 16) * row_bytes;
         const int more = n + 16 < n1;
+        /* Q5: where each lane's row keeps its high bits, from rows[0] (the last rows may repeat) */
+        int at_lane[16];
+        for (int k = 0; k < 16; k++) at_lane[k] = (int)(rows[4 * (k % 4) + k / 4] - rows[0]);
+        const __m512i hi_at = _mm512_loadu_si512(at_lane);
+        (void)hi_at;
         __m512 acc[MAX_ROWS];
         for (int r = 0; r < M; r++) acc[r] = _mm512_setzero_ps();
         for (int b = 0; b < nb; b++) {
@@ -615,10 +635,19 @@ static inline __attribute__((always_inline)) void rows_int8_m(const job_t *j, in
                     w[c] = _mm512_and_si512(T[c], nib);
                     w[4 + c] = _mm512_and_si512(_mm512_srli_epi16(T[c], 4), nib);
                 }
+#ifdef __AVX512BITALG__
+                if (IS_Q5(kind)) { /* values 0..31: add 16 where the fifth bit is set */
+                    const __m512i H = _mm512_i32gather_epi32(hi_at, rows[0] + (size_t)b * bb + 16, 1);
+                    for (int c = 0; c < 8; c++)
+                        w[c] = _mm512_mask_add_epi8(w[c], _mm512_bitshuffle_epi64_mask(H, fifth[c]), w[c],
+                                                    _mm512_set1_epi8(16));
+                }
+#endif
             }
             const __m512 dw = _mm512_i32gather_ps(at_row, sc + b, 4);
             const __m512 mw = mins ? _mm512_i32gather_ps(at_row, mc + b, 4) : _mm512_setzero_ps();
-            const int off = kind == P_Q4_0 ? 8 : kind == P_Q8 ? 128 : 0; /* the weights' offset */
+            /* the weights' offset: Q4_0's 8, Q5_0's 16, Q8_0's 128 (int8 stored unsigned) */
+            const int off = kind == P_Q4_0 ? 8 : kind == P_Q5_0 ? 16 : kind == P_Q8 ? 128 : 0;
 #pragma GCC unroll 8 /* accumulators in registers, not on the stack */
             for (int r = 0; r < M; r++) {
                 const int32_t *xr = (const int32_t *)(j->xq + (size_t)r * K + (size_t)b * QK);
@@ -1780,4 +1809,17 @@ static PyMethodDef methods[] = {
 
 static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_kernels", NULL, -1, methods};
 
-PyMODINIT_FUNC PyInit__kernels(void) { return PyModule_Create(&module); }
+PyMODINIT_FUNC PyInit__kernels(void) {
+    PyObject *m = PyModule_Create(&module);
+#if defined(HAVE_AVX512) && defined(__AVX512BITALG__)
+    const int q5 = 1;
+#else
+    const int q5 = 0;
+#endif
+    /* whether Q5_0/Q5_1 products take int8 activations in this build */
+    if (m && PyModule_AddIntConstant(m, "INT8_Q5", q5) < 0) {
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
+}

@@ -76,7 +76,8 @@ def _exact_mode() -> bool:
 
 def int8_activations() -> bool:
     """Whether decode's products (1..MAX_KERNEL_ROWS rows, in C) take x quantized to q8_0 for the
-    weight types that have integer products (Q4_0, Q4_1, Q8_0), as llama.cpp computes them:
+    weight types that have integer products (Q4_0, Q4_1, Q8_0, and Q5_0/Q5_1 on CPUs with
+    AVX512-BITALG), as llama.cpp computes them:
     everywhere (the output head included) but under exact_products() or GARAGE_EXACT=1, which keep
     float32 products."""
     return not _exact_mode()
