@@ -13,8 +13,14 @@ from gguf import GGMLQuantizationType
 from gguf.quants import dequantize as gguf_dequantize
 
 from garagelm.formats.gguf import GGUFFile
-from garagelm.quant.ggml_linear import GGMLEmbedding, GGMLLinear, exact_products, kernels_available, use_bf16
-from garagelm.quant.ggml_linear import _kernels
+from garagelm.quant.ggml_linear import (
+    GGMLEmbedding,
+    GGMLLinear,
+    _kernels,
+    exact_products,
+    kernels_available,
+    use_bf16,
+)
 
 pytestmark = pytest.mark.skipif(not kernels_available(), reason="C kernels not built")
 

@@ -714,7 +714,7 @@ static void packed_product(int kind, const uint8_t *q, const uint16_t *d, const 
 }
 
 /* matmul_packed(kind, q, d, m, x, y, M, N, K[, int8_x]): int8_x quantizes x to q8_0 for the
- * kinds that have integer products (Q4_0, Q4_1, Q8_0), as decode does outside `exact`. */
+ * kinds that have integer products (Q4_0, Q4_1, Q8_0; Q5_0, Q5_1 with BITALG), as decode does outside `exact`. */
 static PyObject *py_matmul_packed(PyObject *self, PyObject *args) {
     int kind, M, N, K, int8_x = 0;
     unsigned long long q, d, m, x, y;
