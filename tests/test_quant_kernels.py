@@ -55,13 +55,14 @@ def test_matmul_matches_float_reference(tensors, qtype, rows):
     assert (got - want).abs().max() <= 1e-5 * want.abs().max()
 
 
-@pytest.mark.parametrize("qtype", ["Q4_0", "Q4_1", "Q8_0", "Q5_0", "Q5_1", "Q4_K"])
+@pytest.mark.parametrize("qtype", ["Q4_0", "Q4_1", "Q8_0", "Q5_0", "Q5_1", "Q4_K", "Q6_K"])
 def test_decode_products_with_int8_activations(tensors, qtype):
     """Outside exact_products, a 1..8-row product quantizes x to q8_0 as llama.cpp does for these
     weight types: it equals a float64 product of the dequantized weights with that int8 input
     (exact integer dots), differs from the float32 product by the input's rounding, and row r of
-    an 8-row product equals the 1-row product of row r bit for bit. Q4_K keeps float32 products
-    (and Q5_0/Q5_1 do on CPUs without AVX512-BITALG)."""
+    an 8-row product equals the 1-row product of row r bit for bit (Q4_K: x in q8_0 blocks, finer
+    than llama.cpp's q8_K). Q6_K keeps float32 products (and Q5_0/Q5_1 do on CPUs without
+    AVX512-BITALG)."""
     from garagelm.runtime.cache import dequantize_q8_0, quantize_q8_0
 
     t = tensors[qtype]
@@ -75,7 +76,7 @@ def test_decode_products_with_int8_activations(tensors, qtype):
         with exact_products():
             exact = lin(x)
     scale = (x.double() @ w.T).abs().max()
-    if qtype == "Q4_K" or (qtype.startswith("Q5") and not _kernels.INT8_Q5):
+    if qtype == "Q6_K" or (qtype.startswith("Q5") and not _kernels.INT8_Q5):
         assert torch.equal(got, exact)
         return
     want = dequantize_q8_0(*quantize_q8_0(x), torch.float64) @ w.T

@@ -497,7 +497,8 @@ static void rows_float_avx512(const job_t *j, int n0, int n1) {
 #endif
 
 #ifdef HAVE_AVX512
-/* ---- products with int8 activations (llama.cpp's arithmetic for Q4_0, Q4_1, Q5_0, Q5_1, Q8_0) --
+/* ---- products with int8 activations (llama.cpp's arithmetic for Q4_0, Q4_1, Q5_0, Q5_1, Q8_0;
+ * Q4_K too, with x in q8_0 blocks where llama.cpp takes q8_K's 256) ---------------------------
  * Each 32 values of x are quantized to q8_0 (int8, d = max|x| / 127 kept in f16: llama.cpp's
  * quantize_row_q8_0 / q8_1), each block's dot with the weights' integer values is taken exactly
  * with vpdpbusd, then scaled: y = sum_b dw_b dx_b sum(q xq) [+ m_b dx_b sum(xq)], Q4_0, Q5_0 and
@@ -509,9 +510,9 @@ static void rows_float_avx512(const job_t *j, int n0, int n1) {
  * row of x. Float32 FMAs did a fifth of that work per instruction, so 8 rows of x (a batched
  * decode step) cost four 1-row steps; here the weights' stream stays the limit. */
 #if defined(__AVX512BITALG__) /* Q5_0/Q5_1's fifth bits go in by vpshufbitqmb */
-#define INT8_KIND(kind) ((kind) == P_Q4_0 || (kind) == P_Q4_MIN || (kind) == P_Q8 || IS_Q5(kind))
+#define INT8_KIND(kind) ((kind) == P_Q4_0 || (kind) == P_Q4_MIN || (kind) == P_Q8 || (kind) == P_Q4_F32 || IS_Q5(kind))
 #else
-#define INT8_KIND(kind) ((kind) == P_Q4_0 || (kind) == P_Q4_MIN || (kind) == P_Q8)
+#define INT8_KIND(kind) ((kind) == P_Q4_0 || (kind) == P_Q4_MIN || (kind) == P_Q8 || (kind) == P_Q4_F32)
 #endif
 #if defined(__AVX512VNNI__)
 #define DPBUSD(acc, u, s) _mm512_dpbusd_epi32(acc, u, s)
@@ -584,7 +585,7 @@ static inline __attribute__((always_inline)) void rows_int8_m(const job_t *j, in
     /* lane k of a transposed vector holds row pi(k) = 4 (k % 4) + k / 4 (its own inverse) */
     const __m512i pi = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
     const __m512i at_row = _mm512_mullo_epi32(pi, _mm512_set1_epi32(nb16));
-    const int mins = kind == P_Q4_MIN || kind == P_Q5_1;
+    const int mins = kind == P_Q4_MIN || kind == P_Q5_1 || kind == P_Q4_F32, f32 = kind == P_Q4_F32;
 #ifdef __AVX512BITALG__
     /* Q5: byte e of lane k of w[c] is value 4c + e (w[4 + c]: 16 + 4c + e) of lane k's row, whose
      * fifth bit is that bit of the row's 32 high bits; a lane pair shares a qword of H. */
@@ -606,6 +607,14 @@ static inline __attribute__((always_inline)) void rows_int8_m(const job_t *j, in
         for (int p = 0; p < 16; p++) {
             const int row = n + (p < have ? p : have - 1);
             rows[p] = j->w + (size_t)row * row_bytes;
+            if (f32) { /* Q4_K: float32 scales and mins already */
+                memcpy(sc + p * nb16, (const float *)j->d + (size_t)row * nb, sizeof(float) * nb);
+                if (j->m)
+                    memcpy(mc + p * nb16, (const float *)j->m + (size_t)row * nb, sizeof(float) * nb);
+                else
+                    memset(mc + p * nb16, 0, sizeof(float) * nb);
+                continue;
+            }
             row_scales512(j->d + (size_t)row * nb, sc + p * nb16, nb);
             if (mins) row_scales512(j->m + (size_t)row * nb, mc + p * nb16, nb);
         }
@@ -714,7 +723,7 @@ static void packed_product(int kind, const uint8_t *q, const uint16_t *d, const 
 }
 
 /* matmul_packed(kind, q, d, m, x, y, M, N, K[, int8_x]): int8_x quantizes x to q8_0 for the
- * kinds that have integer products (Q4_0, Q4_1, Q8_0; Q5_0, Q5_1 with BITALG), as decode does outside `exact`. */
+ * kinds that have integer products (Q4_0, Q4_1, Q8_0, Q4_K; Q5_0, Q5_1 with BITALG), as decode does outside `exact`. */
 static PyObject *py_matmul_packed(PyObject *self, PyObject *args) {
     int kind, M, N, K, int8_x = 0;
     unsigned long long q, d, m, x, y;
