@@ -59,6 +59,21 @@ def test_truncated_header(smol_path, tmp_path):
     _expect_one_line_error(p, "truncated GGUF header")
 
 
+@pytest.mark.parametrize("count", [10**9, 2**63 + 5])
+def test_corrupt_string_count(smol_path, tmp_path, count):
+    """A vocabulary whose count is past what the file could hold: the truncation error, not a
+    huge allocation (the strings are read in C) nor an overflow."""
+    data = bytearray(smol_path.read_bytes()[:2_000_000])
+    key = b"tokenizer.ggml.tokens"
+    at = data.index(struct.pack("<Q", len(key)) + key) + 8 + len(key)
+    assert struct.unpack_from("<II", data, at) == (9, 8)  # an array of strings
+    struct.pack_into("<Q", data, at + 8, count)
+    p = tmp_path / "bad-count.gguf"
+    p.write_bytes(bytes(data))
+    with pytest.raises(GGUFError, match="truncated GGUF header"):
+        GGUFFile(p)
+
+
 def test_truncated_tensor_data(smol_path, tmp_path):
     p = tmp_path / "trunc-data.gguf"
     data = smol_path.read_bytes()

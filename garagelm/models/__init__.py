@@ -73,7 +73,8 @@ def from_gguf(gguf: GGUFFile, dtype: torch.dtype = torch.float32, quantized: boo
             hf = gguf_to_hf(name, arch)
         except KeyError as e:
             raise GarageError(f"{gguf.path}: {e.args[0]}") from None
-        big = keep and name == "token_embd.weight"  # packed by rows below, its pages mapped as it goes
+        # the embedding packed by rows below maps its pages a slice at a time
+        big = name == "token_embd.weight" and keep and t.qtype in QUANTIZED_TYPES and len(t.shape) == 2
         if not big:
             gguf.populate_bytes(t.offset, t.n_bytes)
         raw = t.raw_bytes()

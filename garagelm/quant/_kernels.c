@@ -99,6 +99,15 @@ static _Atomic uint64_t g_ctr;
 static atomic_int g_finished; /* chunks of the current job done */
 static pthread_mutex_t g_mu = PTHREAD_MUTEX_INITIALIZER;
 static pthread_cond_t g_cv = PTHREAD_COND_INITIALIZER;
+/* Set when a kernel could not get its scratch memory (its output is then not computed); the
+ * Python entry points turn it into MemoryError. */
+static atomic_int g_nomem;
+/* None, or MemoryError when a kernel of the call went without its scratch. */
+static PyObject *kernel_result(void) {
+    if (atomic_exchange(&g_nomem, 0))
+        return PyErr_Format(PyExc_MemoryError, "the kernels could not allocate their scratch memory");
+    Py_RETURN_NONE;
+}
 
 static inline void cpu_relax(void) {
 #if defined(__x86_64__) || defined(__i386__)
@@ -538,7 +547,7 @@ static void quantize_q8_0(const float *x, int8_t *q, uint16_t *d, int n) {
 }
 
 /* x (M, K) -> xq (M, K) int8 (vectorised quantize_q8_0: the same values), xd (M, nb) its f16 d as
- * float32, xs (M, nb) the sum of each block's int8 values. */
+ * float32, xs (M, nb) the sum of each block's int8 values, xds (M, nb) xd * xs (the min term's). */
 static void quantize_x(const float *x, int M, int K, int8_t *xq, float *xd, int32_t *xs, float *xds) {
     const int nb = K / QK;
     const __m512 absmask = _mm512_castsi512_ps(_mm512_set1_epi32(0x7FFFFFFF));
@@ -596,8 +605,8 @@ static inline __attribute__((always_inline)) void rows_int8_m(const job_t *j, in
     }
 #endif
     float *sc = thread_scratch(0, (size_t)(mins ? 2 : 1) * 16 * nb16);
-    if (!sc) { /* no scratch: the float kernel, same rows (this job's x is float too) */
-        rows_packed_avx512(j, n0, n1);
+    if (!sc) { /* no scratch: nothing computed, and the call raises MemoryError */
+        atomic_store(&g_nomem, 1);
         return;
     }
     float *mc = sc + 16 * nb16;
@@ -745,7 +754,7 @@ static PyObject *py_matmul_packed(PyObject *self, PyObject *args) {
                    (const float *)(uintptr_t)x, (float *)(uintptr_t)y, M, N, K, N, xs, int8_x ? &i8 : NULL);
     Py_END_ALLOW_THREADS;
     PyMem_Free(buf);
-    Py_RETURN_NONE;
+    return kernel_result();
 }
 
 /* Packed -> float32 with the dequantizer's exact arithmetic (bit-equal to gguf-py). */
@@ -951,7 +960,7 @@ typedef struct {
     int H, Hkv, S, hd;        /* S: positions attended, first .. first + S - 1 */
     int first, per, units;    /* units (f16: positions, q8_0: tiles) attended, per part */
     float scale;
-    float *part_m, *part_l, *part_o; /* [MAX_THREADS][H], [MAX_THREADS][H], [MAX_THREADS][H][hd] */
+    float *part_m, *part_l, *part_o; /* this row's: [parts][ATT_MAX_HEADS] (m, l), [parts][ATT_MAX_HEADS][hd] (o) */
     /* q8_0: the query as q8_0 (int8 per head; per block d * scale and -128 * sum(q), which takes
      * the keys' +128 back out of the integer dots) */
     const int8_t *qq;
@@ -1003,8 +1012,10 @@ static inline void att_prefetch(const uint8_t *base, long s, int hd) {
     for (size_t c = 0; c < 2 * (size_t)hd; c += 64) __builtin_prefetch(row + c, 0, 3);
 }
 
-/* Part `part` as one that saw no positions: weight 0 when the parts are merged. */
+/* Part `part` as one that saw no positions: weight 0 when the parts are merged (the call then
+ * raises MemoryError). */
 static void att_part_empty(const att_t *a, int part, int hd) {
+    atomic_store(&g_nomem, 1);
     for (int h = 0; h < a->H; h++) {
         a->part_m[part * ATT_MAX_HEADS + h] = -INFINITY;
         a->part_l[part * ATT_MAX_HEADS + h] = 0.0f;
@@ -1315,7 +1326,8 @@ static void attend_rows(const att_req_t *rq, int M, int H, int Hkv, int hd, floa
         for (int r = 0; r < M; r++) attend_rows(rq + r, 1, H, Hkv, hd, scale);
         return;
     }
-    const size_t per_row = (size_t)g_threads * ATT_MAX_HEADS;
+    const int threads = g_threads; /* fixed while g_call is held (set_threads takes it too) */
+    const size_t per_row = (size_t)threads * ATT_MAX_HEADS;
     int n_units = 0;
     for (int r = 0; r < M; r++) {
         const att_req_t *x = rq + r;
@@ -1332,15 +1344,15 @@ static void attend_rows(const att_req_t *rq, int M, int H, int Hkv, int hd, floa
                 }
             }
         const int units = q8 ? (x->end + ATT_TILE - 1) / ATT_TILE - x->first / ATT_TILE : S;
-        const int parts = S >= ATT_SPLIT_MIN ? g_threads : 1, per = (units + parts - 1) / parts;
+        const int parts = S >= ATT_SPLIT_MIN ? threads : 1, per = (units + parts - 1) / parts;
         const size_t at = q8 ? 0 : (size_t)x->first * hd * 2; /* f16 rows are addressed from `first` */
         g_atts[r] = (att_t){x->q, x->k + at, x->v + at, x->ks, x->vs, x->stride_h, H, Hkv, S, hd, x->first, per,
                             units, scale, pm + r * per_row, pl + r * per_row, po + r * per_row * hd,
                             qq[r], qd[r], qc[r]};
         for (int p = 0; p * per < units; p++) g_unit_row[n_units] = r, g_unit_part[n_units++] = p;
     }
-    if (n_units == 1) {
-        att_units(NULL, 0, 1);
+    if (n_units == 1 || threads <= 1) {
+        att_units(NULL, 0, n_units);
     } else {
         job_t j = {0};
         j.N = n_units;
@@ -1406,7 +1418,7 @@ static PyObject *py_attend(PyObject *self, PyObject *args) {
     attend_rows(&rq, 1, H, Hkv, hd, scale);
     pthread_mutex_unlock(&g_call);
     Py_END_ALLOW_THREADS;
-    Py_RETURN_NONE;
+    return kernel_result();
 }
 
 /* act(gate) * up for one row of [gate | up] (2 I values) into h (I values; h may be the row's
@@ -1719,7 +1731,7 @@ static PyObject *py_decode_layers(PyObject *self, PyObject *args) {
     for (Py_ssize_t i = 0; i < n; i++)
         layer_step(Ls[i], (int)i, (float *)(uintptr_t)xp, M, (const int64_t *)(uintptr_t)tp, cs[i], sn[i], exact);
     Py_END_ALLOW_THREADS;
-    Py_RETURN_NONE;
+    return kernel_result();
 }
 #endif
 
@@ -1728,8 +1740,14 @@ static PyObject *py_set_threads(PyObject *self, PyObject *args) {
     if (!PyArg_ParseTuple(args, "i", &n)) return NULL;
     if (n < 1) n = 1;
     if (n > MAX_THREADS) n = MAX_THREADS;
+    /* never while a call runs (another Python thread's decode step has let go of the GIL): the
+     * pool's split and attention's part buffers are sized from g_threads */
+    Py_BEGIN_ALLOW_THREADS;
+    pthread_mutex_lock(&g_call);
     ensure_pool(n);
     g_threads = n <= g_started + 1 ? n : g_started + 1;
+    pthread_mutex_unlock(&g_call);
+    Py_END_ALLOW_THREADS;
     return PyLong_FromLong(g_threads);
 }
 

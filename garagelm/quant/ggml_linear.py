@@ -76,7 +76,7 @@ def _exact_mode() -> bool:
 
 def int8_activations() -> bool:
     """Whether decode's products (1..MAX_KERNEL_ROWS rows, in C) take x quantized to q8_0 for the
-    weight types that have integer products (Q4_0, Q4_1, Q8_0, and Q5_0/Q5_1 on CPUs with
+    weight types that have integer products (Q4_0, Q4_1, Q8_0, Q4_K, and Q5_0/Q5_1 on CPUs with
     AVX512-BITALG), as llama.cpp computes them:
     everywhere (the output head included) but under exact_products() or GARAGE_EXACT=1, which keep
     float32 products."""
@@ -184,7 +184,12 @@ class GGMLLinear(nn.Module):
             r1 = min(out_features, r0 + chunk_rows)
             if before is not None:
                 before(r0, r1)
-            if arrays is not None and qtype in _SPLIT_HEAD and hasattr(_kernels, "split_blocks"):
+            if (
+                arrays is not None
+                and qtype in _SPLIT_HEAD
+                and raw.is_contiguous()
+                and hasattr(_kernels, "split_blocks")
+            ):
                 _split_into(raw[r0:r1], qtype, *[None if a is None else a[r0:r1] for a in arrays])
                 if done is not None:  # straight into place: no slice copy in between
                     done(r0, r1)

@@ -1,9 +1,9 @@
 """Continuous batching: many requests, one model, shared decode steps (for the server).
 
-Each request gets a slot (an Engine with its own KV cache). A worker thread runs steps: new
-requests are prefilled as they arrive, then every running request advances by one token in a
-single batched model call (each weight read once for all of them), so requests join and leave
-the batch between steps. Events go out through a callback that must not block (the server
+Each request gets a slot (an Engine with its own KV cache). A worker thread runs steps: every
+running request advances by one token in a single batched model call (each weight read once for
+all of them), and a new request's prompt tokens fill the rows left in the same steps (chunked
+prefill), so requests join and leave the batch between steps. Events go out through a callback that must not block (the server
 hands them to its event loop), so a slow reader never holds up the others; a cancelled
 request leaves the batch at the next step and frees its slot.
 
@@ -100,7 +100,7 @@ class Scheduler:
         return best
 
     def _admit(self) -> None:
-        """Move waiting requests into free slots (under the lock); they are prefilled next step."""
+        """Move waiting requests into free slots (under the lock); their prompts start next step."""
         while self._waiting:
             req = self._waiting[0]
             if req.cancelled.is_set():
