@@ -630,10 +630,14 @@ static inline __attribute__((always_inline)) void rows_int8_m(const job_t *j, in
         const uint8_t *next = j->w + (size_t)(n + 16) * row_bytes;
         const int more = n + 16 < n1;
         /* Q5: where each lane's row keeps its high bits, from rows[0] (the last rows may repeat) */
-        int at_lane[16];
-        for (int k = 0; k < 16; k++) at_lane[k] = (int)(rows[4 * (k % 4) + k / 4] - rows[0]);
-        const __m512i hi_at = _mm512_loadu_si512(at_lane);
-        (void)hi_at;
+#ifdef __AVX512BITALG__
+        __m512i hi_at = _mm512_setzero_si512();
+        if (IS_Q5(kind)) {
+            int at_lane[16];
+            for (int k = 0; k < 16; k++) at_lane[k] = (int)(rows[4 * (k % 4) + k / 4] - rows[0]);
+            hi_at = _mm512_loadu_si512(at_lane);
+        }
+#endif
         __m512 acc[MAX_ROWS];
         for (int r = 0; r < M; r++) acc[r] = _mm512_setzero_ps();
         for (int b = 0; b < nb; b++) {

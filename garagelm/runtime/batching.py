@@ -3,9 +3,9 @@
 Each request gets a slot (an Engine with its own KV cache). A worker thread runs steps: every
 running request advances by one token in a single batched model call (each weight read once for
 all of them), and a new request's prompt tokens fill the rows left in the same steps (chunked
-prefill), so requests join and leave the batch between steps. Events go out through a callback that must not block (the server
-hands them to its event loop), so a slow reader never holds up the others; a cancelled
-request leaves the batch at the next step and frees its slot.
+prefill), so requests join and leave the batch between steps. Events go out through a callback
+that must not block (the server hands them to its event loop), so a slow reader never holds up
+the others; a cancelled request leaves the batch at the next step and frees its slot.
 
 A slot remembers the tokens it holds: a follow-up turn of the same conversation lands on
 that slot and only its new tokens are computed. So that a reply is the same whichever slot and
@@ -120,10 +120,12 @@ class Scheduler:
         # throughout (bf16 prefill would round a reused prefix differently from a fresh one).
         from garagelm.quant.ggml_linear import exact_products
 
-        probe = Engine(
-            self.model, self.tokenizer, self.ctx_size, kv_dtype=self.kv_cache, stepwise_prefill=True
-        )
-        with contextlib.nullcontext() if probe.stepwise else exact_products():
+        # (a probe with a 16-position cache: whether slots step prompts does not depend on its size,
+        # and a full-context one would hold a whole slot's memory for the worker's lifetime)
+        probe = Engine(self.model, self.tokenizer, 16, kv_dtype=self.kv_cache, stepwise_prefill=True)
+        stepwise = probe.stepwise
+        del probe
+        with contextlib.nullcontext() if stepwise else exact_products():
             self._steps()
 
     def _steps(self) -> None:
