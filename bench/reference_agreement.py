@@ -1,11 +1,13 @@
 """How closely garagelm follows llama.cpp on the same GGUF file, and llama.cpp follows itself.
 
-llama.cpp is run twice: as it loads by default (weights repacked into interleaved blocks for
-this CPU where it can) and with repacking off (`use_extra_bufts = false`, the plain kernels it
-uses on other CPUs). Both are llama.cpp; on quantized files they round activations to 8 bits in
-slightly different places, so comparing them shows how far "the same tokens as llama.cpp" is
-defined at all. Prints, per file: for each prompt, how many greedy tokens (of 64) equal
-llama.cpp's for garagelm and for llama.cpp-without-repacking; top-1 agreement when reading
+The reference is llama.cpp as it loads by default (weights repacked into interleaved blocks for
+this CPU where it can), its prompt evaluated in one batch. Two more llama.cpp runs show how far
+"the same tokens as llama.cpp" is defined at all on a quantized file, where activations are
+rounded to 8 bits and a rounding that flips on a last-bit difference moves later logits:
+- repacking off (`use_extra_bufts = false`, the plain kernels it uses on other CPUs);
+- the same kernels with the prompt fed one token at a time (only the batch split differs).
+Prints, per file: for each prompt, how many greedy tokens (of 64) equal the reference's for
+garagelm and for each of those two llama.cpp runs; top-1 agreement when reading
 llama.cpp's own greedy text; logit differences; and, where the argmaxes differ along that text,
 how close to a tie the choice was (the larger of the two engines' gaps). Usage:
 
@@ -67,6 +69,21 @@ def _open(path: str, repack: bool):
         return Llama(path, n_ctx=1024, n_threads=2, verbose=False, logits_all=True)
 
 
+def _stepwise_greedy(ref, ids: list[int], n: int, eog) -> list[int]:
+    """llama.cpp's greedy tokens with the prompt evaluated one token at a time (ref keeps all
+    logits, so each step's row is the last one)."""
+    ref.reset()
+    for t in ids:
+        ref.eval([t])
+    out: list[int] = []
+    while len(out) < n:
+        out.append(int(np.argmax(ref.scores[ref.n_tokens - 1])))
+        if out[-1] in eog:
+            break
+        ref.eval([out[-1]])
+    return out
+
+
 def _equal_prefix(a: list[int], b: list[int]) -> int:
     return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
 
@@ -84,6 +101,7 @@ def measure(path: str, raw_only: bool) -> dict:
         params = SamplingParams(temperature=0, max_tokens=64)
         ours = list(Engine(loaded.model, loaded.tokenizer, 1024).tokens(ids, params))
         theirs, theirs_plain = _ref_greedy(ref, ids, 64, eog), _ref_greedy(plain, ids, 64, eog)
+        theirs_stepwise = _stepwise_greedy(ref, ids, 64, eog)
         # along llama.cpp's greedy text: its logits, ours, and its unrepacked kernels' logits
         seq = ids + _ref_greedy(ref, ids, 64, set())
         got, expected = our_logits(loaded, seq, len(ids) - 1), llama_cpp_logits(ref, seq, len(ids) - 1)
@@ -97,7 +115,8 @@ def measure(path: str, raw_only: bool) -> dict:
         meandiff.append(float(d.mean()))
         rows.append({"prompt": text, "chat": chat, "of": len(theirs),
                      "garagelm_equal_prefix": _equal_prefix(ours, theirs),
-                     "llama_cpp_plain_equal_prefix": _equal_prefix(theirs_plain, theirs)})  # fmt: skip
+                     "llama_cpp_plain_equal_prefix": _equal_prefix(theirs_plain, theirs),
+                     "llama_cpp_stepwise_equal_prefix": _equal_prefix(theirs_stepwise, theirs)})  # fmt: skip
     return {
         "file": path,
         "greedy": rows,
@@ -119,11 +138,16 @@ def main() -> None:
     torch.set_num_threads(2)
     results = [measure(f, args.raw_only) for f in args.files]
     for r in results:
-        print(f"\n{r['file']}\n  greedy tokens equal to llama.cpp's:      garagelm   llama.cpp unrepacked")
+        print(f"\n{r['file']}\n  greedy tokens equal to llama.cpp's:      garagelm   llama.cpp unrepacked"
+              "   llama.cpp prompt token by token")  # fmt: skip
+        keys = ("garagelm_equal_prefix", "llama_cpp_plain_equal_prefix", "llama_cpp_stepwise_equal_prefix")
         for row in r["greedy"]:
             kind = "chat" if row["chat"] else "raw "
-            print(f"  {kind} {row['prompt'][:34]:34s} {row['garagelm_equal_prefix']:5d}/{row['of']:<5d}"
-                  f" {row['llama_cpp_plain_equal_prefix']:8d}/{row['of']}")  # fmt: skip
+            print(f"  {kind} {row['prompt'][:34]:34s} {row[keys[0]]:5d}/{row['of']:<5d}"
+                  f" {row[keys[1]]:8d}/{row['of']:<10d} {row[keys[2]]:8d}/{row['of']}")  # fmt: skip
+        whole = [sum(row[k] == row["of"] for row in r["greedy"]) for k in keys]
+        print(f"  {'prompts equal throughout':39s} {whole[0]:5d}/{len(r['greedy']):<5d}"
+              f" {whole[1]:8d}/{len(r['greedy']):<10d} {whole[2]:8d}/{len(r['greedy'])}")  # fmt: skip
         print(f"  top-1 agreement {r['top1_agreement']:.4f} over {r['positions']} positions; "
               f"logits |diff| max {r['logit_max_abs_diff']:.4f} mean {r['logit_mean_abs_diff']:.5f}")  # fmt: skip
         print(f"  where the argmaxes differ, the larger logit gap (near-tie size): garagelm "
