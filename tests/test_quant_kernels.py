@@ -264,6 +264,27 @@ def test_packing_by_rows_equals_packing_whole(smol_path):
     )
 
 
+@pytest.mark.parametrize("qtype", ["Q4_K", "Q5_K", "Q6_K", "Q5_0", "Q5_1"])
+def test_c_split_equals_the_torch_split(tensors, qtype, monkeypatch):
+    """A load splits K-quant and Q5 blocks in C (split_kquant, split_q5); the torch split they
+    replaced, still the path without them, gives the same bits."""
+    from types import SimpleNamespace
+
+    from garagelm.quant import ggml_linear
+
+    t = tensors[qtype]
+    raw, (n, k) = t.raw_bytes(), t.shape
+    fast = ggml_linear._pack(raw, qtype, n, k)
+    kept = {a: getattr(_kernels, a) for a in dir(_kernels) if a not in ("split_kquant", "split_q5")}
+    monkeypatch.setattr(ggml_linear, "_kernels", SimpleNamespace(**kept))
+    slow = ggml_linear._pack(raw, qtype, n, k)
+    for a, b in zip(fast, slow, strict=True):
+        assert (a is None) == (b is None)
+        if a is not None:
+            assert a.dtype == b.dtype and a.shape == b.shape
+            assert torch.equal(a.contiguous().view(torch.uint8), b.contiguous().view(torch.uint8))
+
+
 def test_q4_k_and_q5_stay_4_and_5_bit(tensors):
     """Q4_K is held as its 4-bit values plus a float32 scale and min per 32 values: 0.75 bytes a
     weight; Q5_0 and Q5_1 as their 5-bit values and f16 scales (and mins), as in the file (Q6_K,

@@ -1784,6 +1784,106 @@ static PyObject *py_split_blocks(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
+/* The 6-bit scale and min of sub-block i (0..7) of a Q4_K/Q5_K block's 12 scale bytes. */
+static inline void k_scale_min(const uint8_t *sc, int i, int *scale, int *min) {
+    if (i < 4) {
+        *scale = sc[i] & 63;
+        *min = sc[i + 4] & 63;
+    } else {
+        *scale = (sc[i + 4] & 0x0F) | ((sc[i - 4] >> 2) & 0x30);
+        *min = (sc[i + 4] >> 4) | ((sc[i] >> 2) & 0x30);
+    }
+}
+
+/* split_kquant(kind, src, n_blocks, q, scale, added): Q4_K (kind 0), Q5_K (1) or Q6_K (2) blocks
+ * into the packed arrays, as ggml_linear._pack made them through torch (the same bits): per
+ * 32 values (Q6_K: 16) a float32 scale = d * sub-scale and, for Q4_K/Q5_K, added = -(dmin *
+ * sub-min); Q4_K's values two to a byte (values i and i + 16 of each 32), Q5_K's (0..31) and
+ * Q6_K's (-32..31) one int8 each. One pass instead of a dozen tensor ops per weight. */
+static PyObject *py_split_kquant(PyObject *self, PyObject *args) {
+    unsigned long long src, q, sc, ad;
+    long long n;
+    int kind;
+    if (!PyArg_ParseTuple(args, "iKLKKK", &kind, &src, &n, &q, &sc, &ad)) return NULL;
+    if (kind < 0 || kind > 2 || n < 0 || (kind < 2 && !ad))
+        return PyErr_Format(PyExc_ValueError, "bad K-quant split: kind=%d n=%lld", kind, n);
+    static const int block_bytes[3] = {144, 176, 210};
+    const uint8_t *b = (const uint8_t *)(uintptr_t)src;
+    uint8_t *qo = (uint8_t *)(uintptr_t)q;
+    float *so = (float *)(uintptr_t)sc, *ao = (float *)(uintptr_t)ad;
+    Py_BEGIN_ALLOW_THREADS;
+    for (long long i = 0; i < n; i++, b += block_bytes[kind]) {
+        if (kind == 2) { /* Q6_K: ql[128] qh[64] scales[16] (int8) d */
+            const uint8_t *ql = b, *qh = b + 128;
+            uint16_t dh;
+            memcpy(&dh, b + 208, 2);
+            const float d = f16_to_f32(dh);
+            for (int j = 0; j < 16; j++) so[i * 16 + j] = d * (float)(int8_t)b[192 + j];
+            int8_t *out = (int8_t *)qo + i * 256;
+            for (int v = 0; v < 256; v++) {
+                const int g = v / 128, r = v % 128, t = r % 32, plane = r / 32;
+                const int low = r < 64 ? ql[64 * g + r] & 0x0F : ql[64 * g + r - 64] >> 4;
+                const int high = (qh[32 * g + t] >> (2 * plane)) & 3;
+                out[v] = (int8_t)((low | (high << 4)) - 32);
+            }
+            continue;
+        }
+        uint16_t dh, mh;
+        memcpy(&dh, b, 2);
+        memcpy(&mh, b + 2, 2);
+        const float d = f16_to_f32(dh), dmin = f16_to_f32(mh);
+        for (int j = 0; j < 8; j++) {
+            int scale, min;
+            k_scale_min(b + 4, j, &scale, &min);
+            so[i * 8 + j] = d * (float)scale;
+            ao[i * 8 + j] = -(dmin * (float)min);
+        }
+        if (kind == 0) { /* Q4_K: qs[128], 32 bytes per 64 values: low nibbles then high */
+            const uint8_t *qs = b + 16;
+            uint8_t *out = qo + i * 128;
+            for (int g = 0; g < 4; g++)
+                for (int k = 0; k < 16; k++) {
+                    const uint8_t a = qs[32 * g + k], c = qs[32 * g + k + 16];
+                    out[32 * g + k] = (uint8_t)((a & 0x0F) | (c << 4));     /* sub-block 2g */
+                    out[32 * g + 16 + k] = (uint8_t)((a >> 4) | (c & 0xF0)); /* sub-block 2g + 1 */
+                }
+        } else { /* Q5_K: qh[32] (bit j: sub-block j's fifth bits), qs[128] as Q4_K's */
+            const uint8_t *qh = b + 16, *qs = b + 48;
+            int8_t *out = (int8_t *)qo + i * 256;
+            for (int v = 0; v < 256; v++) {
+                const int g = v / 64, r = v % 64, t = r % 32, sub = v / 32;
+                const int low = r < 32 ? qs[32 * g + t] & 0x0F : qs[32 * g + t] >> 4;
+                out[v] = (int8_t)(low | (((qh[t] >> sub) & 1) << 4));
+            }
+        }
+    }
+    Py_END_ALLOW_THREADS;
+    Py_RETURN_NONE;
+}
+
+/* split_q5(src, n_blocks, has_min, q, d, m): Q5_0 (d, qh[4], qs[16]) or Q5_1 (d, m, qh, qs)
+ * blocks into q (per block the 16 nibble bytes, then the 4 bytes of fifth bits), d and m (f16). */
+static PyObject *py_split_q5(PyObject *self, PyObject *args) {
+    unsigned long long src, q, d, m;
+    long long n;
+    int has_min;
+    if (!PyArg_ParseTuple(args, "KLpKKK", &src, &n, &has_min, &q, &d, &m)) return NULL;
+    if (n < 0 || (has_min && !m)) return PyErr_Format(PyExc_ValueError, "bad Q5 split: n=%lld", n);
+    const int head = has_min ? 4 : 2, bb = head + 20;
+    const uint8_t *b = (const uint8_t *)(uintptr_t)src;
+    uint8_t *qo = (uint8_t *)(uintptr_t)q;
+    uint16_t *dv = (uint16_t *)(uintptr_t)d, *mv = (uint16_t *)(uintptr_t)m;
+    Py_BEGIN_ALLOW_THREADS;
+    for (long long i = 0; i < n; i++, b += bb) {
+        memcpy(dv + i, b, 2);
+        if (has_min) memcpy(mv + i, b + 2, 2);
+        memcpy(qo + i * 20, b + head + 4, 16);
+        memcpy(qo + i * 20 + 16, b + head, 4);
+    }
+    Py_END_ALLOW_THREADS;
+    Py_RETURN_NONE;
+}
+
 /* gguf_strings(buffer, pos, count) -> (list of str, end) or None: a GGUF string array (each a
  * u64 length then UTF-8 bytes, undecodable bytes replaced), None if it runs past the buffer.
  * Vocabularies hold up to 262k of them: a Python loop took 0.3 s of a model's load. */
@@ -1838,6 +1938,8 @@ static PyMethodDef methods[] = {
     {"set_threads", py_set_threads, METH_VARARGS, "set_threads(n) -> threads used"},
     {"gguf_strings", py_gguf_strings, METH_VARARGS, "gguf_strings(buffer, pos, count) -> (strings, end) or None"},
     {"split_blocks", py_split_blocks, METH_VARARGS, "split_blocks(src, n_blocks, block_bytes, head_bytes, q, d, m)"},
+    {"split_kquant", py_split_kquant, METH_VARARGS, "split_kquant(kind, src, n_blocks, q, scale, added)"},
+    {"split_q5", py_split_q5, METH_VARARGS, "split_q5(src, n_blocks, has_min, q, d, m)"},
     {NULL, NULL, 0, NULL},
 };
 

@@ -89,6 +89,7 @@ def use_bf16(rows: int) -> bool:
 
 
 _SPLIT_HEAD = {"Q4_0": 2, "Q4_1": 4, "Q8_0": 2}  # bytes of f16 scale (and min) before the values
+_KQUANT_KIND = {"Q4_K": 0, "Q5_K": 1, "Q6_K": 2}  # split_kquant's kinds
 
 
 def _split_into(
@@ -108,6 +109,23 @@ def _pack(raw: torch.Tensor, qtype: str, n: int, k: int):
         d = torch.empty(n, nb, dtype=torch.int16)
         m = torch.empty(n, nb, dtype=torch.int16) if qtype == "Q4_1" else None
         _split_into(raw, qtype, q, d, m)
+        return q, d, m
+    if qtype in _KQUANT_KIND and hasattr(_kernels, "split_kquant") and raw.is_contiguous():
+        per = 16 if qtype == "Q6_K" else 32  # values per scale
+        q = torch.empty(
+            n, k // 2 if qtype == "Q4_K" else k, dtype=torch.uint8 if qtype == "Q4_K" else torch.int8
+        )
+        scale = torch.empty(n, k // per, dtype=torch.float32)
+        added = torch.empty(n, k // per, dtype=torch.float32) if qtype != "Q6_K" else None
+        _kernels.split_kquant(_KQUANT_KIND[qtype], raw.data_ptr(), raw.numel() // BLOCK_LAYOUT[qtype][1],
+                              q.data_ptr(), scale.data_ptr(), 0 if added is None else added.data_ptr())  # fmt: skip
+        return q, scale, added
+    if qtype in ("Q5_0", "Q5_1") and hasattr(_kernels, "split_q5") and raw.is_contiguous():
+        q = torch.empty(n, nb * 20, dtype=torch.uint8)
+        d = torch.empty(n, nb, dtype=torch.int16)
+        m = torch.empty(n, nb, dtype=torch.int16) if qtype == "Q5_1" else None
+        _kernels.split_q5(raw.data_ptr(), n * nb, qtype == "Q5_1", q.data_ptr(), d.data_ptr(),
+                          0 if m is None else m.data_ptr())  # fmt: skip
         return q, d, m
     if qtype.startswith("Q5_") and not qtype.endswith("_K"):
         # per 32 values: the 16 nibble bytes, then the 4 bytes of fifth bits (the file's bits)
