@@ -151,6 +151,35 @@ def test_quantized_model_equals_dequantized_model(smol_path):
     assert 1e-2 < (c1 - b1).abs().max() < 2.0 and torch.equal(c1.argmax(-1), b1.argmax(-1))
 
 
+def test_load_packs_the_layers_in_place(gemma_path):
+    """A load packs each layer weight straight into its place on huge pages: q/k/v and gate/up
+    (Q5_0 in Gemma 3) into row slices of their fused product (the fusion is then a view), every
+    other layer product (Q4_K, Q6_K, Q8_0) into the same reserved piece; values equal a fresh
+    pack of the file's blocks."""
+    from garagelm.models import from_gguf
+    from garagelm.quant import hugepages
+    from garagelm.quant.ggml_linear import _pack
+
+    g = GGUFFile(gemma_path)
+    model = from_gguf(g)
+    # a layer whose v is Q5_0 like its q and k (half of them have a Q8_0 v: no fused q/k/v there)
+    i = next(i for i in range(18) if g.tensors[f"blk.{i}.attn_v.weight"].qtype == "Q5_0")
+    attn, mlp = model.model.layers[i].self_attn, model.model.layers[i].mlp
+    products = [attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj]
+    arrays = [a for p in products for a in (p.q, p.d, p.m) if a is not None]
+    if hugepages._madvise() is not None:
+        assert len({a.untyped_storage().data_ptr() for a in arrays}) == 1
+    row = 0
+    for name, fused in (("attn_q", attn.qkv_proj), ("attn_k", attn.qkv_proj), ("attn_v", attn.qkv_proj),
+                        ("ffn_gate", mlp.gate_up_proj), ("ffn_up", mlp.gate_up_proj), ("ffn_down", mlp.down_proj)):  # fmt: skip
+        t = g.tensors[f"blk.{i}.{name}.weight"]
+        row = 0 if name in ("attn_q", "ffn_gate", "ffn_down") else row
+        want = _pack(t.raw_bytes(), t.qtype, *t.shape)
+        got = [None if a is None else a[row : row + t.shape[0]] for a in (fused.q, fused.d, fused.m)]
+        assert all(a is b is None or torch.equal(a, b) for a, b in zip(got, want, strict=True)), name
+        row += t.shape[0]
+
+
 def test_bad_raw_shape_is_rejected():
     with pytest.raises(ValueError, match="expected"):
         GGMLLinear(torch.zeros(4, 10, dtype=torch.uint8), "Q4_1", 64, 4)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import math
+import re
+
 import torch
 from torch import nn
 
@@ -64,6 +67,8 @@ def from_gguf(gguf: GGUFFile, dtype: torch.dtype = torch.float32, quantized: boo
     if keep and embd.qtype in QUANTIZED_TYPES and len(embd.shape) == 2:
         # The largest tensor goes last: its (huge) pages fault in on the other core meanwhile.
         embd_arrays = GGMLLinear.split_arrays(embd.qtype, embd.shape[1], embd.shape[0])
+    arena = hugepages.Arena()
+    places = _packed_places(gguf, arena) if keep else {}
     faulting = hugepages.prefault([a for a in embd_arrays or () if a is not None])
     for name in sorted(gguf.tensors, key=lambda n: n == "token_embd.weight"):
         t = gguf.tensors[name]
@@ -99,7 +104,7 @@ def from_gguf(gguf: GGUFFile, dtype: torch.dtype = torch.float32, quantized: boo
                     model.lm_head = table
                     swapped.add("lm_head.weight")
             else:
-                _set_module(model, module, GGMLLinear(raw, t.qtype, in_f, out_f))
+                _set_module(model, module, GGMLLinear(raw, t.qtype, in_f, out_f, into=places.get(name)))
             swapped.add(hf)
         elif keep and t.qtype in ("F16", "BF16") and len(t.shape) == 2 and _linear_weight(hf):
             # linear weights stay 16-bit (half the memory); DenseLinear widens them exactly
@@ -128,8 +133,69 @@ def from_gguf(gguf: GGUFFile, dtype: torch.dtype = torch.float32, quantized: boo
     if tied and "lm_head.weight" not in swapped:
         model.tie_weights()
     if keep:
-        _prepare_decode(model)
+        _prepare_decode(model, arena)
     return model.eval()
+
+
+_FUSED = re.compile(r"blk\.(\d+)\.(attn_q|attn_k|attn_v|ffn_gate|ffn_up)\.weight")
+_FUSED_GROUPS = {
+    "attn_q": "qkv",
+    "attn_k": "qkv",
+    "attn_v": "qkv",
+    "ffn_gate": "gate_up",
+    "ffn_up": "gate_up",
+}
+_FUSED_SIZE = {"qkv": 3, "gate_up": 2}
+_FUSED_ORDER = {"attn_q": 0, "attn_k": 1, "attn_v": 2, "ffn_gate": 0, "ffn_up": 1}  # rows in the fused
+
+
+def _packed_places(gguf: GGUFFile, arena) -> dict[str, tuple]:
+    """Arrays in `arena`, reserved in one piece, for the packed weights of the layers (not the
+    embedding): {tensor name: (q, d, m)}, so that a load packs each weight straight into place
+    (before, into fresh arrays then copied onto huge pages: 0.2 s of Gemma 3's load). The parts
+    of a product that fuse_projections will fuse (q/k/v, gate/up: one type, no biases) get
+    consecutive row slices of the fused product's arrays, so the fusion is a view, not a copy.
+    (Faulting the piece in on another thread meanwhile, as the embedding's, made loads slower
+    here: the two threads' page faults contend.)"""
+    from garagelm.quant.ggml_linear import QUANTIZED_TYPES, packed_specs
+
+    groups: dict[tuple, list[str]] = {}
+    for name, t in gguf.tensors.items():
+        if name == "token_embd.weight" or t.qtype not in QUANTIZED_TYPES or len(t.shape) != 2:
+            continue
+        if packed_specs(t.qtype, *t.shape) is None:
+            continue
+        m = _FUSED.fullmatch(name)
+        key = (int(m.group(1)), _FUSED_GROUPS[m.group(2)]) if m else (name,)
+        groups.setdefault(key, []).append(name)
+    for key in [k for k in groups if len(k) == 2]:  # a product that will not fuse: its parts alone
+        names = groups[key]
+        ts = [gguf.tensors[n] for n in names]
+        whole = len(names) == _FUSED_SIZE[key[1]] and len({(t.qtype, t.shape[1]) for t in ts}) == 1
+        if not whole or any(n.replace(".weight", ".bias") in gguf.tensors for n in names):
+            del groups[key]
+            groups.update({(n,): [n] for n in names})
+    order = {n: i for i, n in enumerate(gguf.tensors)}
+    plans = []
+    for names in groups.values():
+        names.sort(key=lambda n: _FUSED_ORDER.get(n.split(".")[2], 0))  # q, k, v / gate, up
+        ts = [gguf.tensors[n] for n in names]
+        specs = packed_specs(ts[0].qtype, sum(t.shape[0] for t in ts), ts[0].shape[1])
+        plans.append((min(order[n] for n in names), names, ts, specs))
+    plans.sort(key=lambda p: p[0])  # the file's order, which the load packs in
+    size = sum(-(-math.prod(s[0]) * torch.empty(0, dtype=s[1]).element_size() // 64) * 64
+               for *_, specs in plans for s in specs if s is not None)  # fmt: skip
+    if plans:
+        arena.reserve(size)
+    places = {}
+    for _, names, ts, specs in plans:
+        arrays = [None if s is None else arena.empty(*s) for s in specs]
+        r0 = 0
+        for name, t in zip(names, ts):
+            r1 = r0 + t.shape[0]
+            places[name] = tuple(None if a is None else a[r0:r1] for a in arrays)
+            r0 = r1
+    return places
 
 
 def from_hf(folder, dtype: torch.dtype = torch.float32) -> nn.Module:
@@ -197,7 +263,7 @@ def _linear_weight(name: str) -> bool:
     return name.endswith("_proj.weight") or name in ("lm_head.weight", "model.embed_tokens.weight")
 
 
-def _prepare_decode(model: nn.Module) -> None:
+def _prepare_decode(model: nn.Module, arena=None) -> None:
     """Float layers become DenseLinear (quant/dense.py), quantized q/k/v and gate/up fuse, and
     the model gets a whole-layer decode plan (None where the kernel does not fit)."""
     from garagelm.quant import hugepages
@@ -206,7 +272,7 @@ def _prepare_decode(model: nn.Module) -> None:
 
     use_dense_kernels(model)
     fuse_projections(model)
-    hugepages.move_weights(model)  # decode streams them every token: fewer TLB misses
+    hugepages.move_weights(model, arena)  # decode streams them every token: fewer TLB misses
     model.decode_plan = DecodePlan.build(model)
 
 

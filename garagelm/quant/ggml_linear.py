@@ -15,6 +15,7 @@ in place of nn.Linear.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 import threading
 from functools import lru_cache
@@ -101,32 +102,53 @@ def _split_into(
                           q.data_ptr(), d.data_ptr(), 0 if m is None else m.data_ptr())  # fmt: skip
 
 
-def _pack(raw: torch.Tensor, qtype: str, n: int, k: int):
-    """GGML blocks (n, row bytes) -> (values, d, m): the same bits without block headers."""
+def packed_specs(qtype: str, n: int, k: int) -> tuple | None:
+    """(shape, dtype) of the packed q, d, m (None for an absent m) of an (n, k) weight, for the
+    types split in C; None for the others."""
     nb = k // 32
-    if qtype in _SPLIT_HEAD and hasattr(_kernels, "split_blocks") and raw.is_contiguous():
-        q = torch.empty(n, nb * (BLOCK_LAYOUT[qtype][1] - _SPLIT_HEAD[qtype]), dtype=torch.uint8)
-        d = torch.empty(n, nb, dtype=torch.int16)
-        m = torch.empty(n, nb, dtype=torch.int16) if qtype == "Q4_1" else None
-        _split_into(raw, qtype, q, d, m)
-        return q, d, m
-    if qtype in _KQUANT_KIND and hasattr(_kernels, "split_kquant") and raw.is_contiguous():
+    d16, m16 = ((n, nb), torch.int16), ((n, nb), torch.int16)
+    if qtype in _SPLIT_HEAD and hasattr(_kernels, "split_blocks"):
+        values = ((n, nb * (BLOCK_LAYOUT[qtype][1] - _SPLIT_HEAD[qtype])), torch.uint8)
+        return values, d16, m16 if qtype == "Q4_1" else None
+    if qtype in ("Q5_0", "Q5_1") and hasattr(_kernels, "split_q5"):
+        return ((n, nb * 20), torch.uint8), d16, m16 if qtype == "Q5_1" else None
+    if qtype in _KQUANT_KIND and hasattr(_kernels, "split_kquant"):
         per = 16 if qtype == "Q6_K" else 32  # values per scale
-        q = torch.empty(
-            n, k // 2 if qtype == "Q4_K" else k, dtype=torch.uint8 if qtype == "Q4_K" else torch.int8
-        )
-        scale = torch.empty(n, k // per, dtype=torch.float32)
-        added = torch.empty(n, k // per, dtype=torch.float32) if qtype != "Q6_K" else None
+        values = ((n, k // 2), torch.uint8) if qtype == "Q4_K" else ((n, k), torch.int8)
+        scales = ((n, k // per), torch.float32)
+        return values, scales, None if qtype == "Q6_K" else scales
+    return None
+
+
+def _pack(raw: torch.Tensor, qtype: str, n: int, k: int, out: tuple | None = None):
+    """GGML blocks (n, row bytes) -> (values, d, m): the same bits without block headers, written
+    into `out` (arrays of packed_specs' shapes) when given."""
+    specs = packed_specs(qtype, n, k)
+    if specs is None or not raw.is_contiguous():
+        parts = _pack_torch(raw, qtype, n, k)
+        if out is None:
+            return parts
+        for dst, src in zip(out, parts, strict=True):
+            if dst is not None:
+                dst.copy_(src)
+        return out
+    if out is None:
+        out = tuple(None if s is None else torch.empty(s[0], dtype=s[1]) for s in specs)
+    q, d, m = out
+    ptr = 0 if m is None else m.data_ptr()
+    if qtype in _SPLIT_HEAD:
+        _split_into(raw, qtype, q, d, m)
+    elif qtype in _KQUANT_KIND:
         _kernels.split_kquant(_KQUANT_KIND[qtype], raw.data_ptr(), raw.numel() // BLOCK_LAYOUT[qtype][1],
-                              q.data_ptr(), scale.data_ptr(), 0 if added is None else added.data_ptr())  # fmt: skip
-        return q, scale, added
-    if qtype in ("Q5_0", "Q5_1") and hasattr(_kernels, "split_q5") and raw.is_contiguous():
-        q = torch.empty(n, nb * 20, dtype=torch.uint8)
-        d = torch.empty(n, nb, dtype=torch.int16)
-        m = torch.empty(n, nb, dtype=torch.int16) if qtype == "Q5_1" else None
-        _kernels.split_q5(raw.data_ptr(), n * nb, qtype == "Q5_1", q.data_ptr(), d.data_ptr(),
-                          0 if m is None else m.data_ptr())  # fmt: skip
-        return q, d, m
+                              q.data_ptr(), d.data_ptr(), ptr)  # fmt: skip
+    else:
+        _kernels.split_q5(raw.data_ptr(), n * (k // 32), qtype == "Q5_1", q.data_ptr(), d.data_ptr(), ptr)
+    return out
+
+
+def _pack_torch(raw: torch.Tensor, qtype: str, n: int, k: int):
+    """_pack through torch ops: without the C splitters, or for a strided `raw`."""
+    nb = k // 32
     if qtype.startswith("Q5_") and not qtype.endswith("_K"):
         # per 32 values: the 16 nibble bytes, then the 4 bytes of fifth bits (the file's bits)
         blocks = raw.reshape(n, nb, BLOCK_LAYOUT[qtype][1])
@@ -153,6 +175,20 @@ def _pack(raw: torch.Tensor, qtype: str, n: int, k: int):
     return q, d, m
 
 
+def _joined(arrays: list[torch.Tensor]) -> torch.Tensor:
+    """The arrays' rows one after another: a view when they already lie so in one storage (a
+    load packs a fused product's parts into place), else a copy."""
+    a0 = arrays[0]
+    rows = sum(a.shape[0] for a in arrays)
+    adjacent = all(
+        a.is_contiguous() and a.untyped_storage().data_ptr() == a0.untyped_storage().data_ptr()
+        for a in arrays
+    ) and all(a.data_ptr() + a.nbytes == b.data_ptr() for a, b in itertools.pairwise(arrays))
+    if adjacent and a0.is_contiguous():
+        return a0.as_strided((rows, *a0.shape[1:]), a0.stride())
+    return torch.cat(arrays)
+
+
 def kernels_available() -> bool:
     return _kernels is not None
 
@@ -169,7 +205,9 @@ class GGMLLinear(nn.Module):
     exact = False
 
     def __init__(self, raw: torch.Tensor | None, qtype: str, in_features: int, out_features: int, bias=None,
-                 packed: tuple | None = None):  # fmt: skip
+                 packed: tuple | None = None, into: tuple | None = None):  # fmt: skip
+        """raw: the GGML blocks (out_features, row bytes), packed at once (into the arrays `into`,
+        of packed_specs' shapes, when given); or packed: arrays packed already."""
         super().__init__()
         block, type_size = BLOCK_LAYOUT[qtype]
         if packed is None and (
@@ -181,7 +219,7 @@ class GGMLLinear(nn.Module):
         self.bias = bias
         self._kind = PACKED_KINDS.get(qtype) if _kernels is not None else None
         if self._kind is not None:
-            q, d, m = packed if packed is not None else _pack(raw, qtype, out_features, in_features)
+            q, d, m = packed if packed is not None else _pack(raw, qtype, out_features, in_features, into)
             self.register_buffer("q", q, persistent=False)
             self.register_buffer("d", d, persistent=False)
             self.register_buffer("m", m, persistent=False)
@@ -241,8 +279,8 @@ class GGMLLinear(nn.Module):
         out = sum(p.out_features for p in parts)
         if first._kind is None:
             return cls(torch.cat([p.raw for p in parts]), first.qtype, first.in_features, out)
-        m = torch.cat([p.m for p in parts]) if first.m is not None else None
-        packed = (torch.cat([p.q for p in parts]), torch.cat([p.d for p in parts]), m)
+        packed = tuple(None if getattr(first, a) is None else _joined([getattr(p, a) for p in parts])
+                       for a in ("q", "d", "m"))  # fmt: skip
         return cls(None, first.qtype, first.in_features, out, packed=packed)
 
     def _pointers(self) -> tuple[int, int, int]:

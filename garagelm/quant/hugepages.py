@@ -73,41 +73,66 @@ def prefault(tensors: list[torch.Tensor]) -> threading.Thread:
 class Arena:
     """Many tensors, each a view into shared 2 MiB-page chunks: a model's packed weights are mostly
     tensors under 2 MiB (SmolLM2's largest layer product is 0.9 MB), which `empty` alone would
-    leave on 4 KiB pages. One arena per model, so unloading it frees every chunk."""
+    leave on 4 KiB pages. One arena per model, so unloading it frees every chunk. A load that
+    knows its total size reserves it first and packs each weight straight into its place."""
 
     CHUNK = 16 << 20
 
     def __init__(self):
         self._chunk: torch.Tensor | None = None
         self._used = 0
+        self._storages: set[int] = set()  # data pointers of the chunks' storages
+
+    def reserve(self, nbytes: int) -> None:
+        """Start a chunk of at least nbytes (64-byte aligned pieces) for the tensors to come."""
+        if _madvise() is not None:
+            self._new_chunk(max(nbytes, self.CHUNK))
+
+    def _new_chunk(self, nbytes: int) -> None:
+        self._chunk, self._used = empty((nbytes,), torch.uint8), 0
+        self._storages.add(self._chunk.untyped_storage().data_ptr())
+
+    def empty(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        """An uninitialised tensor in the arena (a plain torch.empty without huge pages)."""
+        if _madvise() is None:
+            return torch.empty(shape, dtype=dtype)
+        nbytes = math.prod(shape) * torch.empty(0, dtype=dtype).element_size()
+        if self._chunk is None or self._used + nbytes > self._chunk.numel():
+            if nbytes >= self.CHUNK // 2:  # a large tensor alone, not a fresh chunk's half
+                out = empty(shape, dtype)
+                self._storages.add(out.untyped_storage().data_ptr())
+                return out
+            self._new_chunk(self.CHUNK)
+        out = self._chunk[self._used : self._used + nbytes].view(dtype).view(shape)
+        self._used += -(-nbytes // 64) * 64  # the next tensor starts on a cache line
+        return out
+
+    def owns(self, t: torch.Tensor) -> bool:
+        return t.untyped_storage().data_ptr() in self._storages
 
     def take(self, t: torch.Tensor) -> torch.Tensor:
         """A copy of t on huge pages (t itself where the OS has none to give)."""
         if _madvise() is None:
             return t
-        nbytes = t.nbytes
-        if nbytes >= self.CHUNK // 2:
-            out = empty(tuple(t.shape), t.dtype)
-        else:
-            if self._chunk is None or self._used + nbytes > self.CHUNK:
-                self._chunk, self._used = empty((self.CHUNK,), torch.uint8), 0
-            out = self._chunk[self._used : self._used + nbytes].view(t.dtype).view(t.shape)
-            self._used += -(-nbytes // 64) * 64  # the next tensor starts on a cache line
+        out = self.empty(tuple(t.shape), t.dtype)
         out.copy_(t)
         return out
 
 
-def move_weights(model: torch.nn.Module) -> None:
+def move_weights(model: torch.nn.Module, arena: Arena | None = None) -> None:
     """Put every quantized layer's packed arrays on huge pages (before a decode plan binds their
-    addresses). Float layers keep their parameters where they are: those are trained and saved,
-    and arena views sharing one storage would not save as separate tensors."""
+    addresses), in `arena` (where the load may have packed most of them already). Float layers
+    keep their parameters where they are: those are trained and saved, and arena views sharing
+    one storage would not save as separate tensors."""
     from garagelm.quant.ggml_linear import GGMLLinear
 
-    arena = Arena()
+    arena = arena or Arena()
     for m in model.modules():
         if isinstance(m, GGMLLinear) and m._kind is not None:
             for name in ("q", "d", "m"):
                 t = getattr(m, name)
-                if t is not None and not (t.nbytes >= HUGE and t.data_ptr() % HUGE == 0):  # not already
+                if t is None or arena.owns(t):
+                    continue
+                if not (t.nbytes >= HUGE and t.data_ptr() % HUGE == 0):  # not already
                     setattr(m, name, arena.take(t))
             m.__dict__.pop("_fast", None)  # pointers bound to the old arrays
