@@ -12,6 +12,7 @@ llama.cpp's own greedy text; logit differences; and, where the argmaxes differ a
 how close to a tie the choice was (the larger of the two engines' gaps). Usage:
 
     python bench/reference_agreement.py MODEL.gguf [MORE.gguf ...] [--raw-only] [--json out.json]
+    python bench/reference_agreement.py MODEL.gguf --prompts ../shared/data/prompts/self_instruct_seed_tasks.jsonl
 """
 
 from __future__ import annotations
@@ -88,11 +89,19 @@ def _equal_prefix(a: list[int], b: list[int]) -> int:
     return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
 
 
-def measure(path: str, raw_only: bool) -> dict:
+def read_prompts(path: str, limit: int) -> list[str]:
+    """Raw-text prompts from a file: JSON lines with an "instruction" (the seed tasks in
+    ../shared/data/prompts), or one prompt a line; the first `limit`."""
+    lines = [line for line in Path(path).read_text().splitlines() if line.strip()]
+    texts = [json.loads(line)["instruction"] if line.lstrip().startswith("{") else line for line in lines]
+    return texts[:limit]
+
+
+def measure(path: str, raw_only: bool, texts: list[str] | None = None) -> dict:
     loaded = load_model(path)
     ref, plain = _open(path, repack=True), _open(path, repack=False)
-    prompts = [(p, False) for p in dict.fromkeys(RAW_PROMPTS + GEMMA_PROMPTS)]
-    if not raw_only:
+    prompts = [(p, False) for p in dict.fromkeys(texts or RAW_PROMPTS + GEMMA_PROMPTS)]
+    if not raw_only and not texts:
         prompts += [(p, True) for p in CHAT_PROMPTS]
     rows, agree, total, maxdiff, meandiff, gaps, plain_gaps = [], 0, 0, 0.0, [], [], []
     eog = loaded.tokenizer.eog_ids
@@ -133,10 +142,13 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("files", nargs="+")
     ap.add_argument("--raw-only", action="store_true", help="skip the chat prompts (base models)")
+    ap.add_argument("--prompts", help="raw-text prompts instead: a JSONL of instructions, or one a line")
+    ap.add_argument("--limit", type=int, default=20, help="the first this many of --prompts")
     ap.add_argument("--json")
     args = ap.parse_args()
     torch.set_num_threads(2)
-    results = [measure(f, args.raw_only) for f in args.files]
+    texts = read_prompts(args.prompts, args.limit) if args.prompts else None
+    results = [measure(f, args.raw_only, texts) for f in args.files]
     for r in results:
         print(f"\n{r['file']}\n  greedy tokens equal to llama.cpp's:      garagelm   llama.cpp unrepacked"
               "   llama.cpp prompt token by token")  # fmt: skip
