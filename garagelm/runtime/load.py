@@ -53,8 +53,10 @@ def load_model(path: str | Path) -> LoadedModel:
     """Load a GGUF file; errors name the file and what to do."""
     from garagelm.models import from_gguf
     from garagelm.quant.ggml_linear import set_threads
+    from garagelm.quant.hugepages import heap_for_temporaries
 
     t0 = time.perf_counter()
+    heap_for_temporaries()  # prefill's multi-MB temporaries from the heap, not fresh mmaps
     path = Path(path)
     set_threads(torch.get_num_threads())  # the C kernels use as many threads as torch
     if path.is_dir():
