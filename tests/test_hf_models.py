@@ -210,3 +210,39 @@ def test_bf16_checkpoint_stays_bf16_and_equals_transformers(tmp_path):
         ours.decode_plan = saved
     assert torch.equal(runs[0].argmax(-1), runs[1].argmax(-1))
     assert (runs[0] - runs[1]).abs().max() < 1e-4
+
+
+def test_quantized_gguf_with_its_own_output_head_and_biases(smol_path, tmp_path):
+    """A Qwen2 file quantized to Q8_0 with an output head of its own (not the embedding) loads, and
+    its q/k/v biases are applied: the quantized layers (float32 products) give the logits of the
+    same file dequantized (before, such a file failed to load, and a quantized q/k/v dropped its
+    bias)."""
+    import transformers as tf
+
+    from garagelm.cli import main
+    from garagelm.formats.gguf import GGUFFile
+    from garagelm.formats.gguf_write import write_gguf
+    from garagelm.models import from_gguf
+    from garagelm.quant.ggml_linear import GGMLLinear, exact_products
+
+    torch.manual_seed(0)
+    ref = tf.Qwen2ForCausalLM(tf.Qwen2Config(**COMMON, tie_word_embeddings=False)).float().eval()
+    with torch.no_grad():
+        for name, p in ref.named_parameters():
+            if name.endswith("bias"):
+                p.add_(torch.randn_like(p))  # biases that matter
+    ref.save_pretrained(tmp_path / "hf")
+    ours = from_hf(HFFolder(tmp_path / "hf"))
+    tokenizer_md = {k: v for k, v in GGUFFile(smol_path).metadata.items() if k.startswith("tokenizer.")}
+    f32 = write_gguf(tmp_path / "f32.gguf", "qwen2", ours.config, ours.state_dict(), tokenizer_md)
+    q8 = tmp_path / "q8_0.gguf"
+    assert main(["quantize", str(f32), "--type", "Q8_0", "--out", str(q8), "--quiet"]) == 0
+    g = GGUFFile(q8)
+    assert g.tensors["output.weight"].qtype == "Q8_0" and "blk.0.attn_q.bias" in g.tensors
+    fast, slow = from_gguf(g), from_gguf(g, quantized=False)
+    attn = fast.model.layers[0].self_attn
+    assert isinstance(attn.q_proj, GGMLLinear) and attn.q_proj.bias is not None
+    assert isinstance(fast.lm_head, GGMLLinear)
+    ids = torch.randint(0, 512, (1, 12))
+    with torch.no_grad(), exact_products():
+        assert (fast(ids) - slow(ids)).abs().max() < 1e-3

@@ -123,6 +123,10 @@ def from_gguf(gguf: GGUFFile, dtype: torch.dtype = torch.float32, quantized: boo
         for m in model.modules():  # weights already rounded to a few bits: prefill may use bf16
             if hasattr(m, "bf16_prefill"):
                 m.bf16_prefill = True
+    for name in [n for n in state if n.endswith(".bias")]:  # Qwen2's q/k/v biases
+        module = model.get_submodule(name.removesuffix(".bias"))
+        if isinstance(module, GGMLLinear):  # a quantized product keeps its float bias itself
+            module.bias = state.pop(name)
     # (quantized layers' buffers are non-persistent, so state_dict lists only real parameters)
     missing = set(model.state_dict()) - set(state) - swapped - ({"lm_head.weight"} if tied else set())
     if missing:
@@ -178,7 +182,9 @@ def _packed_places(gguf: GGUFFile, arena) -> dict[str, tuple]:
     order = {n: i for i, n in enumerate(gguf.tensors)}
     plans = []
     for names in groups.values():
-        names.sort(key=lambda n: _FUSED_ORDER.get(n.split(".")[2], 0))  # q, k, v / gate, up
+        names.sort(
+            key=lambda n: _FUSED_ORDER[m.group(2)] if (m := _FUSED.fullmatch(n)) else 0
+        )  # q, k, v / gate, up
         ts = [gguf.tensors[n] for n in names]
         specs = packed_specs(ts[0].qtype, sum(t.shape[0] for t in ts), ts[0].shape[1])
         plans.append((min(order[n] for n in names), names, ts, specs))

@@ -185,7 +185,8 @@ def _joined(arrays: list[torch.Tensor]) -> torch.Tensor:
         for a in arrays
     ) and all(a.data_ptr() + a.nbytes == b.data_ptr() for a, b in itertools.pairwise(arrays))
     if adjacent and a0.is_contiguous():
-        return a0.as_strided((rows, *a0.shape[1:]), a0.stride())
+        shape = (rows, *a0.shape[1:])
+        return a0.as_strided(shape, torch.empty(shape, device="meta").stride())  # row-major
     return torch.cat(arrays)
 
 

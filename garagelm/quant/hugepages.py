@@ -100,7 +100,7 @@ class Arena:
     def __init__(self):
         self._chunk: torch.Tensor | None = None
         self._used = 0
-        self._storages: set[int] = set()  # data pointers of the chunks' storages
+        self._storages: dict[int, object] = {}  # data pointer -> storage (kept alive: no reuse)
 
     def reserve(self, nbytes: int) -> None:
         """Start a chunk of at least nbytes (64-byte aligned pieces) for the tensors to come."""
@@ -109,7 +109,8 @@ class Arena:
 
     def _new_chunk(self, nbytes: int) -> None:
         self._chunk, self._used = empty((nbytes,), torch.uint8), 0
-        self._storages.add(self._chunk.untyped_storage().data_ptr())
+        storage = self._chunk.untyped_storage()
+        self._storages[storage.data_ptr()] = storage
 
     def empty(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         """An uninitialised tensor in the arena (a plain torch.empty without huge pages)."""
@@ -119,7 +120,7 @@ class Arena:
         if self._chunk is None or self._used + nbytes > self._chunk.numel():
             if nbytes >= self.CHUNK // 2:  # a large tensor alone, not a fresh chunk's half
                 out = empty(shape, dtype)
-                self._storages.add(out.untyped_storage().data_ptr())
+                self._storages[out.untyped_storage().data_ptr()] = out.untyped_storage()
                 return out
             self._new_chunk(self.CHUNK)
         out = self._chunk[self._used : self._used + nbytes].view(dtype).view(shape)
