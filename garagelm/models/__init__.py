@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import re
 
 import torch
@@ -142,15 +141,8 @@ def from_gguf(gguf: GGUFFile, dtype: torch.dtype = torch.float32, quantized: boo
 
 
 _FUSED = re.compile(r"blk\.(\d+)\.(attn_q|attn_k|attn_v|ffn_gate|ffn_up)\.weight")
-_FUSED_GROUPS = {
-    "attn_q": "qkv",
-    "attn_k": "qkv",
-    "attn_v": "qkv",
-    "ffn_gate": "gate_up",
-    "ffn_up": "gate_up",
-}
-_FUSED_SIZE = {"qkv": 3, "gate_up": 2}
-_FUSED_ORDER = {"attn_q": 0, "attn_k": 1, "attn_v": 2, "ffn_gate": 0, "ffn_up": 1}  # rows in the fused
+_FUSED_PARTS = (("attn_q", "attn_k", "attn_v"), ("ffn_gate", "ffn_up"))  # fuse_projections' rows, in order
+_FUSED_GROUP = {part: (group, row) for group in _FUSED_PARTS for row, part in enumerate(group)}
 
 
 def _packed_places(gguf: GGUFFile, arena) -> dict[str, tuple]:
@@ -170,27 +162,24 @@ def _packed_places(gguf: GGUFFile, arena) -> dict[str, tuple]:
         if packed_specs(t.qtype, *t.shape) is None:
             continue
         m = _FUSED.fullmatch(name)
-        key = (int(m.group(1)), _FUSED_GROUPS[m.group(2)]) if m else (name,)
+        key = (int(m.group(1)), _FUSED_GROUP[m.group(2)][0]) if m else (name,)
         groups.setdefault(key, []).append(name)
     for key in [k for k in groups if len(k) == 2]:  # a product that will not fuse: its parts alone
         names = groups[key]
         ts = [gguf.tensors[n] for n in names]
-        whole = len(names) == _FUSED_SIZE[key[1]] and len({(t.qtype, t.shape[1]) for t in ts}) == 1
+        whole = len(names) == len(key[1]) and len({(t.qtype, t.shape[1]) for t in ts}) == 1
         if not whole or any(n.replace(".weight", ".bias") in gguf.tensors for n in names):
             del groups[key]
             groups.update({(n,): [n] for n in names})
     order = {n: i for i, n in enumerate(gguf.tensors)}
     plans = []
     for names in groups.values():
-        names.sort(
-            key=lambda n: _FUSED_ORDER[m.group(2)] if (m := _FUSED.fullmatch(n)) else 0
-        )  # q, k, v / gate, up
+        names.sort(key=lambda n: _FUSED_GROUP[m.group(2)][1] if (m := _FUSED.fullmatch(n)) else 0)
         ts = [gguf.tensors[n] for n in names]
         specs = packed_specs(ts[0].qtype, sum(t.shape[0] for t in ts), ts[0].shape[1])
         plans.append((min(order[n] for n in names), names, ts, specs))
     plans.sort(key=lambda p: p[0])  # the file's order, which the load packs in
-    size = sum(-(-math.prod(s[0]) * torch.empty(0, dtype=s[1]).element_size() // 64) * 64
-               for *_, specs in plans for s in specs if s is not None)  # fmt: skip
+    size = sum(arena.padded(*s) for *_, specs in plans for s in specs if s is not None)
     if plans:
         arena.reserve(size)
     places = {}

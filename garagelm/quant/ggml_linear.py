@@ -266,12 +266,8 @@ class GGMLLinear(nn.Module):
     def split_arrays(qtype: str, in_features: int, out_features: int) -> tuple | None:
         """Empty packed arrays (q, d, m) on huge pages for a Q4_0/Q4_1/Q8_0 weight, to hand to
         packed_by_rows; None for other types (allocated as they pack)."""
-        if qtype not in _SPLIT_HEAD or not hasattr(_kernels, "split_blocks"):
-            return None
-        nb = in_features // 32
-        q = hugepages.empty((out_features, nb * (BLOCK_LAYOUT[qtype][1] - _SPLIT_HEAD[qtype])), torch.uint8)
-        m = hugepages.empty((out_features, nb), torch.int16) if qtype == "Q4_1" else None
-        return q, hugepages.empty((out_features, nb), torch.int16), m
+        specs = packed_specs(qtype, out_features, in_features) if qtype in _SPLIT_HEAD else None
+        return None if specs is None else tuple(None if s is None else hugepages.empty(*s) for s in specs)
 
     @classmethod
     def concat(cls, parts: list[GGMLLinear]) -> GGMLLinear:

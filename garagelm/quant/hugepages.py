@@ -124,8 +124,13 @@ class Arena:
                 return out
             self._new_chunk(self.CHUNK)
         out = self._chunk[self._used : self._used + nbytes].view(dtype).view(shape)
-        self._used += -(-nbytes // 64) * 64  # the next tensor starts on a cache line
+        self._used += self.padded(shape, dtype)
         return out
+
+    @staticmethod
+    def padded(shape: tuple[int, ...], dtype: torch.dtype) -> int:
+        """Bytes a tensor takes in a chunk: the next one starts on a cache line."""
+        return -(-math.prod(shape) * torch.empty(0, dtype=dtype).element_size() // 64) * 64
 
     def owns(self, t: torch.Tensor) -> bool:
         return t.untyped_storage().data_ptr() in self._storages
