@@ -1,11 +1,14 @@
 """Load test of `garage serve`: 1, 4 and 8 concurrent streaming clients for a fixed time.
 
-    python bench/serve_load.py smollm2:135m [--seconds 20] [--clients 1,4,8] [--json out.json]
+    python bench/serve_load.py smollm2:135m [--seconds 20] [--clients 1,4,8] [--rounds 3] [--json out.json]
 
 Starts a server in a child process, then for each client count runs that many clients in a
 loop (greedy chat requests of --max-tokens tokens, streamed) and prints aggregate generated
 tok/s, p50/p95 time to first token, errors, and whether every reply equals the reply the same
-request got alone (the first, one-client pass). Ratio target: 8 clients >= 4x one client.
+request got alone (the first client count's replies). With --rounds N the client counts run N
+times, interleaved, and each count's tok/s is taken over all its passes (each pass's own is kept
+in the JSON): this machine's speed drifts by tens of percent within minutes, and one pass per count
+put a slow minute on one side of the ratio. Ratio target: 8 clients >= 4x one client.
 """
 
 from __future__ import annotations
@@ -59,24 +62,31 @@ async def client(http, url, model, max_tokens, deadline, i0, step, out):
 
 
 async def level(url, model, n, seconds, max_tokens):
+    """One pass of n clients for `seconds`: what they got, and how long it took."""
     out = {"done": [], "errors": []}
     limits = httpx.Limits(max_connections=n + 2)
     async with httpx.AsyncClient(timeout=300, limits=limits) as http:
         t0 = time.perf_counter()
         deadline = t0 + seconds
         await asyncio.gather(*(client(http, url, model, max_tokens, deadline, i, n, out) for i in range(n)))
-        elapsed = time.perf_counter() - t0
-    ttfts = sorted(d[3] for d in out["done"])
+        out["elapsed"] = time.perf_counter() - t0
+    return out
+
+
+def summary(n, passes):
+    """One client count's passes together: tok/s over their summed time, and each pass's own."""
+    done = [d for p in passes for d in p["done"]]
+    ttfts = sorted(d[3] for d in done)
     q = statistics.quantiles(ttfts, n=20) if len(ttfts) >= 2 else ttfts * 19
     return {
         "clients": n,
-        "requests": len(out["done"]),
-        "errors": len(out["errors"]),
-        "tok_s": sum(d[2] for d in out["done"]) / elapsed,
+        "requests": len(done),
+        "errors": sum(len(p["errors"]) for p in passes),
+        "tok_s": sum(d[2] for d in done) / sum(p["elapsed"] for p in passes),
+        "tok_s_per_round": [round(sum(d[2] for d in p["done"]) / p["elapsed"], 1) for p in passes],
         "ttft_p50_s": statistics.median(ttfts) if ttfts else None,
         "ttft_p95_s": q[18] if ttfts else None,
-        "replies": {p: t for p, t, _, _ in out["done"]},
-        "all_replies": [(p, t) for p, t, _, _ in out["done"]],
+        "all_replies": [(p, t) for p, t, _, _ in done],
     }
 
 
@@ -87,6 +97,12 @@ def main() -> None:
     ap.add_argument("--clients", default="1,4,8")
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--json", default=None)
+    ap.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="repeat the client counts, interleaved (the machine's speed drifts)",
+    )
     args = ap.parse_args()
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
@@ -114,13 +130,18 @@ def main() -> None:
             except httpx.HTTPError:
                 time.sleep(0.1)
         httpx.post(url + "/api/generate", json={"model": args.model, "prompt": ""}, timeout=300)  # load it
-        results = []
-        for n in (int(c) for c in args.clients.split(",")):
-            results.append(asyncio.run(level(url, args.model, n, args.seconds, args.max_tokens)))
+        counts = [int(c) for c in args.clients.split(",")]
+        passes = {n: [] for n in counts}
+        for _ in range(args.rounds):  # 1, 4, 8, 1, 4, 8, ...: a slow spell hits every count alike
+            for n in counts:
+                passes[n].append(asyncio.run(level(url, args.model, n, args.seconds, args.max_tokens)))
     finally:
         server.terminate()
         server.wait(timeout=30)
-    alone = results[0]["replies"]
+    results = [summary(n, passes[n]) for n in counts]
+    alone = {}  # the first client count's reply to each prompt (greedy: the same every time)
+    for p, t in results[0]["all_replies"]:
+        alone.setdefault(p, t)
     print(
         f"{'clients':>8s}{'requests':>10s}{'errors':>8s}{'tok/s':>9s}{'x one':>7s}{'TTFT p50':>10s}{'p95':>8s}  same as alone"
     )
@@ -129,14 +150,16 @@ def main() -> None:
         r["identical_to_alone"] = f"{sum(same)}/{len(same)}"
         r["speedup"] = r["tok_s"] / results[0]["tok_s"]
         print(f"{r['clients']:>8d}{r['requests']:>10d}{r['errors']:>8d}{r['tok_s']:>9.1f}{r['speedup']:>7.2f}"
-              f"{r['ttft_p50_s']:>10.3f}{r['ttft_p95_s']:>8.3f}  {r['identical_to_alone']}")  # fmt: skip
+              f"{r['ttft_p50_s']:>10.3f}{r['ttft_p95_s']:>8.3f}  {r['identical_to_alone']}"
+              + (f"  (rounds: {', '.join(map(str, r['tok_s_per_round']))} tok/s)" if args.rounds > 1 else ""))  # fmt: skip
     if args.json:
         for r in results:
-            del r["replies"], r["all_replies"]
+            del r["all_replies"]
         with open(args.json, "w") as f:
             json.dump(
-                {"date": time.strftime("%Y-%m-%d"), "model": args.model, "results": results}, f, indent=2
-            )
+                {"date": time.strftime("%Y-%m-%d %H:%M"), "model": args.model, "seconds": args.seconds,
+                 "rounds": args.rounds, "results": results}, f, indent=2,
+            )  # fmt: skip
 
 
 if __name__ == "__main__":
