@@ -145,6 +145,13 @@ _FUSED_PARTS = (("attn_q", "attn_k", "attn_v"), ("ffn_gate", "ffn_up"))  # fuse_
 _FUSED_GROUP = {part: (group, row) for group in _FUSED_PARTS for row, part in enumerate(group)}
 
 
+def fusable(parts: list[tuple]) -> bool:
+    """Whether a layer's q/k/v (or gate/up), each given as (GGML type, input width, has a bias),
+    are served as one product: one type and width, no biases. The load's placement of the packed
+    weights and fuse_projections both ask here, so they cannot disagree."""
+    return len({p[:2] for p in parts}) == 1 and not any(p[2] for p in parts)
+
+
 def _packed_places(gguf: GGUFFile, arena) -> dict[str, tuple]:
     """Arrays in `arena`, reserved in one piece, for the packed weights of the layers (not the
     embedding): {tensor name: (q, d, m)}, so that a load packs each weight straight into place
@@ -166,9 +173,11 @@ def _packed_places(gguf: GGUFFile, arena) -> dict[str, tuple]:
         groups.setdefault(key, []).append(name)
     for key in [k for k in groups if len(k) == 2]:  # a product that will not fuse: its parts alone
         names = groups[key]
-        ts = [gguf.tensors[n] for n in names]
-        whole = len(names) == len(key[1]) and len({(t.qtype, t.shape[1]) for t in ts}) == 1
-        if not whole or any(n.replace(".weight", ".bias") in gguf.tensors for n in names):
+        parts = [
+            (gguf.tensors[n].qtype, gguf.tensors[n].shape[1], n.replace(".weight", ".bias") in gguf.tensors)
+            for n in names
+        ]
+        if len(names) != len(key[1]) or not fusable(parts):
             del groups[key]
             groups.update({(n,): [n] for n in names})
     order = {n: i for i, n in enumerate(gguf.tensors)}
@@ -278,7 +287,7 @@ def fuse_projections(model: nn.Module) -> None:
     def fuse(parts):
         if not all(isinstance(p, GGMLLinear) for p in parts):
             return None
-        if len({(p.qtype, p.in_features) for p in parts}) != 1 or any(p.bias is not None for p in parts):
+        if not fusable([(p.qtype, p.in_features, p.bias is not None) for p in parts]):
             return None
         return GGMLLinear.concat(parts)
 
