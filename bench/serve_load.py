@@ -6,9 +6,10 @@ Starts a server in a child process, then for each client count runs that many cl
 loop (greedy chat requests of --max-tokens tokens, streamed) and prints aggregate generated
 tok/s, p50/p95 time to first token, errors, and whether every reply equals the reply the same
 request got alone (the first client count's replies). With --rounds N the client counts run N
-times, interleaved (1, 4, 8, 8, 4, 1, ...), and each count's tok/s is taken over all its passes (each pass's own is kept
-in the JSON): this machine's speed drifts by tens of percent within minutes, and one pass per count
-put a slow minute on one side of the ratio. Ratio target: 8 clients >= 4x one client.
+times, interleaved in alternating order (1, 4, 8, 8, 4, 1, ...), and each count's tok/s is taken
+over all its passes (each pass's own is kept in the JSON): this machine's speed drifts by tens of
+percent within minutes, and one pass per count put a slow minute on one side of the ratio.
+Ratio target: 8 clients >= 4x one client.
 """
 
 from __future__ import annotations
@@ -147,11 +148,11 @@ def main() -> None:
     print(
         f"{'clients':>8s}{'requests':>10s}{'errors':>8s}{'tok/s':>9s}{'x one':>7s}{'TTFT p50':>10s}{'p95':>8s}  same as alone"
     )
-    nan = float("nan")  # a count that finished no request has no TTFT
+    nan = float("nan")  # a count that finished no request has no TTFT (nor, the first, a ratio)
     for r in results:
         same = [alone[p] == t for p, t in r["all_replies"] if p in alone]
         r["identical_to_alone"] = f"{sum(same)}/{len(same)}"
-        r["speedup"] = r["tok_s"] / results[0]["tok_s"] if results[0]["tok_s"] else float("nan")
+        r["speedup"] = r["tok_s"] / results[0]["tok_s"] if results[0]["tok_s"] else nan
         print(f"{r['clients']:>8d}{r['requests']:>10d}{r['errors']:>8d}{r['tok_s']:>9.1f}{r['speedup']:>7.2f}"
               f"{r['ttft_p50_s'] or nan:>10.3f}{r['ttft_p95_s'] or nan:>8.3f}  {r['identical_to_alone']}"
               + (f"  (rounds: {', '.join(map(str, r['tok_s_per_round']))} tok/s)" if args.rounds > 1 else ""))  # fmt: skip
