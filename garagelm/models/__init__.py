@@ -156,7 +156,7 @@ def _packed_places(gguf: GGUFFile, arena) -> dict[str, tuple]:
     """Arrays in `arena`, reserved in one piece, for the packed weights of the layers (not the
     embedding): {tensor name: (q, d, m)}, so that a load packs each weight straight into place
     (before, into fresh arrays then copied onto huge pages: 0.2 s of Gemma 3's load). The parts
-    of a product that fuse_projections will fuse (q/k/v, gate/up: one type, no biases) get
+    of a product that fuse_projections will fuse (q/k/v, gate/up, where `fusable`) get
     consecutive row slices of the fused product's arrays, so the fusion is a view, not a copy.
     (Faulting the piece in on another thread meanwhile, as the embedding's, made loads slower
     here: the two threads' page faults contend.)"""
