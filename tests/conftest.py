@@ -36,6 +36,26 @@ FTYPES = {
 }
 
 
+@pytest.fixture(params=["avx512", "avxvnni", "avx2", "neon", "generic"])
+def variant(request):
+    """Each C kernel variant in turn (see garagelm/quant/cpu.py): the test runs once per variant
+    this machine builds and its CPU executes, and skips, naming the variant, for the others."""
+    from garagelm.quant import cpu
+
+    name = request.param
+    if cpu.kernels is None:
+        pytest.skip(f"{name}: the C kernels were not built (no C compiler)")
+    try:
+        cpu.load(name)
+    except ValueError as e:
+        pytest.skip(f"{name} kernels: {e}")
+    previous = cpu.set_variant(name)
+    try:
+        yield name
+    finally:
+        cpu.set_variant(previous)
+
+
 @pytest.fixture(autouse=True)
 def _no_hugging_face(monkeypatch):
     """No test may reach the real Hugging Face: its endpoint is a closed local port."""

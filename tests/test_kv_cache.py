@@ -36,12 +36,11 @@ def test_q8_0_is_llama_cpps_q8_0():
     assert np.array_equal(dequantize_q8_0(q, d, torch.float32).numpy(), back)
 
 
-@pytest.mark.skipif(not AVAILABLE, reason="C kernels not built")
 @pytest.mark.parametrize("kind", ["f16", "q8_0"])
 @pytest.mark.parametrize(("H", "Hkv", "hd"), [(9, 3, 64), (4, 1, 256), (8, 8, 128), (6, 2, 96)])
 @pytest.mark.parametrize(("S", "first"), [(1, 0), (15, 0), (17, 0), (255, 0), (256, 0), (1000, 0), (2001, 0),
                                           (40, 3), (700, 189), (1030, 512)])  # fmt: skip
-def test_decode_attention_kernel(kind, H, Hkv, hd, S, first):
+def test_decode_attention_kernel(kind, H, Hkv, hd, S, first, variant):
     """The kernel on a cache's views (capacity above S, so heads are strided) equals float64
     attention over the values the cache holds, for head sizes the kernel specialises (64, 128,
     256) and one it does not (96), short and split (>= 256 positions) contexts, partial tiles,

@@ -13,10 +13,11 @@ from gguf import GGMLQuantizationType
 from gguf.quants import dequantize as gguf_dequantize
 
 from garagelm.formats.gguf import GGUFFile
+from garagelm.quant import cpu
 from garagelm.quant.ggml_linear import (
+    PACKED_KINDS,
     GGMLEmbedding,
     GGMLLinear,
-    _kernels,
     exact_products,
     kernels_available,
     use_bf16,
@@ -42,7 +43,7 @@ def tensors(smol_path, quantized):
 
 @pytest.mark.parametrize("qtype", list(FILES))
 @pytest.mark.parametrize("rows", [1, 3, 8, 40])
-def test_matmul_matches_float_reference(tensors, qtype, rows):
+def test_matmul_matches_float_reference(tensors, qtype, rows, variant):
     t = tensors[qtype]
     n, k = t.shape
     w = torch.from_numpy(gguf_dequantize(t.raw, GGMLQuantizationType[qtype]).reshape(n, k))
@@ -56,13 +57,12 @@ def test_matmul_matches_float_reference(tensors, qtype, rows):
 
 
 @pytest.mark.parametrize("qtype", ["Q4_0", "Q4_1", "Q8_0", "Q5_0", "Q5_1", "Q4_K", "Q6_K"])
-def test_decode_products_with_int8_activations(tensors, qtype):
+def test_decode_products_with_int8_activations(tensors, qtype, variant):
     """Outside exact_products, a 1..8-row product quantizes x to q8_0 as llama.cpp does for these
     weight types: it equals a float64 product of the dequantized weights with that int8 input
     (exact integer dots), differs from the float32 product by the input's rounding, and row r of
     an 8-row product equals the 1-row product of row r bit for bit (Q4_K: x in q8_0 blocks, finer
-    than llama.cpp's q8_K). Q6_K keeps float32 products (and Q5_0/Q5_1 do on CPUs without
-    AVX512-BITALG)."""
+    than llama.cpp's q8_K). Q6_K keeps float32 products."""
     from garagelm.runtime.cache import dequantize_q8_0, quantize_q8_0
 
     t = tensors[qtype]
@@ -76,7 +76,7 @@ def test_decode_products_with_int8_activations(tensors, qtype):
         with exact_products():
             exact = lin(x)
     scale = (x.double() @ w.T).abs().max()
-    if qtype == "Q6_K" or (qtype.startswith("Q5") and not _kernels.INT8_Q5):
+    if qtype == "Q6_K":
         assert torch.equal(got, exact)
         return
     want = dequantize_q8_0(*quantize_q8_0(x), torch.float64) @ w.T
@@ -85,8 +85,36 @@ def test_decode_products_with_int8_activations(tensors, qtype):
     assert torch.equal(got, singles)
 
 
+@pytest.mark.parametrize("qtype", ["Q4_0", "Q4_1", "Q8_0", "Q5_0", "Q5_1", "Q4_K"])
+def test_int8_products_are_the_same_bits_on_every_variant(tensors, qtype, variant):
+    """Every variant's int8-activation product (16, 8, 4 weight rows a register) equals, bit for
+    bit, the plain C loop that takes one row at a time, and so the portable build's output: the
+    same integer dots and the same float32 operations per output, in the same order. So greedy
+    text does not depend on the CPU. Also with a partial last group of weight rows."""
+    t = tensors[qtype]
+    n, k = t.shape
+    lin = GGMLLinear(t.raw_bytes(), qtype, k, n)
+    q, d, m = lin._pointers()
+    generic = cpu.load("generic")
+    x = torch.randn(8, k, generator=torch.Generator().manual_seed(11)) * torch.logspace(-1, 1, k)
+    for rows, cols in ((1, n), (3, n - 3), (8, n - 5), (5, n)):
+        ys = []
+        for module, reference in ((cpu.kernels, False), (cpu.kernels, True), (generic, False)):
+            y = torch.empty(rows, cols)
+            module.int8_reference(reference)
+            try:
+                module.matmul_packed(
+                    PACKED_KINDS[qtype], q, d, m, x.data_ptr(), y.data_ptr(), rows, cols, k, True
+                )
+            finally:
+                module.int8_reference(False)
+            ys.append(y)
+        assert torch.equal(ys[0], ys[1]), (variant, rows, cols)
+        assert torch.equal(ys[0], ys[2]), (variant, rows, cols)
+
+
 @pytest.mark.parametrize("qtype", list(FILES))
-def test_bf16_prefill_products(tensors, qtype):
+def test_bf16_prefill_products(tensors, qtype, variant):
     """Many rows on a CPU with bf16 dot products: the weights dequantized straight to bf16 equal
     the float32 dequantization rounded to nearest even, and the product is the float32 one up to
     bf16 rounding of its inputs and output (errors ~2^-8 of the output spread)."""
@@ -100,14 +128,14 @@ def test_bf16_prefill_products(tensors, qtype):
     err = float((lin(x) - want).abs().max() / want.abs().max())
     if use_bf16(64):
         assert 1e-5 < err < 2e-2, err  # not the float32 path, and within bf16's precision
-    else:  # a CPU without bf16 dot products (AMX or AVX512-BF16): prefill stays float32
+    else:  # no bf16 dot products (AMX or AVX512-BF16), or not the AVX-512 kernels: float32
         assert err <= 1e-5
     with exact_products():
         assert (lin(x) - want).abs().max() <= 1e-5 * want.abs().max()
 
 
 @pytest.mark.parametrize("qtype", list(FILES))
-def test_fast_dequantize_bit_exact(tensors, qtype):
+def test_fast_dequantize_bit_exact(tensors, qtype, variant):
     t = tensors[qtype]
     want = gguf_dequantize(t.raw, GGMLQuantizationType[qtype]).reshape(t.shape)
     layer = GGMLLinear(t.raw_bytes(), qtype, t.shape[1], t.shape[0])  # packed for Q4_0/Q4_1/Q8_0
@@ -229,7 +257,7 @@ def _step_pairs(model, kv: str) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 @pytest.mark.parametrize("kv", ["f16", "q8_0"])
-def test_whole_layer_decode_equals_module_path(smol_path, kv):
+def test_whole_layer_decode_equals_module_path(smol_path, kv, variant):
     """The one-call-per-layer C decode gives the torch module path's logits and tokens over 12
     steps of its own greedy text, on an f16 cache and on a q8_0 one (written in C by the step,
     in torch by the modules); and so does a whole 12-step run on an f16 cache."""
@@ -304,8 +332,8 @@ def test_c_split_equals_the_torch_split(tensors, qtype, monkeypatch):
     t = tensors[qtype]
     raw, (n, k) = t.raw_bytes(), t.shape
     fast = ggml_linear._pack(raw, qtype, n, k)
-    kept = {a: getattr(_kernels, a) for a in dir(_kernels) if a not in ("split_kquant", "split_q5")}
-    monkeypatch.setattr(ggml_linear, "_kernels", SimpleNamespace(**kept))
+    kept = {a: getattr(cpu.kernels, a) for a in dir(cpu.kernels) if a not in ("split_kquant", "split_q5")}
+    monkeypatch.setattr(cpu, "kernels", SimpleNamespace(**kept))
     slow = ggml_linear._pack(raw, qtype, n, k)
     for a, b in zip(fast, slow, strict=True):
         assert (a is None) == (b is None)
@@ -326,8 +354,7 @@ def test_q4_k_and_q5_stay_4_and_5_bit(tensors):
         assert held == n * k * per_weight, (qtype, held / (n * k))
 
 
-@pytest.mark.skipif(not kernels_available(), reason="C kernels not built")
-def test_prefill_rows_kernels_against_float64():
+def test_prefill_rows_kernels_against_float64(variant):
     """RMSNorm and the gated activations (SiLU, GELU-tanh) over many rows in C against float64:
     float32 rows within a few float32 roundings, bf16 rows in and out within one bf16 step of
     the float64 result rounded to bf16 (and equal to it almost always)."""

@@ -13,80 +13,7 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <pthread.h>
-#include <stdatomic.h>
-#include <stdint.h>
-#include <math.h>
-#include <stdlib.h>
-#include <string.h>
-
-#define QK 32
-#define MAX_ROWS 8
-#define MAX_THREADS 64
-#ifndef CHUNKS_PER_THREAD
-#define CHUNKS_PER_THREAD 4
-#endif
-#ifndef PREFETCH_ROWS
-#define PREFETCH_ROWS 8
-#endif
-#ifndef ATT_SPLIT_MIN
-#define ATT_SPLIT_MIN 256 /* positions below which one thread attends alone */
-#endif
-#ifndef INT8_PREFETCH
-#define INT8_PREFETCH 1
-#endif
-#ifndef ATT_PREFETCH
-#define ATT_PREFETCH 16
-#endif
-
-static inline float f16_to_f32(uint16_t h) {
-    uint32_t sign = (uint32_t)(h & 0x8000u) << 16, exp = (h >> 10) & 0x1Fu, mant = h & 0x3FFu, bits;
-    if (exp == 0) {
-        float f = (float)mant * (1.0f / 16777216.0f); /* subnormal: mant * 2^-24, exact */
-        memcpy(&bits, &f, 4);
-        bits |= sign;
-    } else if (exp == 31) {
-        bits = sign | 0x7F800000u | (mant << 13);
-    } else {
-        bits = sign | ((exp + 112) << 23) | (mant << 13);
-    }
-    float out;
-    memcpy(&out, &bits, 4);
-    return out;
-}
-
-typedef struct job job_t;
-struct job {
-    int qtype, M, N, K;
-    int ldy; /* elements between output rows (N, or more when products sit side by side) */
-    const uint8_t *w;
-    const float *x;
-    float *y;
-    /* packed layout (see matmul_packed): nibbles or int8 values, f16 scales and mins */
-    const uint16_t *d, *m;
-    const float *xsum; /* (M, K/32): sum of x over each block, for the min term */
-    void (*rows)(const job_t *, int, int);
-    /* int8 activations (rows_int8): x as q8_0, its blocks' d and sums of values, (M, K/32) */
-    const int8_t *xq;
-    const float *xd;
-    const int32_t *xqs;
-    const float *xds; /* per block: its scale times the sum of its values */
-    int chunk; /* units a thread takes at a time; 0: about a quarter of a thread's share */
-};
-/* Scratch for x quantized to q8_0 (int8 activations): M * K values, and per block of 32 its
- * scale, the sum of its values and their product (the min term's factor). */
-typedef struct {
-    int8_t *q;
-    float *d;
-    int32_t *s;
-    float *ds;
-} xq_t;
-#define XQ_BYTES(M, K) ((size_t)(M) * (K) + 12 * (size_t)(M) * ((K) / QK))
-
-
-#if defined(__AVX512F__) && defined(__F16C__)
-#include <immintrin.h>
-#define HAVE_AVX512 1
-#endif
+#include "kernels/core.h"
 
 /* ---- thread pool -------------------------------------------------------------------------- */
 static job_t g_job;
@@ -99,9 +26,6 @@ static _Atomic uint64_t g_ctr;
 static atomic_int g_finished; /* chunks of the current job done */
 static pthread_mutex_t g_mu = PTHREAD_MUTEX_INITIALIZER;
 static pthread_cond_t g_cv = PTHREAD_COND_INITIALIZER;
-/* Set when a kernel could not get its scratch memory (its output is then not computed); the
- * Python entry points turn it into MemoryError. */
-static atomic_int g_nomem;
 /* None, or MemoryError when a kernel of the call went without its scratch. */
 static PyObject *kernel_result(void) {
     if (atomic_exchange(&g_nomem, 0))
@@ -114,21 +38,6 @@ static inline void cpu_relax(void) {
     __builtin_ia32_pause();
 #endif
 }
-
-/* Per-thread scratch kept between calls (an allocation per product or attention part showed as
- * 2% of decode at long context): slot 0 for products, 1 for attention. NULL if it cannot grow. */
-static float *thread_scratch(int slot, size_t n) {
-    static __thread float *buf[2];
-    static __thread size_t cap[2];
-    if (n > cap[slot]) {
-        free(buf[slot]);
-        cap[slot] = (n + 4095) & ~(size_t)4095; /* room to grow: whole 16 KiB steps */
-        buf[slot] = aligned_alloc(64, cap[slot] * sizeof(float));
-        if (!buf[slot]) cap[slot] = 0;
-    }
-    return buf[slot];
-}
-
 /* Take chunks of generation `gen` until none is left. Chunks rather than one fixed share per
  * thread: on two cores the other thread is often descheduled for a while (the server's own
  * Python, its clients), and a fixed share would keep this one spinning until it came back. */
@@ -214,531 +123,44 @@ static void matmul(const job_t *j) {
     pthread_mutex_unlock(&g_call);
 }
 
-/* ---- packed layout ------------------------------------------------------------------------
- * A GGML Q4_0 / Q4_1 / Q8_0 weight split at load into: values (N, K/2 nibble bytes in GGML's
- * order, or N x K int8), scales d (N, K/32) f16 and, for Q4_1, mins m (N, K/32) f16. Same bits,
- * no per-block header to step over, and the scales of a row convert 16 at a time.
- * The product is factored per block: d * sum(q * x) + m * sum(x), with sum(x) computed once per
- * call (for Q4_0, m = -8 d). That is the dequantized weights' product up to float32 rounding.
- */
-/* P_I8 / P_I8_16: Q5_K (P_I8) and Q6_K (P_I8_16) unpacked at load to int8 values with float32
- * scales (and negated mins for P_I8) per 32 / 16 values: ~1.25 bytes a weight, same values.
- * (Q4_K keeps its 4 bits: P_Q4_F32 below; Q5_0/Q5_1 their 5: P_Q5_0/P_Q5_1.) */
-/* P_F32 / P_BF16 / P_F16: plain float rows (a float model's weights; no scales), widened to
- * float32 exactly as they are read. */
-/* P_Q4_F32: Q4_K kept at 4 bits: nibbles in Q4_0's order per 32 values (byte i holds values i
- * and i + 16), with the float32 scale and negated min of each 32 (0.75 bytes a weight). */
-/* P_Q5_1 / P_Q5_0: Q5_1 and Q5_0 kept at 5 bits: per 32 values 20 bytes, the 16 nibble bytes in
- * Q4_0's order then the 32 high bits (bit i: value i), with f16 scales (and, Q5_1, f16 mins).
- * 0.69 / 0.75 bytes a weight, as in the file. Q5_0's values are centred (v - 16) before they are
- * multiplied, as llama.cpp does: factored as d * sum(v x) - 16 d * sum(x) instead, the two terms
- * nearly cancel on large activations and float32 rounding of each shows (measured on Gemma 3:
- * 0.1 logits between two evaluation orders, against 3e-3 centred). */
-enum { P_Q4_MIN = 0, P_Q4_0 = 1, P_Q8 = 2, P_I8 = 3, P_I8_16 = 4, P_F32 = 5, P_BF16 = 6, P_F16 = 7, P_Q4_F32 = 8,
-       P_Q5_1 = 9, P_Q5_0 = 10 };
-#define LAST_KIND P_Q5_0
-#define IS_Q5(kind) ((kind) == P_Q5_1 || (kind) == P_Q5_0)
-#define IS_FLOAT(kind) ((kind) >= P_F32 && (kind) <= P_F16)
-#define F32_SCALES(kind) ((kind) == P_I8 || (kind) == P_I8_16 || (kind) == P_Q4_F32)
-#define FLOAT_BYTES(kind) ((kind) == P_F32 ? 4 : 2)
-
-static inline float float_at(const uint8_t *w, int kind, size_t i) {
-    if (kind == P_F32) return ((const float *)w)[i];
-    if (kind == P_F16) return f16_to_f32(((const uint16_t *)w)[i]);
-    uint32_t bits = (uint32_t)((const uint16_t *)w)[i] << 16; /* bf16: the top half of a float32 */
-    float out;
-    memcpy(&out, &bits, 4);
-    return out;
-}
-#define MAX_BLOCKS 4096 /* K up to 131072 */
-#define BYTE_VALUES(kind) ((kind) >= P_Q8 && (kind) != P_Q4_F32 && !IS_Q5(kind))
-#define HAS_MIN(kind) ((kind) == P_Q4_MIN || (kind) == P_Q4_0 || (kind) == P_I8 || (kind) == P_Q4_F32 || (kind) == P_Q5_1)
-/* bytes of values per 32-value block, and per row of K values */
-#define BLOCK_BYTES(kind) (BYTE_VALUES(kind) ? QK : IS_Q5(kind) ? 20 : 16)
-#define ROW_BYTES(kind, K) ((size_t)(K) / QK * BLOCK_BYTES(kind))
-/* P_I8 without mins passes m = NULL: load_row_scales leaves zero mins. */
-#define N_SCALES(kind, nb) ((kind) == P_I8_16 ? 2 * (nb) : (nb))
-
-static inline void row_scales(const uint16_t *src, float *dst, int nb) {
-    int b = 0;
-#ifdef HAVE_AVX512
-    for (; b + 16 <= nb; b += 16)
-        _mm512_storeu_ps(dst + b, _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(src + b))));
-#endif
-    for (; b < nb; b++) dst[b] = f16_to_f32(src[b]);
-}
-
-/* Row n's scales (and mins) as float32 into d and m, whatever the kind stores. */
-static void load_row_scales(const job_t *j, int n, float *d, float *m, int nb) {
-    const int kind = j->qtype, ns = N_SCALES(kind, nb);
-    if (F32_SCALES(kind)) {
-        memcpy(d, (const float *)j->d + (size_t)n * ns, sizeof(float) * ns);
-        if (kind == P_I8 || kind == P_Q4_F32) {
-            if (j->m)
-                memcpy(m, (const float *)j->m + (size_t)n * ns, sizeof(float) * ns);
-            else
-                memset(m, 0, sizeof(float) * ns);
-        }
-    } else {
-        row_scales(j->d + (size_t)n * nb, d, nb);
-        if (kind == P_Q4_MIN || kind == P_Q5_1) row_scales(j->m + (size_t)n * nb, m, nb);
-    }
-    if (kind == P_Q4_0)
-        for (int b = 0; b < nb; b++) m[b] = -8.0f * d[b];
-    for (int b = ns; b < ((ns + 15) & ~15); b++) d[b] = m[b] = 0.0f; /* padding lanes */
-}
-
-/* Float32 weights: y = sum(w * x), four partial sums per row as the AVX-512 path keeps lanes. */
-static void rows_float_generic(const job_t *j, int n0, int n1) {
-    for (int n = n0; n < n1; n++) {
-        for (int r = 0; r < j->M; r++) {
-            const float *x = j->x + (size_t)r * j->K;
-            float acc = 0.0f;
-            for (int k = 0; k < j->K; k++) acc += float_at(j->w, j->qtype, (size_t)n * j->K + k) * x[k];
-            j->y[(size_t)r * j->ldy + n] = acc;
-        }
-    }
-}
-
-static void rows_packed_generic(const job_t *j, int n0, int n1) {
-    const int nb = j->K / QK, kind = j->qtype;
-    float d[2 * MAX_BLOCKS + 16], m[2 * MAX_BLOCKS + 16];
-    for (int n = n0; n < n1; n++) {
-        load_row_scales(j, n, d, m, nb);
-        for (int r = 0; r < j->M; r++) {
-            const float *x = j->x + (size_t)r * j->K, *xs = j->xsum + (size_t)r * ((nb + 15) & ~15);
-            float acc = 0.0f, macc = 0.0f;
-            for (int b = 0; b < nb; b++) {
-                float t = 0.0f, t2 = 0.0f;
-                if (BYTE_VALUES(kind)) {
-                    const int8_t *q = (const int8_t *)j->w + (size_t)n * j->K + (size_t)b * QK;
-                    for (int i = 0; i < 16; i++) t += (float)q[i] * x[b * QK + i];
-                    for (int i = 16; i < QK; i++) t2 += (float)q[i] * x[b * QK + i];
-                } else {
-                    const uint8_t *q = j->w + ROW_BYTES(kind, j->K) * n + (size_t)b * BLOCK_BYTES(kind);
-                    uint32_t qh = 0;
-                    if (IS_Q5(kind)) memcpy(&qh, q + 16, 4);
-                    for (int i = 0; i < 16; i++) {
-                        const int c = kind == P_Q5_0 ? 16 : 0; /* Q5_0: centred values */
-                        const int lo = ((q[i] & 0x0F) | (((qh >> i) & 1) << 4)) - c;
-                        const int hi = ((q[i] >> 4) | (((qh >> (i + 16)) & 1) << 4)) - c;
-                        t += (float)lo * x[b * QK + i] + (float)hi * x[b * QK + 16 + i];
-                    }
-                }
-                acc += kind == P_I8_16 ? d[2 * b] * t + d[2 * b + 1] * t2 : d[b] * (t + t2);
-                if (HAS_MIN(kind)) macc += m[b] * xs[b];
-            }
-            j->y[(size_t)r * j->ldy + n] = acc + macc;
-        }
-    }
-}
-
-#ifdef HAVE_AVX512
-static inline void row_scales512(const uint16_t *src, float *dst, int nb) {
-    int b = 0;
-    for (; b + 16 <= nb; b += 16)
-        _mm512_store_ps(dst + b, _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(src + b))));
-    if (b < nb) { /* masked tail: no scalar conversions */
-        __mmask16 k = (__mmask16)((1u << (nb - b)) - 1);
-        __m256i h = _mm256_maskz_loadu_epi16(k, src + b);
-        _mm512_store_ps(dst + b, _mm512_cvtph_ps(h)); /* lanes past nb are zero */
-    }
-}
-
-/* Two output rows at a time: each x vector is loaded once for both, and the two rows' FMA
- * chains are independent, which keeps both FMA ports busy. */
-typedef float row_scales_t[2][2 * MAX_BLOCKS + 16];
-
-static inline __attribute__((always_inline)) void rows_packed_avx512_m(const job_t *j, int n0, int n1, const int M,
-                                                                       row_scales_t d, row_scales_t m) {
-    const int nb = j->K / QK, kind = j->qtype, nb16 = (nb + 15) & ~15;
-    const __m128i low = _mm_set1_epi8(0x0F);
-    const size_t row_bytes = ROW_BYTES(kind, j->K);
-    for (int n = n0; n < n1; n += 2) {
-        const int pair = n + 1 < n1 ? 2 : 1;
-        const uint8_t *rows[2] = {j->w + (size_t)n * row_bytes, j->w + (size_t)(n + pair - 1) * row_bytes};
-        if (n + PREFETCH_ROWS + 1 < n1)
-            for (size_t o = 0; o < 2 * row_bytes; o += 64) __builtin_prefetch(rows[0] + PREFETCH_ROWS * row_bytes + o, 0, 3);
-        for (int p = 0; p < 2; p++) {
-            const int row = n + p * (pair - 1);
-            if (F32_SCALES(kind)) {
-                load_row_scales(j, row, d[p], m[p], nb);
-                continue;
-            }
-            row_scales512(j->d + (size_t)row * nb, d[p], nb);
-            if (kind == P_Q4_MIN || kind == P_Q5_1) row_scales512(j->m + (size_t)row * nb, m[p], nb);
-            if (kind == P_Q4_0)
-                for (int b = 0; b < nb16; b += 16)
-                    _mm512_store_ps(m[p] + b, _mm512_mul_ps(_mm512_set1_ps(-8.0f), _mm512_load_ps(d[p] + b)));
-        }
-        __m512 acc[MAX_ROWS][2];
-        for (int r = 0; r < M; r++) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
-        for (int b = 0; b < nb; b++) {
-            __m512 q[2][2];
-            for (int p = 0; p < 2; p++) {
-                const uint8_t *row = rows[p];
-                if (BYTE_VALUES(kind)) {
-                    q[p][0] = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(row + b * QK))));
-                    q[p][1] = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(row + b * QK + 16))));
-                } else {
-                    const uint8_t *blk = row + (size_t)b * BLOCK_BYTES(kind);
-                    __m128i qs = _mm_loadu_si128((const __m128i *)blk);
-                    __m512i lo = _mm512_cvtepu8_epi32(_mm_and_si128(qs, low));
-                    __m512i hi = _mm512_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(qs, 4), low));
-                    if (IS_Q5(kind)) { /* the fifth bits, as masks: +16 where set (Q5_0: -16 where not) */
-                        uint32_t qh;
-                        memcpy(&qh, blk + 16, 4);
-                        const __m512i sixteen = _mm512_set1_epi32(16);
-                        if (kind == P_Q5_0) {
-                            lo = _mm512_mask_sub_epi32(lo, (__mmask16)~qh, lo, sixteen);
-                            hi = _mm512_mask_sub_epi32(hi, (__mmask16)~(qh >> 16), hi, sixteen);
-                        } else {
-                            lo = _mm512_mask_add_epi32(lo, (__mmask16)qh, lo, sixteen);
-                            hi = _mm512_mask_add_epi32(hi, (__mmask16)(qh >> 16), hi, sixteen);
-                        }
-                    }
-                    q[p][0] = _mm512_cvtepi32_ps(lo);
-                    q[p][1] = _mm512_cvtepi32_ps(hi);
-                }
-            }
-            if (kind == P_I8_16) { /* a scale per 16 values */
-                const __m512 d0a = _mm512_set1_ps(d[0][2 * b]), d0b = _mm512_set1_ps(d[0][2 * b + 1]);
-                const __m512 d1a = _mm512_set1_ps(d[1][2 * b]), d1b = _mm512_set1_ps(d[1][2 * b + 1]);
-                for (int r = 0; r < M; r++) {
-                    const float *xr = j->x + (size_t)r * j->K + (size_t)b * QK;
-                    const __m512 xa = _mm512_loadu_ps(xr), xb = _mm512_loadu_ps(xr + 16);
-                    acc[r][0] = _mm512_fmadd_ps(_mm512_mul_ps(q[0][0], xa), d0a, acc[r][0]);
-                    acc[r][0] = _mm512_fmadd_ps(_mm512_mul_ps(q[0][1], xb), d0b, acc[r][0]);
-                    acc[r][1] = _mm512_fmadd_ps(_mm512_mul_ps(q[1][0], xa), d1a, acc[r][1]);
-                    acc[r][1] = _mm512_fmadd_ps(_mm512_mul_ps(q[1][1], xb), d1b, acc[r][1]);
-                }
-                continue;
-            }
-            const __m512 d0 = _mm512_set1_ps(d[0][b]), d1 = _mm512_set1_ps(d[1][b]);
-            for (int r = 0; r < M; r++) {
-                const float *xr = j->x + (size_t)r * j->K + (size_t)b * QK;
-                const __m512 xa = _mm512_loadu_ps(xr), xb = _mm512_loadu_ps(xr + 16);
-                __m512 t0 = _mm512_fmadd_ps(q[0][1], xb, _mm512_mul_ps(q[0][0], xa));
-                __m512 t1 = _mm512_fmadd_ps(q[1][1], xb, _mm512_mul_ps(q[1][0], xa));
-                acc[r][0] = _mm512_fmadd_ps(t0, d0, acc[r][0]);
-                acc[r][1] = _mm512_fmadd_ps(t1, d1, acc[r][1]);
-            }
-        }
-        for (int r = 0; r < M; r++) {
-            if (HAS_MIN(kind)) { /* min term, over blocks 16 at a time (padding lanes are zero) */
-                const float *xs = j->xsum + (size_t)r * nb16;
-                for (int b = 0; b < nb16; b += 16) {
-                    const __m512 xv = _mm512_loadu_ps(xs + b);
-                    acc[r][0] = _mm512_fmadd_ps(_mm512_load_ps(m[0] + b), xv, acc[r][0]);
-                    acc[r][1] = _mm512_fmadd_ps(_mm512_load_ps(m[1] + b), xv, acc[r][1]);
-                }
-            }
-            j->y[(size_t)r * j->ldy + n] = _mm512_reduce_add_ps(acc[r][0]);
-            if (pair == 2) j->y[(size_t)r * j->ldy + n + 1] = _mm512_reduce_add_ps(acc[r][1]);
-        }
-    }
-}
-
-/* A copy per row count (decode steps carry 1..MAX_ROWS sequences), with M a constant, so the
- * accumulators live in registers rather than on the stack: with M rows each block's FMAs would
- * otherwise wait on stores and reloads of acc. */
-/* CALL(m) for m = the job's row count as a compile-time constant (M is at most MAX_ROWS). */
-#define BY_ROWS(M, CALL)                                                                                   \
-    switch (M) {                                                                                           \
-    case 1: CALL(1); break;                                                                                \
-    case 2: CALL(2); break;                                                                                \
-    case 3: CALL(3); break;                                                                                \
-    case 4: CALL(4); break;                                                                                \
-    case 5: CALL(5); break;                                                                                \
-    case 6: CALL(6); break;                                                                                \
-    case 7: CALL(7); break;                                                                                \
-    default: CALL(MAX_ROWS); break;                                                                        \
-    }
-
-static void rows_packed_avx512(const job_t *j, int n0, int n1) {
-    /* one row's scales and mins as float32, shared by the copies (not one 130 KB frame each) */
-    row_scales_t d __attribute__((aligned(64))), m __attribute__((aligned(64)));
-#define CALL(rows) rows_packed_avx512_m(j, n0, n1, rows, d, m)
-    BY_ROWS(j->M, CALL)
-#undef CALL
-}
-#endif
-
-#ifdef HAVE_AVX512
-static inline __m512 load_float16(const uint8_t *row, int kind, int k) {
-    if (kind == P_F32) return _mm512_loadu_ps((const float *)row + k);
-    const __m256i h = _mm256_loadu_si256((const __m256i *)((const uint16_t *)row + k));
-    if (kind == P_F16) return _mm512_cvtph_ps(h);
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16)); /* bf16 */
-}
-
-/* Float weights (f32, bf16 or f16), two rows at a time (each x vector loaded once for both). */
-static inline __attribute__((always_inline)) void rows_float_avx512_m(const job_t *j, int n0, int n1, const int M) {
-    const int K = j->K, kind = j->qtype;
-    const size_t row_bytes = (size_t)K * FLOAT_BYTES(kind);
-    for (int n = n0; n < n1; n += 2) {
-        const int pair = n + 1 < n1 ? 2 : 1;
-        const uint8_t *w0 = j->w + (size_t)n * row_bytes, *w1 = j->w + (size_t)(n + pair - 1) * row_bytes;
-        if (n + PREFETCH_ROWS + 1 < n1)
-            for (size_t o = 0; o < 2 * row_bytes; o += 64) __builtin_prefetch(w0 + PREFETCH_ROWS * row_bytes + o, 0, 3);
-        __m512 acc[MAX_ROWS][2];
-        for (int r = 0; r < M; r++) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
-        for (int k = 0; k < K; k += 16) {
-            const __m512 a = load_float16(w0, kind, k), b = load_float16(w1, kind, k);
-            for (int r = 0; r < M; r++) {
-                const __m512 xv = _mm512_loadu_ps(j->x + (size_t)r * K + k);
-                acc[r][0] = _mm512_fmadd_ps(a, xv, acc[r][0]);
-                acc[r][1] = _mm512_fmadd_ps(b, xv, acc[r][1]);
-            }
-        }
-        for (int r = 0; r < M; r++) {
-            j->y[(size_t)r * j->ldy + n] = _mm512_reduce_add_ps(acc[r][0]);
-            if (pair == 2) j->y[(size_t)r * j->ldy + n + 1] = _mm512_reduce_add_ps(acc[r][1]);
-        }
-    }
-}
-
-static void rows_float_avx512(const job_t *j, int n0, int n1) {
-#define CALL(rows) rows_float_avx512_m(j, n0, n1, rows)
-    BY_ROWS(j->M, CALL)
-#undef CALL
-}
-#endif
-
-#ifdef HAVE_AVX512
-/* ---- products with int8 activations (llama.cpp's arithmetic for Q4_0, Q4_1, Q5_0, Q5_1, Q8_0;
- * Q4_K too, with x in q8_0 blocks where llama.cpp takes q8_K's 256) ---------------------------
- * Each 32 values of x are quantized to q8_0 (int8, d = max|x| / 127 kept in f16: llama.cpp's
- * quantize_row_q8_0 / q8_1), each block's dot with the weights' integer values is taken exactly
- * with vpdpbusd, then scaled: y = sum_b dw_b dx_b sum(q xq) [+ m_b dx_b sum(xq)], Q4_0, Q5_0 and
- * Q8_0's offsets (8, 16, and the 128 that makes int8 weights unsigned) taken out of the integer
- * sums. Q5's fifth bits are added to the nibbles after the transpose, 64 at a time, by a bit
- * shuffle (vpshufbitqmb) that picks each byte's bit out of its row's 32 high bits.
- * Sixteen weight rows go together: their blocks are transposed in registers so that one
- * vpdpbusd with 4 bytes of x gives 16 rows' partial dots, with no horizontal sums, for every
- * row of x. Float32 FMAs did a fifth of that work per instruction, so 8 rows of x (a batched
- * decode step) cost four 1-row steps; here the weights' stream stays the limit. */
-#if defined(__AVX512BITALG__) /* Q5_0/Q5_1's fifth bits go in by vpshufbitqmb */
-#define INT8_KIND(kind) ((kind) == P_Q4_0 || (kind) == P_Q4_MIN || (kind) == P_Q8 || (kind) == P_Q4_F32 || IS_Q5(kind))
+/* ---- products ------------------------------------------------------------------------------
+ * The packed layout is in kernels/core.h. Each variant brings its float products (rows_packed_*,
+ * rows_float_*) and its int8-activation products (rows_int8, quantize_x). */
+#if defined(HAVE_AVX512)
+#include "kernels/rows_avx512.h"
+#include "kernels/int8_avx512.h"
+#include "kernels/int8.h" /* rows_int8_generic, for int8_reference */
+#define rows_packed rows_packed_avx512
+#define rows_float rows_float_avx512
 #else
-#define INT8_KIND(kind) ((kind) == P_Q4_0 || (kind) == P_Q4_MIN || (kind) == P_Q8 || (kind) == P_Q4_F32)
-#endif
-#if defined(__AVX512VNNI__)
-#define DPBUSD(acc, u, s) _mm512_dpbusd_epi32(acc, u, s)
-#else
-/* vpdpbusd without VNNI: the even and odd bytes widened to 16 bits, two madds (exact) */
-static inline __m512i dpbusd_emul(__m512i acc, __m512i u, __m512i s) {
-    const __m512i ue = _mm512_and_si512(u, _mm512_set1_epi16(0x00FF)), uo = _mm512_srli_epi16(u, 8);
-    const __m512i se = _mm512_srai_epi16(_mm512_slli_epi16(s, 8), 8), so = _mm512_srai_epi16(s, 8);
-    return _mm512_add_epi32(acc, _mm512_add_epi32(_mm512_madd_epi16(ue, se), _mm512_madd_epi16(uo, so)));
-}
-#define DPBUSD(acc, u, s) dpbusd_emul(acc, u, s)
+#include "kernels/vec8.h"
+#include "kernels/int8.h"
+#define rows_packed rows_packed_v8
+#define rows_float rows_float_v8
+#define quantize_x quantize_x_portable
+#define INT8_KIND INT8_KIND_PORTABLE
 #endif
 
-/* q8_0 as llama.cpp writes it: per 32 values d = max|x| / 127, q = round(x / d), d kept in f16. */
-static void quantize_q8_0(const float *x, int8_t *q, uint16_t *d, int n) {
-    for (int b = 0; b < n / QK; b++) {
-        float amax = 0.0f;
-        for (int i = 0; i < QK; i++) amax = fmaxf(amax, fabsf(x[b * QK + i]));
-        const float s = amax / 127.0f, inv = s ? 1.0f / s : 0.0f;
-        d[b] = _cvtss_sh(s, _MM_FROUND_TO_NEAREST_INT);
-        for (int i = 0; i < QK; i++) q[b * QK + i] = (int8_t)nearbyintf(x[b * QK + i] * inv);
-    }
-}
-
-/* x (M, K) -> xq (M, K) int8 (vectorised quantize_q8_0: the same values), xd (M, nb) its f16 d as
- * float32, xs (M, nb) the sum of each block's int8 values, xds (M, nb) xd * xs (the min term's). */
-static void quantize_x(const float *x, int M, int K, int8_t *xq, float *xd, int32_t *xs, float *xds) {
-    const int nb = K / QK;
-    const __m512 absmask = _mm512_castsi512_ps(_mm512_set1_epi32(0x7FFFFFFF));
-    for (int r = 0; r < M; r++)
-        for (int b = 0; b < nb; b++) {
-            const float *src = x + (size_t)r * K + (size_t)b * QK;
-            const __m512 a = _mm512_loadu_ps(src), c = _mm512_loadu_ps(src + 16);
-            const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_and_ps(a, absmask), _mm512_and_ps(c, absmask)));
-            const float s = amax / 127.0f, inv = s ? 1.0f / s : 0.0f;
-            const uint16_t d16 = _cvtss_sh(s, _MM_FROUND_TO_NEAREST_INT);
-            /* x * inv rounded to nearest even, as nearbyintf (MXCSR's default rounding) */
-            const __m512i qa = _mm512_cvtps_epi32(_mm512_mul_ps(a, _mm512_set1_ps(inv)));
-            const __m512i qc = _mm512_cvtps_epi32(_mm512_mul_ps(c, _mm512_set1_ps(inv)));
-            int8_t *dst = xq + (size_t)r * K + (size_t)b * QK;
-            _mm_storeu_si128((__m128i *)dst, _mm512_cvtepi32_epi8(qa));
-            _mm_storeu_si128((__m128i *)(dst + 16), _mm512_cvtepi32_epi8(qc));
-            xd[r * nb + b] = f16_to_f32(d16);
-            xs[r * nb + b] = _mm512_reduce_add_epi32(_mm512_add_epi32(qa, qc));
-            xds[r * nb + b] = xd[r * nb + b] * (float)xs[r * nb + b];
-        }
-}
-
-/* Rows' 16-byte pieces at offset `at` of 16 consecutive rows (row p at rows[p]), transposed to
- * T[c]: lane 4L + g holds dword c of row 4g + L. */
-static inline __attribute__((always_inline)) void load_t16(const uint8_t *const *rows, size_t at, __m512i T[4]) {
-    __m512i A[4];
-    for (int g = 0; g < 4; g++) {
-        __m512i v = _mm512_castsi128_si512(_mm_loadu_si128((const __m128i *)(rows[4 * g] + at)));
-        v = _mm512_inserti32x4(v, _mm_loadu_si128((const __m128i *)(rows[4 * g + 1] + at)), 1);
-        v = _mm512_inserti32x4(v, _mm_loadu_si128((const __m128i *)(rows[4 * g + 2] + at)), 2);
-        A[g] = _mm512_inserti32x4(v, _mm_loadu_si128((const __m128i *)(rows[4 * g + 3] + at)), 3);
-    }
-    const __m512i t0 = _mm512_unpacklo_epi32(A[0], A[1]), t1 = _mm512_unpackhi_epi32(A[0], A[1]);
-    const __m512i t2 = _mm512_unpacklo_epi32(A[2], A[3]), t3 = _mm512_unpackhi_epi32(A[2], A[3]);
-    T[0] = _mm512_unpacklo_epi64(t0, t2);
-    T[1] = _mm512_unpackhi_epi64(t0, t2);
-    T[2] = _mm512_unpacklo_epi64(t1, t3);
-    T[3] = _mm512_unpackhi_epi64(t1, t3);
-}
-
-static inline __attribute__((always_inline)) void rows_int8_m(const job_t *j, int n0, int n1, const int M,
-                                                               const int kind) {
-    const int K = j->K, nb = K / QK, nb16 = (nb + 15) & ~15;
-    const size_t row_bytes = ROW_BYTES(kind, K), bb = BLOCK_BYTES(kind);
-    /* lane k of a transposed vector holds row pi(k) = 4 (k % 4) + k / 4 (its own inverse) */
-    const __m512i pi = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
-    const __m512i at_row = _mm512_mullo_epi32(pi, _mm512_set1_epi32(nb16));
-    const int mins = kind == P_Q4_MIN || kind == P_Q5_1 || kind == P_Q4_F32, f32 = kind == P_Q4_F32;
-#ifdef __AVX512BITALG__
-    /* Q5: byte e of lane k of w[c] is value 4c + e (w[4 + c]: 16 + 4c + e) of lane k's row, whose
-     * fifth bit is that bit of the row's 32 high bits; a lane pair shares a qword of H. */
-    __m512i fifth[8];
-    for (int c = 0; c < 8; c++) {
-        const long long base = (c < 4 ? 4 * c : 16 + 4 * (c - 4)) * 0x0101010101010101LL;
-        fifth[c] = _mm512_add_epi8(_mm512_set1_epi64(base), _mm512_set1_epi64(0x2322212003020100LL));
-    }
-#endif
-    float *sc = thread_scratch(0, (size_t)(mins ? 2 : 1) * 16 * nb16);
-    if (!sc) { /* no scratch: nothing computed, and the call raises MemoryError */
-        atomic_store(&g_nomem, 1);
-        return;
-    }
-    float *mc = sc + 16 * nb16;
-    for (int n = n0; n < n1; n += 16) {
-        const int have = n1 - n < 16 ? n1 - n : 16; /* rows past n1 repeat the last one, unstored */
-        const uint8_t *rows[16];
-        for (int p = 0; p < 16; p++) {
-            const int row = n + (p < have ? p : have - 1);
-            rows[p] = j->w + (size_t)row * row_bytes;
-            if (f32) { /* Q4_K: float32 scales and mins already */
-                memcpy(sc + p * nb16, (const float *)j->d + (size_t)row * nb, sizeof(float) * nb);
-                if (j->m)
-                    memcpy(mc + p * nb16, (const float *)j->m + (size_t)row * nb, sizeof(float) * nb);
-                else
-                    memset(mc + p * nb16, 0, sizeof(float) * nb);
-                continue;
-            }
-            row_scales512(j->d + (size_t)row * nb, sc + p * nb16, nb);
-            if (mins) row_scales512(j->m + (size_t)row * nb, mc + p * nb16, nb);
-        }
-        const uint8_t *next = j->w + (size_t)(n + 16) * row_bytes;
-        const int more = n + 16 < n1;
-        /* Q5: where each lane's row keeps its high bits, from rows[0] (the last rows may repeat) */
-#ifdef __AVX512BITALG__
-        __m512i hi_at = _mm512_setzero_si512();
-        if (IS_Q5(kind)) {
-            int at_lane[16];
-            for (int k = 0; k < 16; k++) at_lane[k] = (int)(rows[4 * (k % 4) + k / 4] - rows[0]);
-            hi_at = _mm512_loadu_si512(at_lane);
-        }
-#endif
-        __m512 acc[MAX_ROWS];
-        for (int r = 0; r < M; r++) acc[r] = _mm512_setzero_ps();
-        for (int b = 0; b < nb; b++) {
-            if (INT8_PREFETCH && more) /* the next 16 rows, a block's share of them at a time */
-                for (size_t o = 0; o < 16 * bb; o += 64) __builtin_prefetch(next + (size_t)b * 16 * bb + o, 0, 3);
-            __m512i w[8], T[4];
-            if (kind == P_Q8) { /* int8 values as u8 = q + 128 */
-                const __m512i flip = _mm512_set1_epi8((char)0x80);
-                load_t16(rows, (size_t)b * QK, T);
-                for (int c = 0; c < 4; c++) w[c] = _mm512_xor_si512(T[c], flip);
-                load_t16(rows, (size_t)b * QK + 16, T);
-                for (int c = 0; c < 4; c++) w[4 + c] = _mm512_xor_si512(T[c], flip);
-            } else { /* nibbles: byte i holds values i and i + 16 */
-                const __m512i nib = _mm512_set1_epi8(0x0F);
-                load_t16(rows, (size_t)b * bb, T);
-                for (int c = 0; c < 4; c++) {
-                    w[c] = _mm512_and_si512(T[c], nib);
-                    w[4 + c] = _mm512_and_si512(_mm512_srli_epi16(T[c], 4), nib);
-                }
-#ifdef __AVX512BITALG__
-                if (IS_Q5(kind)) { /* values 0..31: add 16 where the fifth bit is set */
-                    const __m512i H = _mm512_i32gather_epi32(hi_at, rows[0] + (size_t)b * bb + 16, 1);
-                    for (int c = 0; c < 8; c++)
-                        w[c] = _mm512_mask_add_epi8(w[c], _mm512_bitshuffle_epi64_mask(H, fifth[c]), w[c],
-                                                    _mm512_set1_epi8(16));
-                }
-#endif
-            }
-            const __m512 dw = _mm512_i32gather_ps(at_row, sc + b, 4);
-            const __m512 mw = mins ? _mm512_i32gather_ps(at_row, mc + b, 4) : _mm512_setzero_ps();
-            /* the weights' offset: Q4_0's 8, Q5_0's 16, Q8_0's 128 (int8 stored unsigned) */
-            const int off = kind == P_Q4_0 ? 8 : kind == P_Q5_0 ? 16 : kind == P_Q8 ? 128 : 0;
-#pragma GCC unroll 8 /* accumulators in registers, not on the stack */
-            for (int r = 0; r < M; r++) {
-                const int32_t *xr = (const int32_t *)(j->xq + (size_t)r * K + (size_t)b * QK);
-                const int32_t xs = j->xqs[r * nb + b];
-                const float xd = j->xd[r * nb + b];
-                __m512i a0 = _mm512_set1_epi32(-off * xs), a1 = _mm512_setzero_si512();
-                for (int c = 0; c < 8; c += 2) {
-                    a0 = DPBUSD(a0, w[c], _mm512_set1_epi32(xr[c]));
-                    a1 = DPBUSD(a1, w[c + 1], _mm512_set1_epi32(xr[c + 1]));
-                }
-                acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(a0, a1)),
-                                         _mm512_mul_ps(dw, _mm512_set1_ps(xd)), acc[r]);
-                if (mins) acc[r] = _mm512_fmadd_ps(mw, _mm512_set1_ps(j->xds[r * nb + b]), acc[r]);
-            }
-        }
-        const __mmask16 keep = (__mmask16)((1u << have) - 1);
-        for (int r = 0; r < M; r++)
-            _mm512_mask_storeu_ps(j->y + (size_t)r * j->ldy + n, keep, _mm512_permutexvar_ps(pi, acc[r]));
-    }
-}
-
-/* One copy per kind and row count: the kind's tests and offsets fold away, and the registers
- * they held are free for the 8-row loop, which spilled (8 rows of gate/up on one thread: 145-156
- * us before, 127-128 after). */
-static void rows_int8(const job_t *j, int n0, int n1) {
-#define CALL(rows) rows_int8_m(j, n0, n1, rows, kind_now)
-#define BY_KIND(kind)                                                                                      \
-    case kind: {                                                                                           \
-        const int kind_now = kind; /* a constant in each inlined copy */                                   \
-        BY_ROWS(j->M, CALL)                                                                                \
-    } break;
-    switch (j->qtype) {
-        BY_KIND(P_Q4_MIN)
-        BY_KIND(P_Q4_0)
-        BY_KIND(P_Q8)
-        BY_KIND(P_Q4_F32)
-#ifdef __AVX512BITALG__
-        BY_KIND(P_Q5_1)
-        BY_KIND(P_Q5_0)
-#endif
-    default: break; /* not an int8 kind: packed_product never sends one */
-    }
-#undef BY_KIND
-#undef CALL
-}
-#endif
 
 /* y = x @ W.T for packed W; xs: scratch of M * (K/32 rounded up to 16) floats; i8: scratch for
  * int8 activations (NULL: float32 products, `exact`) where the kind has them. */
+/* Set by int8_reference(True): int8 products take the one-row-at-a-time plain C loop, which
+ * every variant's vector kernel must equal bit for bit (the tests compare them). */
+static int g_int8_reference;
+
 static void packed_product(int kind, const uint8_t *q, const uint16_t *d, const uint16_t *m, const float *x, float *y,
                            int M, int N, int K, int ldy, float *xs, const xq_t *i8) {
     const int nb = K / QK, nb16 = (nb + 15) & ~15;
-#ifdef HAVE_AVX512
     if (i8 && INT8_KIND(kind)) {
         quantize_x(x, M, K, i8->q, i8->d, i8->s, i8->ds);
         job_t j = {kind, M, N, K, ldy, q, x, y, d, m, NULL, rows_int8, i8->q, i8->d, i8->s};
         j.xds = i8->ds;
+        if (g_int8_reference) j.rows = rows_int8_generic;
         matmul(&j);
         return;
     }
-#else
-    (void)i8;
-#endif
     if (IS_FLOAT(kind)) {
-        job_t j = {kind, M, N, K, ldy, q, x, y, NULL, NULL, NULL, rows_float_generic};
-#ifdef HAVE_AVX512
-        j.rows = rows_float_avx512;
-#endif
+        job_t j = {kind, M, N, K, ldy, q, x, y, NULL, NULL, NULL, rows_float};
         matmul(&j);
         return;
     }
@@ -748,15 +170,12 @@ static void packed_product(int kind, const uint8_t *q, const uint16_t *d, const 
             for (int i = 0; b < nb && i < QK; i++) s += x[(size_t)r * K + b * QK + i];
             xs[r * nb16 + b] = s; /* rows padded to a multiple of 16 blocks with zeros */
         }
-    job_t j = {kind, M, N, K, ldy, q, x, y, d, m, xs, rows_packed_generic};
-#ifdef HAVE_AVX512
-    j.rows = rows_packed_avx512;
-#endif
+    job_t j = {kind, M, N, K, ldy, q, x, y, d, m, xs, rows_packed};
     matmul(&j);
 }
 
 /* matmul_packed(kind, q, d, m, x, y, M, N, K[, int8_x]): int8_x quantizes x to q8_0 for the
- * kinds that have integer products (Q4_0, Q4_1, Q8_0, Q4_K; Q5_0, Q5_1 with BITALG), as decode does outside `exact`. */
+ * kinds that have integer products (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K), as decode does outside `exact`. */
 static PyObject *py_matmul_packed(PyObject *self, PyObject *args) {
     int kind, M, N, K, int8_x = 0;
     unsigned long long q, d, m, x, y;
@@ -781,16 +200,23 @@ static PyObject *py_matmul_packed(PyObject *self, PyObject *args) {
     return kernel_result();
 }
 
+static void dequant_row(const job_t *j, long n, float *out);
+
 /* Packed -> float32 with the dequantizer's exact arithmetic (bit-equal to gguf-py). */
 static void dequant_packed_rows(const job_t *j, int n0, int n1) {
-    const int K = j->K, nb = K / QK, kind = j->qtype;
+    const int K = j->K, kind = j->qtype;
     if (IS_FLOAT(kind)) {
         for (size_t i = (size_t)n0 * K; i < (size_t)n1 * K; i++) j->y[i] = float_at(j->w, kind, i);
         return;
     }
-    for (long n = n0; n < n1; n++)
-        for (int b = 0; b < nb; b++) {
-            float *o = j->y + (size_t)n * K + (size_t)b * QK;
+    for (long n = n0; n < n1; n++) dequant_row(j, n, j->y + (size_t)n * K);
+}
+
+/* Row n of a packed weight, dequantized into out (K values). */
+static void dequant_row(const job_t *j, long n, float *out) {
+    const int K = j->K, nb = K / QK, kind = j->qtype;
+    for (int b = 0; b < nb; b++) {
+            float *o = out + (size_t)b * QK;
             if (kind == P_I8 || kind == P_I8_16) { /* scale * q + (-min), the dequantizer's scale * q - min */
                 const int8_t *qq = (const int8_t *)j->w + (size_t)n * K + (size_t)b * QK;
                 const float *sc = (const float *)j->d + (size_t)n * N_SCALES(kind, nb);
@@ -924,6 +350,23 @@ static void dequant_packed_rows_bf16_avx512(const job_t *j, int n0, int n1) {
             _mm256_storeu_si256((__m256i *)(o + 16), to_bf16_avx512(v1));
         }
 }
+#define dequant_packed_rows_fast dequant_packed_rows_avx512
+#define dequant_packed_rows_bf16 dequant_packed_rows_bf16_avx512
+#else
+/* Each row dequantized to float32 in scratch, then rounded to bf16 (the same values). */
+static void dequant_packed_rows_bf16_v8(const job_t *j, int n0, int n1) {
+    float *row = thread_scratch(0, (size_t)j->K);
+    if (!row) {
+        atomic_store(&g_nomem, 1);
+        return;
+    }
+    for (long n = n0; n < n1; n++) {
+        dequant_row(j, n, row);
+        for (int k = 0; k < j->K; k += 8) v8_to_bf16((uint16_t *)j->y + (size_t)n * j->K + k, v8_load(row + k));
+    }
+}
+#define dequant_packed_rows_fast dequant_packed_rows
+#define dequant_packed_rows_bf16 dequant_packed_rows_bf16_v8
 #endif
 
 static PyObject *py_dequantize_packed(PyObject *self, PyObject *args) {
@@ -932,26 +375,22 @@ static PyObject *py_dequantize_packed(PyObject *self, PyObject *args) {
     if (!PyArg_ParseTuple(args, "iKKKKii", &kind, &q, &d, &m, &out, &N, &K)) return NULL;
     if (kind < 0 || kind > LAST_KIND || K % QK || N < 1) return PyErr_Format(PyExc_ValueError, "bad kind %d, N %d or K %d", kind, N, K);
     job_t j = {kind, 1, N, K, N, (const uint8_t *)(uintptr_t)q, NULL, (float *)(uintptr_t)out,
-               (const uint16_t *)(uintptr_t)d, (const uint16_t *)(uintptr_t)m, NULL, dequant_packed_rows};
-#ifdef HAVE_AVX512
-    j.rows = dequant_packed_rows_avx512;
-#endif
+               (const uint16_t *)(uintptr_t)d, (const uint16_t *)(uintptr_t)m, NULL, dequant_packed_rows_fast};
     Py_BEGIN_ALLOW_THREADS matmul(&j); /* the pool splits rows; nothing here is a product */
     Py_END_ALLOW_THREADS Py_RETURN_NONE;
 }
 
-#ifdef HAVE_AVX512
 static PyObject *py_dequantize_packed_bf16(PyObject *self, PyObject *args) {
     int kind, N, K;
     unsigned long long q, d, m, out;
     if (!PyArg_ParseTuple(args, "iKKKKii", &kind, &q, &d, &m, &out, &N, &K)) return NULL;
     if (kind < 0 || kind > LAST_KIND || IS_FLOAT(kind) || K % QK || N < 1) return PyErr_Format(PyExc_ValueError, "bad kind %d, N %d or K %d", kind, N, K);
     job_t j = {kind, 1, N, K, N, (const uint8_t *)(uintptr_t)q, NULL, (float *)(uintptr_t)out,
-               (const uint16_t *)(uintptr_t)d, (const uint16_t *)(uintptr_t)m, NULL, dequant_packed_rows_bf16_avx512};
+               (const uint16_t *)(uintptr_t)d, (const uint16_t *)(uintptr_t)m, NULL, dequant_packed_rows_bf16};
     Py_BEGIN_ALLOW_THREADS matmul(&j);
     Py_END_ALLOW_THREADS Py_RETURN_NONE;
 }
-#endif
+
 
 
 /* ---- decode attention over an f16 or q8_0 KV cache -------------------------------------------
@@ -971,7 +410,6 @@ static PyObject *py_dequantize_packed_bf16(PyObject *self, PyObject *args) {
  * float kernel compute-bound at half the f16 kernel's bytes). Key and value scales are tiled the
  * same way (element t*16*nb + b*16 + r: block b of position 16t + r); values stay a row per
  * position, converted to float once for every head of the group. */
-#ifdef HAVE_AVX512
 #define ATT_MAX_HEADS 128
 #define ATT_MAX_HD 256
 #define ATT_TILE 16
@@ -992,50 +430,6 @@ typedef struct {
     const int32_t *qc;
 } att_t;
 
-static inline __m512 exp512(__m512 x) {
-    /* Cephes expf: n = round(x log2 e), r = x - n ln 2 (two-part), e^r by its degree-6
-     * polynomial, then scale by 2^n. About 1 ulp, like the libm expf torch uses. */
-    x = _mm512_max_ps(x, _mm512_set1_ps(-87.33654f));
-    __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-    __m512 p = _mm512_set1_ps(1.9875691500E-4f);
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507E-3f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073E-3f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894E-2f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459E-1f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201E-1f));
-    __m512 y = _mm512_fmadd_ps(_mm512_mul_ps(p, r), r, _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
-    return _mm512_scalef_ps(y, n);
-}
-
-/* Lane i of the result = the sum of v[i]'s 16 lanes: a transpose folded into the additions
- * (30 shuffles for 16 sums instead of 16 x 4). */
-static inline __m512 hsum16(const __m512 *v) {
-    __m512 t[8], u[4];
-    for (int p = 0; p < 8; p++) /* per 128-bit lane: [a0+a2, b0+b2, a1+a3, b1+b3] */
-        t[p] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * p], v[2 * p + 1]), _mm512_unpackhi_ps(v[2 * p], v[2 * p + 1]));
-    for (int p = 0; p < 4; p++) /* per 128-bit lane: rows 4p..4p+3, each summed over that lane */
-        u[p] = _mm512_add_ps(_mm512_shuffle_ps(t[2 * p], t[2 * p + 1], 0x44),
-                             _mm512_shuffle_ps(t[2 * p], t[2 * p + 1], 0xEE));
-    __m512 w0 = _mm512_add_ps(_mm512_shuffle_f32x4(u[0], u[1], 0x88), _mm512_shuffle_f32x4(u[0], u[1], 0xDD));
-    __m512 w1 = _mm512_add_ps(_mm512_shuffle_f32x4(u[2], u[3], 0x88), _mm512_shuffle_f32x4(u[2], u[3], 0xDD));
-    return _mm512_add_ps(_mm512_shuffle_f32x4(w0, w1, 0x88), _mm512_shuffle_f32x4(w0, w1, 0xDD));
-}
-
-/* Position s of one f16 head as float32 into out (NV vectors of 16). */
-static inline __attribute__((always_inline)) void att_load(const uint8_t *base, long s, float *out, const int NV) {
-    const uint16_t *row = (const uint16_t *)base + (size_t)s * NV * 16;
-    for (int c = 0; c < NV; c++)
-        _mm512_store_ps(out + c * 16, _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(row + c * 16))));
-}
-
-static inline void att_prefetch(const uint8_t *base, long s, int hd) {
-    const char *row = (const char *)base + (size_t)s * 2 * hd;
-    for (size_t c = 0; c < 2 * (size_t)hd; c += 64) __builtin_prefetch(row + c, 0, 3);
-}
-
 /* Part `part` as one that saw no positions: weight 0 when the parts are merged (the call then
  * raises MemoryError). */
 static void att_part_empty(const att_t *a, int part, int hd) {
@@ -1047,230 +441,8 @@ static void att_part_empty(const att_t *a, int part, int hd) {
     }
 }
 
-/* f16: rows s0..s1 of every head group, with the head size NV * 16 a compile-time constant where it is
- * common (64, 128, 256), so the accumulators stay in registers. */
-static inline __attribute__((always_inline)) void att_rows_nv(const att_t *a, int s0, int s1, const int NV) {
-    const int part = s0 / a->per, hd = NV * 16, group = a->H / a->Hkv;
-    const int len = s1 - s0, ld = len + ATT_TILE;
-    const size_t n_scores = ((size_t)group * ld + 15) & ~(size_t)15, n_out = (size_t)group * hd;
-    float *scores = thread_scratch(1, n_scores + n_out + (size_t)ATT_TILE * hd);
-    if (!scores) { /* no memory: this part contributes nothing (weight 0 in the merge) */
-        att_part_empty(a, part, hd);
-        return;
-    }
-    float *o = scores + n_scores, *tile = o + n_out; /* 64-byte aligned: ATT_TILE positions as float32 */
-    for (int g = 0; g < a->Hkv; g++) {
-        const uint8_t *kg = a->k + (size_t)g * a->stride_h * 2, *vg = a->v + (size_t)g * a->stride_h * 2;
-        float mx[8];
-        __m512 mxv[8];
-        int s = s0;
-        for (int i = 0; i < group; i++) mxv[i] = _mm512_set1_ps(-INFINITY);
-        for (; s + ATT_TILE <= s1; s += ATT_TILE) { /* scores, 16 positions at a time */
-            for (int r = 0; r < ATT_TILE; r++) {
-                if (ATT_PREFETCH && s + r + ATT_PREFETCH < s1) att_prefetch(kg, s + r + ATT_PREFETCH, hd);
-                att_load(kg, s + r, tile + (size_t)r * hd, NV);
-            }
-            for (int i = 0; i < group; i++) {
-                const float *qi = a->q + (size_t)(g * group + i) * hd;
-                __m512 qv[NV], acc[ATT_TILE];
-                for (int c = 0; c < NV; c++) qv[c] = _mm512_mul_ps(_mm512_loadu_ps(qi + c * 16), _mm512_set1_ps(a->scale));
-                for (int r = 0; r < ATT_TILE; r++) {
-                    __m512 x = _mm512_mul_ps(qv[0], _mm512_load_ps(tile + (size_t)r * hd));
-                    for (int c = 1; c < NV; c++) x = _mm512_fmadd_ps(qv[c], _mm512_load_ps(tile + (size_t)r * hd + c * 16), x);
-                    acc[r] = x;
-                }
-                const __m512 sc = hsum16(acc);
-                _mm512_storeu_ps(scores + (size_t)i * ld + (s - s0), sc);
-                mxv[i] = _mm512_max_ps(mxv[i], sc);
-            }
-        }
-        for (int i = 0; i < group; i++) mx[i] = _mm512_reduce_max_ps(mxv[i]);
-        for (; s < s1; s++) { /* the last few positions, one at a time */
-            att_load(kg, s, tile, NV);
-            for (int i = 0; i < group; i++) {
-                const float *qi = a->q + (size_t)(g * group + i) * hd;
-                __m512 acc = _mm512_mul_ps(_mm512_loadu_ps(qi), _mm512_load_ps(tile));
-                for (int c = 1; c < NV; c++) acc = _mm512_fmadd_ps(_mm512_loadu_ps(qi + c * 16), _mm512_load_ps(tile + c * 16), acc);
-                const float sc = _mm512_reduce_add_ps(acc) * a->scale;
-                scores[(size_t)i * ld + (s - s0)] = sc;
-                mx[i] = fmaxf(mx[i], sc);
-            }
-        }
-        for (int i = 0; i < group; i++) { /* exp(score - max) in place, and its sum */
-            float *sc = scores + (size_t)i * ld;
-            __m512 sum = _mm512_setzero_ps(), m = _mm512_set1_ps(mx[i]);
-            int t = 0;
-            for (; t + 16 <= len; t += 16) {
-                __m512 e = exp512(_mm512_sub_ps(_mm512_loadu_ps(sc + t), m));
-                _mm512_storeu_ps(sc + t, e);
-                sum = _mm512_add_ps(sum, e);
-            }
-            if (t < len) {
-                __mmask16 k = (__mmask16)((1u << (len - t)) - 1);
-                __m512 e = exp512(_mm512_sub_ps(_mm512_maskz_loadu_ps(k, sc + t), m));
-                _mm512_mask_storeu_ps(sc + t, k, e);
-                sum = _mm512_add_ps(sum, _mm512_maskz_mov_ps(k, e));
-            }
-            const int h = g * group + i;
-            a->part_m[part * ATT_MAX_HEADS + h] = mx[i];
-            a->part_l[part * ATT_MAX_HEADS + h] = _mm512_reduce_add_ps(sum);
-        }
-        memset(o, 0, sizeof(float) * n_out);
-        for (int t = s0; t < s1; t += ATT_TILE) { /* weighted values, 16 positions at a time */
-            const int n = s1 - t < ATT_TILE ? s1 - t : ATT_TILE;
-            for (int r = 0; r < n; r++) {
-                if (ATT_PREFETCH && t + r + ATT_PREFETCH < s1) att_prefetch(vg, t + r + ATT_PREFETCH, hd);
-                att_load(vg, t + r, tile + (size_t)r * hd, NV);
-            }
-            for (int i = 0; i < group; i++) {
-                const float *p = scores + (size_t)i * ld + (t - s0);
-                float *oi = o + (size_t)i * hd;
-                /* two accumulator sets (even and odd positions) when the head is short, so enough
-                 * independent FMA chains are in flight */
-                __m512 acc0[NV], acc1[NV];
-                for (int c = 0; c < NV; c++) acc0[c] = _mm512_load_ps(oi + c * 16), acc1[c] = _mm512_setzero_ps();
-                int r = 0;
-                if (NV <= 4)
-                    for (; r + 2 <= n; r += 2) {
-                        const __m512 p0 = _mm512_set1_ps(p[r]), p1 = _mm512_set1_ps(p[r + 1]);
-                        for (int c = 0; c < NV; c++) {
-                            acc0[c] = _mm512_fmadd_ps(p0, _mm512_load_ps(tile + (size_t)r * hd + c * 16), acc0[c]);
-                            acc1[c] = _mm512_fmadd_ps(p1, _mm512_load_ps(tile + (size_t)(r + 1) * hd + c * 16), acc1[c]);
-                        }
-                    }
-                for (; r < n; r++) {
-                    const __m512 p0 = _mm512_set1_ps(p[r]);
-                    for (int c = 0; c < NV; c++)
-                        acc0[c] = _mm512_fmadd_ps(p0, _mm512_load_ps(tile + (size_t)r * hd + c * 16), acc0[c]);
-                }
-                for (int c = 0; c < NV; c++) _mm512_store_ps(oi + c * 16, _mm512_add_ps(acc0[c], acc1[c]));
-            }
-        }
-        for (int i = 0; i < group; i++)
-            memcpy(a->part_o + ((size_t)part * ATT_MAX_HEADS + g * group + i) * hd, o + (size_t)i * hd,
-                   sizeof(float) * hd);
-    }
-}
-
-
-/* The lanes (positions 16t + r) of tile t inside first .. end - 1. */
-static inline __mmask16 tile_valid(long t, long first, long end) {
-    unsigned m = 0xFFFFu;
-    const long base = t * ATT_TILE;
-    if (base < first) m &= ~((1u << (first - base)) - 1);
-    if (base + ATT_TILE > end) m &= (1u << (end - base)) - 1;
-    return (__mmask16)m;
-}
-
-/* q8_0: tiles u0..u1 (counted from the tile holding `first`) of every head group, with NB blocks
- * of 32 in a head. Lanes outside the attended positions (the first and last tiles' edges) get
- * score -inf and weight exactly 0, and their scales are never read into a product (the cache
- * past its last position is uninitialised). */
-static inline __attribute__((always_inline)) void att_q8_nb(const att_t *a, int u0, int u1, const int NB) {
-    const int hd = NB * QK, NV = hd / 16, group = a->H / a->Hkv, part = u0 / a->per;
-    const long first = a->first, end = a->first + a->S, t0 = first / ATT_TILE + u0, t1 = first / ATT_TILE + u1;
-    const int len = (int)(t1 - t0) * ATT_TILE;
-    const size_t tile_bytes = (size_t)ATT_TILE * hd;
-    float *scores = thread_scratch(1, (size_t)group * (len + hd + NB * ATT_TILE) + tile_bytes);
-    if (!scores) { /* no memory: this part contributes nothing (weight 0 in the merge) */
-        att_part_empty(a, part, hd);
-        return;
-    }
-    float *o = scores + (size_t)group * len, *pv = o + (size_t)group * hd, *vt = pv + (size_t)group * NB * ATT_TILE;
-    for (int g = 0; g < a->Hkv; g++) {
-        const uint8_t *kg = a->k + (size_t)g * a->stride_h;
-        const int8_t *vg = (const int8_t *)a->v + (size_t)g * a->stride_h;
-        const uint16_t *ksg = a->ks + (size_t)g * (a->stride_h / QK), *vsg = a->vs + (size_t)g * (a->stride_h / QK);
-        const int h0 = g * group;
-        __m512 mxv[8];
-        for (int i = 0; i < group; i++) mxv[i] = _mm512_set1_ps(-INFINITY);
-        for (long t = t0; t < t1; t++) { /* scores, a tile of 16 positions at a time */
-            const uint8_t *kt = kg + (size_t)t * tile_bytes;
-            const uint16_t *kst = ksg + (size_t)t * ATT_TILE * NB;
-            if (t + 2 < t1)
-                for (size_t c = 0; c < tile_bytes; c += 64) __builtin_prefetch(kt + 2 * tile_bytes + c, 0, 3);
-            const __mmask16 valid = tile_valid(t, first, end);
-            __m512 sc[8];
-            for (int i = 0; i < group; i++) sc[i] = _mm512_setzero_ps();
-            for (int b = 0; b < NB; b++) {
-                /* two chains per head over the block's 8 rows of the tile (dpbusd latency) */
-                __m512i a0[8], a1[8];
-                for (int i = 0; i < group; i++) {
-                    a0[i] = _mm512_set1_epi32(a->qc[(h0 + i) * 8 + b]);
-                    a1[i] = _mm512_setzero_si512();
-                }
-                for (int jj = 0; jj < 8; jj += 2) {
-                    const __m512i k0 = _mm512_loadu_si512(kt + (size_t)(8 * b + jj) * 64);
-                    const __m512i k1 = _mm512_loadu_si512(kt + (size_t)(8 * b + jj + 1) * 64);
-                    for (int i = 0; i < group; i++) {
-                        const int32_t *qi = (const int32_t *)(a->qq + (size_t)(h0 + i) * hd) + 8 * b + jj;
-                        a0[i] = DPBUSD(a0[i], k0, _mm512_set1_epi32(qi[0]));
-                        a1[i] = DPBUSD(a1[i], k1, _mm512_set1_epi32(qi[1]));
-                    }
-                }
-                const __m512 dk = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(valid, kst + b * ATT_TILE));
-                for (int i = 0; i < group; i++)
-                    sc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(a0[i], a1[i])),
-                                            _mm512_mul_ps(dk, _mm512_set1_ps(a->qd[(h0 + i) * 8 + b])), sc[i]);
-            }
-            for (int i = 0; i < group; i++) {
-                sc[i] = _mm512_mask_blend_ps(valid, _mm512_set1_ps(-INFINITY), sc[i]);
-                _mm512_store_ps(scores + (size_t)i * len + (t - t0) * ATT_TILE, sc[i]);
-                mxv[i] = _mm512_max_ps(mxv[i], sc[i]);
-            }
-        }
-        for (int i = 0; i < group; i++) { /* exp(score - max) in place (0 outside), and its sum */
-            float *sc = scores + (size_t)i * len;
-            const float mx = _mm512_reduce_max_ps(mxv[i]);
-            const __m512 m = _mm512_set1_ps(mx), ninf = _mm512_set1_ps(-INFINITY);
-            __m512 sum = _mm512_setzero_ps();
-            for (int t = 0; t < len; t += 16) {
-                const __m512 x = _mm512_load_ps(sc + t);
-                const __mmask16 in = _mm512_cmp_ps_mask(x, ninf, _CMP_NEQ_OQ);
-                const __m512 e = _mm512_maskz_mov_ps(in, exp512(_mm512_sub_ps(x, m)));
-                _mm512_store_ps(sc + t, e);
-                sum = _mm512_add_ps(sum, e);
-            }
-            a->part_m[part * ATT_MAX_HEADS + h0 + i] = mx;
-            a->part_l[part * ATT_MAX_HEADS + h0 + i] = _mm512_reduce_add_ps(sum);
-        }
-        memset(o, 0, sizeof(float) * group * hd);
-        for (long t = t0; t < t1; t++) { /* weighted values, a tile at a time */
-            const int8_t *vrow = vg + (size_t)t * tile_bytes;
-            const uint16_t *vst = vsg + (size_t)t * ATT_TILE * NB;
-            if (t + 2 < t1)
-                for (size_t c = 0; c < tile_bytes; c += 64) __builtin_prefetch(vrow + 2 * tile_bytes + c, 0, 3);
-            const __mmask16 valid = tile_valid(t, first, end);
-            for (int b = 0; b < NB; b++) { /* each weight times its block's scale */
-                const __m512 dv = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(valid, vst + b * ATT_TILE));
-                for (int i = 0; i < group; i++)
-                    _mm512_store_ps(pv + (size_t)(i * NB + b) * ATT_TILE,
-                                    _mm512_mul_ps(dv, _mm512_load_ps(scores + (size_t)i * len + (t - t0) * ATT_TILE)));
-            }
-            for (int r = 0; r < ATT_TILE; r++)
-                for (int c = 0; c < NV; c++) {
-                    const __m128i x = _mm_loadu_si128((const __m128i *)(vrow + (size_t)r * hd + c * 16));
-                    _mm512_store_ps(vt + (size_t)r * hd + c * 16, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(x)));
-                }
-            for (int i = 0; i < group; i++) {
-                const float *w = pv + (size_t)i * NB * ATT_TILE;
-                float *oi = o + (size_t)i * hd;
-                __m512 acc0[16], acc1[16]; /* even and odd positions: independent FMA chains */
-                for (int c = 0; c < NV; c++) acc0[c] = _mm512_load_ps(oi + c * 16), acc1[c] = _mm512_setzero_ps();
-                for (int r = 0; r < ATT_TILE; r += 2)
-                    for (int c = 0; c < NV; c++) {
-                        const float *wr = w + (c / 2) * ATT_TILE + r;
-                        const float *x = vt + (size_t)r * hd + c * 16;
-                        acc0[c] = _mm512_fmadd_ps(_mm512_set1_ps(wr[0]), _mm512_load_ps(x), acc0[c]);
-                        acc1[c] = _mm512_fmadd_ps(_mm512_set1_ps(wr[1]), _mm512_load_ps(x + hd), acc1[c]);
-                    }
-                for (int c = 0; c < NV; c++) _mm512_store_ps(oi + c * 16, _mm512_add_ps(acc0[c], acc1[c]));
-            }
-        }
-        for (int i = 0; i < group; i++)
-            memcpy(a->part_o + ((size_t)part * ATT_MAX_HEADS + h0 + i) * hd, o + (size_t)i * hd, sizeof(float) * hd);
-    }
-}
+#if defined(HAVE_AVX512)
+#include "kernels/attention_avx512.h"
 
 /* Units u0..u1 of one row's attention: one part of it, with the head size a constant where common. */
 static void att_run(const att_t *a, int u0, int u1) {
@@ -1290,6 +462,16 @@ static void att_run(const att_t *a, int u0, int u1) {
     default: att_rows_nv(a, u0, u1, a->hd / 16); /* other head sizes: the same code, bounds at run time */
     }
 }
+#else
+#include "kernels/attention_v8.h"
+
+static void att_run(const att_t *a, int u0, int u1) {
+    if (a->ks)
+        att_q8_v8(a, u0, u1);
+    else
+        att_rows_v8(a, u0, u1);
+}
+#endif
 
 /* One query row of a decode step: its cache (k, v: position 0 of head 0; ks, vs: its scales,
  * q8_0 tiled as above, or NULL for f16) and the positions first .. end - 1 it attends. */
@@ -1445,62 +627,18 @@ static PyObject *py_attend(PyObject *self, PyObject *args) {
     return kernel_result();
 }
 
-/* act(gate) * up for one row of [gate | up] (2 I values) into h (I values; h may be the row's
- * own start): SiLU, or GELU with the tanh approximation (Gemma). I is a multiple of 16. */
-static inline __m512 act512(__m512 g, int gelu) {
-    const __m512 one = _mm512_set1_ps(1.0f);
-    if (gelu) { /* 0.5 g (1 + tanh(u)), u = sqrt(2/pi) (g + 0.044715 g^3), written as g / (1 + e^-2u):
-                 * the same function without the cancellation in 1 + tanh(u) where u < 0 */
-        const __m512 u = _mm512_mul_ps(_mm512_set1_ps(0.7978845608028654f),
-                                       _mm512_fmadd_ps(_mm512_mul_ps(_mm512_set1_ps(0.044715f), g),
-                                                       _mm512_mul_ps(g, g), g));
-        const __m512 e = exp512(_mm512_min_ps(_mm512_mul_ps(_mm512_set1_ps(-2.0f), u), _mm512_set1_ps(88.0f)));
-        return _mm512_div_ps(g, _mm512_add_ps(one, e));
-    }
-    return _mm512_div_ps(g, _mm512_add_ps(one, exp512(_mm512_sub_ps(_mm512_setzero_ps(), g))));
-}
-
-static inline void act_mul(const float *gu, float *h, int I, int gelu) {
-    for (int i = 0; i < I; i += 16)
-        _mm512_storeu_ps(h + i, _mm512_mul_ps(act512(_mm512_loadu_ps(gu + i), gelu), _mm512_loadu_ps(gu + I + i)));
-}
-
-static inline __m512 load_bf16(const uint16_t *p) {
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16));
-}
-
-/* The same on bf16 rows (a bf16 prefill product's output, widened exactly), the result rounded
- * to bf16 as the next bf16 product would round it. */
-static inline void act_mul_bf16(const uint16_t *gu, uint16_t *h, int I, int gelu) {
-    for (int i = 0; i < I; i += 16)
-        _mm256_storeu_si256((__m256i *)(h + i),
-                            to_bf16_avx512(_mm512_mul_ps(act512(load_bf16(gu + i), gelu), load_bf16(gu + I + i))));
-}
+#if defined(HAVE_AVX512)
+#include "kernels/elementwise_avx512.h"
+#endif
 
 /* ---- prefill helpers: RMSNorm and the gated activation over many rows, split over the pool.
  * torch's own elementwise kernels in this build are AVX2 and run ~10x below memory speed on
  * (512, 640) tensors; these are the decode step's loops, row-parallel. job: N rows of K values,
  * x in, y out, w the norm weight (or NULL), xsum points at eps, qtype the GELU flag. */
 static void rmsnorm_rows_job(const job_t *j, int n0, int n1) {
-    const int n = j->K;
-    const float *w = (const float *)j->w, eps = *j->xsum;
-    for (long r = n0; r < n1; r++) {
-        const float *x = j->x + (size_t)r * n;
-        float *y = j->y + (size_t)r * n;
-        __m512 acc = _mm512_setzero_ps();
-        int i = 0;
-        for (; i + 16 <= n; i += 16) {
-            const __m512 v = _mm512_loadu_ps(x + i);
-            acc = _mm512_fmadd_ps(v, v, acc);
-        }
-        float ss = _mm512_reduce_add_ps(acc);
-        for (; i < n; i++) ss += x[i] * x[i];
-        const float inv = 1.0f / sqrtf(ss / (float)n + eps);
-        const __m512 iv = _mm512_set1_ps(inv);
-        for (i = 0; i + 16 <= n; i += 16)
-            _mm512_storeu_ps(y + i, _mm512_mul_ps(_mm512_mul_ps(_mm512_loadu_ps(x + i), iv), _mm512_loadu_ps(w + i)));
-        for (; i < n; i++) y[i] = x[i] * inv * w[i];
-    }
+    const float eps = *j->xsum;
+    for (long r = n0; r < n1; r++)
+        rmsnorm_row(j->x + (size_t)r * j->K, (const float *)j->w, j->y + (size_t)r * j->K, j->K, eps);
 }
 
 static void gated_rows_job(const job_t *j, int n0, int n1) {
@@ -1695,11 +833,8 @@ static void layer_step(const layer_t *L, int index, float *x, int M, const int64
             if (ks) {
                 store_q8_0(kr, vr, kc + at, (int8_t *)vc + at, ks + at / QK, vs + at / QK, pos, hd);
             } else {
-                uint16_t *kd = (uint16_t *)kc + at + pos * hd, *vd = (uint16_t *)vc + at + pos * hd;
-                for (int i = 0; i < hd; i += 16) { /* f16, rounded to nearest even, 16 at a time */
-                    _mm256_storeu_si256((__m256i *)(kd + i), _mm512_cvtps_ph(_mm512_loadu_ps(kr + i), _MM_FROUND_TO_NEAREST_INT));
-                    _mm256_storeu_si256((__m256i *)(vd + i), _mm512_cvtps_ph(_mm512_loadu_ps(vr + i), _MM_FROUND_TO_NEAREST_INT));
-                }
+                store_f16_row((uint16_t *)kc + at + pos * hd, kr, hd);
+                store_f16_row((uint16_t *)vc + at + pos * hd, vr, hd);
             }
         }
         /* a sliding layer attends to the last `window` positions only */
@@ -1760,7 +895,6 @@ static PyObject *py_decode_layers(PyObject *self, PyObject *args) {
     Py_END_ALLOW_THREADS;
     return kernel_result();
 }
-#endif
 
 static PyObject *py_set_threads(PyObject *self, PyObject *args) {
     int n;
@@ -1944,17 +1078,76 @@ truncated:
     Py_RETURN_NONE;
 }
 
+/* ---- which instruction sets this CPU runs (the OS saving their registers included) ------------ */
+#if defined(__x86_64__) || defined(__i386__)
+#include <cpuid.h>
+static PyObject *py_cpu_features(PyObject *self, PyObject *noargs) {
+    unsigned a, b, c, d, lo = 0, hi = 0;
+    const char *names[16];
+    int n = 0;
+    if (__get_cpuid(1, &a, &b, &c, &d)) {
+        if ((c >> 27) & 1) __asm__ volatile("xgetbv" : "=a"(lo), "=d"(hi) : "c"(0)); /* OSXSAVE */
+        const int ymm = (lo & 6) == 6, zmm = ymm && (lo & 0xE0) == 0xE0;
+        if (ymm && ((c >> 28) & 1)) names[n++] = "avx";
+        if (ymm && ((c >> 12) & 1)) names[n++] = "fma";
+        if (ymm && ((c >> 29) & 1)) names[n++] = "f16c";
+        if (__get_cpuid_count(7, 0, &a, &b, &c, &d)) {
+            if (ymm && ((b >> 5) & 1)) names[n++] = "avx2";
+            if (zmm && ((b >> 16) & 1)) names[n++] = "avx512f";
+            if (zmm && ((b >> 17) & 1)) names[n++] = "avx512dq";
+            if (zmm && ((b >> 30) & 1)) names[n++] = "avx512bw";
+            if (zmm && ((b >> 31) & 1)) names[n++] = "avx512vl";
+            if (zmm && ((c >> 11) & 1)) names[n++] = "avx512vnni";
+            if (zmm && ((c >> 12) & 1)) names[n++] = "avx512bitalg";
+        }
+        if (__get_cpuid_count(7, 1, &a, &b, &c, &d) && ymm && ((a >> 4) & 1)) names[n++] = "avxvnni";
+    }
+    (void)hi;
+#elif defined(__aarch64__) && defined(__linux__)
+#include <sys/auxv.h>
+static PyObject *py_cpu_features(PyObject *self, PyObject *noargs) {
+    const char *names[4];
+    int n = 0;
+    const unsigned long hw = getauxval(AT_HWCAP);
+    if (hw & (1UL << 1)) names[n++] = "neon";    /* HWCAP_ASIMD */
+    if (hw & (1UL << 20)) names[n++] = "dotprod"; /* HWCAP_ASIMDDP */
+#elif defined(__aarch64__) && defined(__APPLE__)
+#include <sys/sysctl.h>
+static PyObject *py_cpu_features(PyObject *self, PyObject *noargs) {
+    const char *names[4];
+    int n = 0, v = 0;
+    size_t len = sizeof v;
+    names[n++] = "neon";
+    if (sysctlbyname("hw.optional.arm.FEAT_DotProd", &v, &len, NULL, 0) == 0 && v) names[n++] = "dotprod";
+#else
+static PyObject *py_cpu_features(PyObject *self, PyObject *noargs) {
+    const char *names[1];
+    int n = 0;
+#endif
+    (void)self, (void)noargs;
+    PyObject *out = PyTuple_New(n);
+    for (int i = 0; out && i < n; i++) PyTuple_SET_ITEM(out, i, PyUnicode_FromString(names[i]));
+    return out;
+}
+
+static PyObject *py_int8_reference(PyObject *self, PyObject *args) {
+    int on;
+    if (!PyArg_ParseTuple(args, "p", &on)) return NULL;
+    g_int8_reference = on;
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef methods[] = {
     {"matmul_packed", py_matmul_packed, METH_VARARGS, "matmul_packed(kind, q, d, m, x, y, M, N, K)"},
     {"dequantize_packed", py_dequantize_packed, METH_VARARGS, "dequantize_packed(kind, q, d, m, out, N, K)"},
-#ifdef HAVE_AVX512
     {"dequantize_packed_bf16", py_dequantize_packed_bf16, METH_VARARGS, "dequantize_packed_bf16(kind, q, d, m, out, N, K)"},
     {"attend", py_attend, METH_VARARGS, "attend(q, k, v, ks, vs, out, stride_h, H, Hkv, S, hd, scale[, first])"},
     {"make_layer", py_make_layer, METH_VARARGS, "make_layer(D, H, Hkv, hd, I, eps, scale, w_in, w_post, qkv, o, gu, down[, w_qn, w_kn, w_post_attn, w_post_ffn, gelu, window])"},
     {"decode_layers", py_decode_layers, METH_VARARGS, "decode_layers(layers, x, M, table, ropes[, exact])"},
     {"rmsnorm_rows", py_rmsnorm_rows, METH_VARARGS, "rmsnorm_rows(x, w, out, rows, n, eps)"},
     {"gated_act", py_gated_act, METH_VARARGS, "gated_act(gate_up, out, rows, I, gelu)"},
-#endif
+    {"cpu_features", py_cpu_features, METH_NOARGS, "cpu_features() -> names of the instruction sets this CPU and OS run"},
+    {"int8_reference", py_int8_reference, METH_VARARGS, "int8_reference(on): int8 products by the plain C loop"},
     {"set_threads", py_set_threads, METH_VARARGS, "set_threads(n) -> threads used"},
     {"gguf_strings", py_gguf_strings, METH_VARARGS, "gguf_strings(buffer, pos, count) -> (strings, end) or None"},
     {"split_blocks", py_split_blocks, METH_VARARGS, "split_blocks(src, n_blocks, block_bytes, head_bytes, q, d, m)"},
@@ -1963,17 +1156,21 @@ static PyMethodDef methods[] = {
     {NULL, NULL, 0, NULL},
 };
 
-static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_kernels", NULL, -1, methods};
-
-PyMODINIT_FUNC PyInit__kernels(void) {
-    PyObject *m = PyModule_Create(&module);
-#if defined(HAVE_AVX512) && defined(__AVX512BITALG__)
-    const int q5 = 1;
-#else
-    const int q5 = 0;
+#ifndef GARAGE_MODULE /* setup.py names each variant's module: _kernels_avx2, ... */
+#define GARAGE_MODULE _kernels_generic
 #endif
-    /* whether Q5_0/Q5_1 products take int8 activations in this build */
-    if (m && PyModule_AddIntConstant(m, "INT8_Q5", q5) < 0) {
+#define CAT_(a, b) a##b
+#define CAT(a, b) CAT_(a, b)
+#define STR_(a) #a
+#define STR(a) STR_(a)
+
+static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, STR(GARAGE_MODULE), NULL, -1, methods};
+
+PyMODINIT_FUNC CAT(PyInit_, GARAGE_MODULE)(void) {
+    PyObject *m = PyModule_Create(&module);
+    /* INT8_Q5: Q5_0/Q5_1 products take int8 activations (every variant now); VARIANT: the
+     * instruction sets this build was compiled for (see kernels/core.h) */
+    if (m && (PyModule_AddIntConstant(m, "INT8_Q5", 1) < 0 || PyModule_AddStringConstant(m, "VARIANT", VARIANT_NAME) < 0)) {
         Py_DECREF(m);
         return NULL;
     }

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from garagelm.quant.ggml_linear import _kernels
+from garagelm.quant import cpu
 
-AVAILABLE = _kernels is not None and hasattr(_kernels, "attend")
+AVAILABLE = cpu.kernels is not None
 
 
 def decode_attention(
@@ -45,7 +45,7 @@ def decode_attention(
         return None
     q = q.contiguous()
     out = torch.empty(1, H, 1, hd)
-    _kernels.attend(
+    cpu.kernels.attend(
         q.data_ptr(),
         k.data_ptr(),
         v.data_ptr(),

@@ -16,9 +16,10 @@ import torch
 from torch import nn
 
 from garagelm.quant.dense import DenseLinear
-from garagelm.quant.ggml_linear import MAX_KERNEL_ROWS, GGMLLinear, _kernels, int8_activations
+from garagelm.quant import cpu
+from garagelm.quant.ggml_linear import MAX_KERNEL_ROWS, GGMLLinear, int8_activations
 
-AVAILABLE = _kernels is not None and hasattr(_kernels, "decode_layers")
+AVAILABLE = cpu.kernels is not None
 
 
 class DecodePlan:
@@ -74,7 +75,7 @@ class DecodePlan:
             w_in, w_post, w_qn, w_kn, w_pa, w_pf = (weights(n) for n in norms)
             try:
                 layers.append(
-                    _kernels.make_layer(
+                    cpu.kernels.make_layer(
                         cfg.hidden_size,
                         cfg.num_attention_heads,
                         cfg.num_key_value_heads,
@@ -121,4 +122,6 @@ class DecodePlan:
         ropes = tuple(ptrs[r] for r in self._rope)
         # every layer in one call: the GIL is let go once a step (a server's event loop would
         # otherwise hold each layer's return up)
-        _kernels.decode_layers(self._layers, x.data_ptr(), M, table.data_ptr(), ropes, not int8_activations())
+        cpu.kernels.decode_layers(
+            self._layers, x.data_ptr(), M, table.data_ptr(), ropes, not int8_activations()
+        )

@@ -17,7 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from garagelm.quant.ggml_linear import MAX_KERNEL_ROWS, _kernels
+from garagelm.quant import cpu
+from garagelm.quant.ggml_linear import MAX_KERNEL_ROWS
 
 KINDS = {torch.float32: 5, torch.bfloat16: 6, torch.float16: 7}  # the kernels' plain float kinds
 
@@ -33,14 +34,14 @@ class DenseLinear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // self.in_features
         if (
-            _kernels is not None
+            cpu.kernels is not None
             and rows <= MAX_KERNEL_ROWS
             and x.dtype == torch.float32
             and not (torch.is_grad_enabled() and (self.weight.requires_grad or x.requires_grad))
         ):
             x = x if x.is_contiguous() else x.contiguous()
             y = torch.empty((*x.shape[:-1], self.out_features))
-            _kernels.matmul_packed(
+            cpu.kernels.matmul_packed(
                 self._kind, self.weight.data_ptr(), 0, 0, x.data_ptr(), y.data_ptr(), rows, self.out_features,
                 self.in_features,
             )  # fmt: skip
@@ -61,7 +62,7 @@ def use_dense_kernels(model: nn.Module) -> int:
             continue  # plain layers only, not specialised ones
         if (
             module.weight.dtype in KINDS
-            and (_kernels is not None or module.weight.dtype != torch.float32)
+            and (cpu.kernels is not None or module.weight.dtype != torch.float32)
             and module.weight.is_contiguous()
             and module.in_features % 32 == 0
         ):

@@ -25,12 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from garagelm.formats.ggml_quants import BLOCK_LAYOUT, dequantize, kquant_parts
-from garagelm.quant import hugepages
-
-try:
-    from garagelm.quant import _kernels
-except ImportError:  # built without a C compiler: the torch path below still works
-    _kernels = None
+from garagelm.quant import cpu, hugepages
 
 # Types split at load into values + scales (+ mins), the layout the fastest kernel reads:
 # Q4_0/Q4_1/Q5_0/Q5_1/Q8_0 keep their bits (f16 scales); Q4_K keeps 4-bit values with a float32
@@ -42,9 +37,15 @@ BF16_MIN_ROWS = 16  # measured on SmolLM2 down_proj: float32 wins at 12 rows, ev
 _exact = threading.local()
 
 
-@lru_cache(maxsize=1)
 def bf16_products_fast() -> bool:
-    """Whether this CPU multiplies bf16 natively (AMX tiles or AVX512-BF16 dot products)."""
+    """Whether prefill's products run in bf16: the CPU multiplies bf16 natively (AMX tiles or
+    AVX512-BF16 dot products) and the AVX-512 kernels run (GARAGE_CPU=avx2 on such a CPU measures
+    what an AVX2 laptop does: float32 prefill, its fastest there, as it has no bf16 dot)."""
+    return cpu.VARIANT == "avx512" and _cpu_bf16()
+
+
+@lru_cache(maxsize=1)
+def _cpu_bf16() -> bool:
     try:
         with open("/proc/cpuinfo") as f:
             flags = next((line for line in f if line.startswith("flags")), "").split()
@@ -98,7 +99,7 @@ def _split_into(
 ) -> None:
     """Q4_0/Q4_1/Q8_0 blocks (rows, row bytes) into contiguous q, d (, m) in one C pass."""
     n_blocks = raw.numel() // BLOCK_LAYOUT[qtype][1]
-    _kernels.split_blocks(raw.data_ptr(), n_blocks, BLOCK_LAYOUT[qtype][1], _SPLIT_HEAD[qtype],
+    cpu.kernels.split_blocks(raw.data_ptr(), n_blocks, BLOCK_LAYOUT[qtype][1], _SPLIT_HEAD[qtype],
                           q.data_ptr(), d.data_ptr(), 0 if m is None else m.data_ptr())  # fmt: skip
 
 
@@ -107,12 +108,12 @@ def packed_specs(qtype: str, n: int, k: int) -> tuple | None:
     types split in C; None for the others."""
     nb = k // 32
     d16, m16 = ((n, nb), torch.int16), ((n, nb), torch.int16)
-    if qtype in _SPLIT_HEAD and hasattr(_kernels, "split_blocks"):
+    if qtype in _SPLIT_HEAD and hasattr(cpu.kernels, "split_blocks"):
         values = ((n, nb * (BLOCK_LAYOUT[qtype][1] - _SPLIT_HEAD[qtype])), torch.uint8)
         return values, d16, m16 if qtype == "Q4_1" else None
-    if qtype in ("Q5_0", "Q5_1") and hasattr(_kernels, "split_q5"):
+    if qtype in ("Q5_0", "Q5_1") and hasattr(cpu.kernels, "split_q5"):
         return ((n, nb * 20), torch.uint8), d16, m16 if qtype == "Q5_1" else None
-    if qtype in _KQUANT_KIND and hasattr(_kernels, "split_kquant"):
+    if qtype in _KQUANT_KIND and hasattr(cpu.kernels, "split_kquant"):
         per = 16 if qtype == "Q6_K" else 32  # values per scale
         values = ((n, k // 2), torch.uint8) if qtype == "Q4_K" else ((n, k), torch.int8)
         scales = ((n, k // per), torch.float32)
@@ -139,10 +140,10 @@ def _pack(raw: torch.Tensor, qtype: str, n: int, k: int, out: tuple | None = Non
     if qtype in _SPLIT_HEAD:
         _split_into(raw, qtype, q, d, m)
     elif qtype in _KQUANT_KIND:
-        _kernels.split_kquant(_KQUANT_KIND[qtype], raw.data_ptr(), raw.numel() // BLOCK_LAYOUT[qtype][1],
+        cpu.kernels.split_kquant(_KQUANT_KIND[qtype], raw.data_ptr(), raw.numel() // BLOCK_LAYOUT[qtype][1],
                               q.data_ptr(), d.data_ptr(), ptr)  # fmt: skip
     else:
-        _kernels.split_q5(raw.data_ptr(), n * (k // 32), qtype == "Q5_1", q.data_ptr(), d.data_ptr(), ptr)
+        cpu.kernels.split_q5(raw.data_ptr(), n * (k // 32), qtype == "Q5_1", q.data_ptr(), d.data_ptr(), ptr)
     return out
 
 
@@ -191,11 +192,12 @@ def _joined(arrays: list[torch.Tensor]) -> torch.Tensor:
 
 
 def kernels_available() -> bool:
-    return _kernels is not None
+    """Whether the C kernels were built (without a compiler the torch path runs instead)."""
+    return cpu.kernels is not None
 
 
 def set_threads(n: int) -> int:
-    return _kernels.set_threads(n) if _kernels is not None else 1
+    return cpu.set_threads(n)
 
 
 class GGMLLinear(nn.Module):
@@ -218,7 +220,7 @@ class GGMLLinear(nn.Module):
                              f"({out_features}, {in_features // block * type_size}) uint8")  # fmt: skip
         self.qtype, self.in_features, self.out_features = qtype, in_features, out_features
         self.bias = bias
-        self._kind = PACKED_KINDS.get(qtype) if _kernels is not None else None
+        self._kind = PACKED_KINDS.get(qtype) if cpu.kernels is not None else None
         if self._kind is not None:
             q, d, m = packed if packed is not None else _pack(raw, qtype, out_features, in_features, into)
             self.register_buffer("q", q, persistent=False)
@@ -235,7 +237,7 @@ class GGMLLinear(nn.Module):
         split_arrays, or allocated here), calling before(row0, row1) ahead of each slice (to
         map its source pages) and done(row0, row1) after it, so that its source pages can be
         released as it goes (a 262k-row embedding otherwise holds file and copy whole at once)."""
-        if _kernels is None or qtype not in PACKED_KINDS:
+        if cpu.kernels is None or qtype not in PACKED_KINDS:
             return cls(raw, qtype, in_features, out_features)
         for r0 in range(0, out_features, chunk_rows):
             r1 = min(out_features, r0 + chunk_rows)
@@ -245,7 +247,7 @@ class GGMLLinear(nn.Module):
                 arrays is not None
                 and qtype in _SPLIT_HEAD
                 and raw.is_contiguous()
-                and hasattr(_kernels, "split_blocks")
+                and hasattr(cpu.kernels, "split_blocks")
             ):
                 _split_into(raw[r0:r1], qtype, *[None if a is None else a[r0:r1] for a in arrays])
                 if done is not None:  # straight into place: no slice copy in between
@@ -285,10 +287,10 @@ class GGMLLinear(nn.Module):
 
     def dequantized_bf16(self) -> torch.Tensor:
         """The weight in bf16: the float32 dequantization rounded to nearest even."""
-        if self._kind is None or not hasattr(_kernels, "dequantize_packed_bf16"):
+        if self._kind is None or cpu.kernels is None:
             return self.dequantized().to(torch.bfloat16)
         out = torch.empty(self.out_features, self.in_features, dtype=torch.bfloat16)
-        _kernels.dequantize_packed_bf16(self._kind, *self._pointers(), out.data_ptr(), self.out_features,
+        cpu.kernels.dequantize_packed_bf16(self._kind, *self._pointers(), out.data_ptr(), self.out_features,
                                         self.in_features)  # fmt: skip
         return out
 
@@ -302,7 +304,7 @@ class GGMLLinear(nn.Module):
             q, d = q[rows].contiguous(), d[rows].contiguous()
             m = m[rows].contiguous() if m is not None else None
         out = torch.empty(q.shape[0], self.in_features, dtype=torch.float32)
-        _kernels.dequantize_packed(self._kind, q.data_ptr(), d.data_ptr(), m.data_ptr() if m is not None else 0,
+        cpu.kernels.dequantize_packed(self._kind, q.data_ptr(), d.data_ptr(), m.data_ptr() if m is not None else 0,
                                    out.data_ptr(), q.shape[0], self.in_features)  # fmt: skip
         return out
 
@@ -313,7 +315,7 @@ class GGMLLinear(nn.Module):
             return None
         n, k = self.out_features, self.in_features
         kind, q, d, m = self._kind, *self._pointers()
-        return lambda xp, yp, rows: _kernels.matmul_packed(
+        return lambda xp, yp, rows: cpu.kernels.matmul_packed(
             kind, q, d, m, xp, yp, rows, n, k, int8_activations()
         )
 

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import torch
 
-from garagelm.quant.ggml_linear import _kernels
+from garagelm.quant import cpu
 
-AVAILABLE = _kernels is not None and hasattr(_kernels, "rmsnorm_rows")
+AVAILABLE = cpu.kernels is not None
 
 
 def _usable(*ts: torch.Tensor, dtypes: tuple[torch.dtype, ...] = (torch.float32,)) -> bool:
@@ -30,7 +30,7 @@ def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor |
     x, w = x.contiguous(), weight.contiguous()
     out = torch.empty_like(x)
     n = x.shape[-1]
-    _kernels.rmsnorm_rows(x.data_ptr(), w.data_ptr(), out.data_ptr(), x.numel() // n, n, float(eps))
+    cpu.kernels.rmsnorm_rows(x.data_ptr(), w.data_ptr(), out.data_ptr(), x.numel() // n, n, float(eps))
     return out
 
 
@@ -47,7 +47,7 @@ def gated(gate_up: torch.Tensor, inter: int, gelu: bool) -> torch.Tensor | None:
     bf16 = gate_up.dtype == torch.bfloat16
     gu = gate_up.contiguous()
     out = torch.empty((*gu.shape[:-1], inter), dtype=gu.dtype)
-    _kernels.gated_act(
+    cpu.kernels.gated_act(
         gu.data_ptr(), out.data_ptr(), gu.numel() // (2 * inter), inter, int(gelu) | (2 * bf16)
     )
     return out

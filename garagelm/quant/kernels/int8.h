@@ -1,0 +1,372 @@
+/* Products with int8 activations for the CPUs without AVX-512: plain C, AVX2 (with or without
+ * AVX-VNNI) and AArch64 NEON with dot products. Pure C (no Python), so the ARM test driver
+ * includes it as it is.
+ *
+ * The arithmetic is the AVX-512 kernel's (int8_avx512.h), output row by output row: x quantized
+ * to q8_0 by quantize_x, each block's integer dot taken exactly, then per block, in block order,
+ *     acc = fma((float)isum, dw * dx, acc)            and, for kinds with mins,
+ *     acc = fma(mw, dx * sum(xq), acc)
+ * so every variant gives the same bits. They differ in how many weight rows share one register:
+ * 16 (AVX-512), 8 (AVX2: a 32-bit lane per row), 4 (NEON), 1 (plain C). Each block's values of
+ * those rows are transposed in registers so one dot instruction with 4 bytes of x gives every
+ * row's partial dot (see load_t8, load_t4).
+ */
+#ifndef GARAGE_INT8_H
+#define GARAGE_INT8_H
+#include "core.h"
+
+/* The kinds with integer products here (all but the int8-valued Q5_K and Q6_K). */
+#define INT8_KIND_PORTABLE(kind)                                                                   \
+    ((kind) == P_Q4_0 || (kind) == P_Q4_MIN || (kind) == P_Q8 || (kind) == P_Q4_F32 || IS_Q5(kind))
+#define INT8_MINS(kind) ((kind) == P_Q4_MIN || (kind) == P_Q5_1 || (kind) == P_Q4_F32)
+/* what the integer values carry above the signed ones: Q4_0's 8, Q5_0's 16 (Q8_0 is read signed) */
+#define INT8_OFFSET(kind) ((kind) == P_Q4_0 ? 8 : (kind) == P_Q5_0 ? 16 : 0)
+
+/* x (M, K) -> xq (M, K) as q8_0, xd (M, nb) its f16 scales as float32, xs (M, nb) the sums of
+ * each block's int8 values, xds (M, nb) xd * xs: the same values as quantize_x (AVX-512). */
+static void quantize_x_portable(const float *x, int M, int K, int8_t *xq, float *xd, int32_t *xs, float *xds) {
+    const int nb = K / QK;
+    for (int r = 0; r < M; r++)
+        for (int b = 0; b < nb; b++) {
+            int8_t *q = xq + (size_t)r * K + (size_t)b * QK;
+            uint16_t d16;
+            quantize_q8_0(x + (size_t)r * K + (size_t)b * QK, q, &d16, QK);
+            int32_t s = 0;
+            for (int i = 0; i < QK; i++) s += q[i];
+            xd[r * nb + b] = f16_to_f32(d16);
+            xs[r * nb + b] = s;
+            xds[r * nb + b] = xd[r * nb + b] * (float)s;
+        }
+}
+
+/* Block b of row n's scale and min (0 where the kind has none) as float32. */
+static inline void int8_scale_min(const job_t *j, int n, int nb, int b, float *dw, float *mw) {
+    const int kind = j->qtype;
+    if (kind == P_Q4_F32) {
+        *dw = ((const float *)j->d)[(size_t)n * nb + b];
+        *mw = j->m ? ((const float *)j->m)[(size_t)n * nb + b] : 0.0f;
+    } else {
+        *dw = f16_to_f32(j->d[(size_t)n * nb + b]);
+        *mw = INT8_MINS(kind) ? f16_to_f32(j->m[(size_t)n * nb + b]) : 0.0f;
+    }
+}
+
+/* One weight row at a time: the reference every vector variant equals bit for bit. */
+static void rows_int8_generic(const job_t *j, int n0, int n1) {
+    const int K = j->K, nb = K / QK, kind = j->qtype, M = j->M, off = INT8_OFFSET(kind);
+    const size_t row_bytes = ROW_BYTES(kind, K), bb = BLOCK_BYTES(kind);
+    for (int n = n0; n < n1; n++) {
+        const uint8_t *row = j->w + (size_t)n * row_bytes;
+        float acc[MAX_ROWS] = {0};
+        for (int b = 0; b < nb; b++) {
+            const uint8_t *blk = row + (size_t)b * bb;
+            int8_t v[QK]; /* the block's integer values, before the offset */
+            if (kind == P_Q8) {
+                memcpy(v, blk, QK);
+            } else {
+                uint32_t qh = 0;
+                if (IS_Q5(kind)) memcpy(&qh, blk + 16, 4);
+                for (int i = 0; i < 16; i++) {
+                    v[i] = (int8_t)((blk[i] & 0x0F) | (((qh >> i) & 1) << 4));
+                    v[i + 16] = (int8_t)((blk[i] >> 4) | (((qh >> (i + 16)) & 1) << 4));
+                }
+            }
+            float dw, mw;
+            int8_scale_min(j, n, nb, b, &dw, &mw);
+            for (int r = 0; r < M; r++) {
+                const int8_t *xq = j->xq + (size_t)r * K + (size_t)b * QK;
+                int32_t s = -off * j->xqs[r * nb + b];
+                for (int i = 0; i < QK; i++) s += v[i] * xq[i];
+                acc[r] = fmaf((float)s, dw * j->xd[r * nb + b], acc[r]);
+                if (INT8_MINS(kind)) acc[r] = fmaf(mw, j->xds[r * nb + b], acc[r]);
+            }
+        }
+        for (int r = 0; r < M; r++) j->y[(size_t)r * j->ldy + n] = acc[r];
+    }
+}
+
+/* Scales (and mins) of rows[0..R) for every block, transposed: sc[b * R + p] is row p's block b,
+ * the layout one vector load of R lanes takes. */
+static inline void int8_scales_t(const job_t *j, const int *row, int R, int nb, float *sc, float *mc) {
+    for (int p = 0; p < R; p++)
+        for (int b = 0; b < nb; b++) {
+            float dw, mw;
+            int8_scale_min(j, row[p], nb, b, &dw, &mw);
+            sc[b * R + p] = dw;
+            mc[b * R + p] = mw;
+        }
+}
+
+#if defined(HAVE_AVX2)
+/* Rows' 16-byte pieces at offset `at` of 8 consecutive rows transposed: lane p of T[c] holds
+ * dword c of row p. */
+static inline __attribute__((always_inline)) void load_t8(const uint8_t *const *rows, size_t at, __m256i T[4]) {
+    __m256i A[4];
+    for (int g = 0; g < 4; g++)
+        A[g] = _mm256_inserti128_si256(_mm256_castsi128_si256(_mm_loadu_si128((const __m128i *)(rows[g] + at))),
+                                       _mm_loadu_si128((const __m128i *)(rows[g + 4] + at)), 1);
+    const __m256i t0 = _mm256_unpacklo_epi32(A[0], A[1]), t1 = _mm256_unpackhi_epi32(A[0], A[1]);
+    const __m256i t2 = _mm256_unpacklo_epi32(A[2], A[3]), t3 = _mm256_unpackhi_epi32(A[2], A[3]);
+    T[0] = _mm256_unpacklo_epi64(t0, t2);
+    T[1] = _mm256_unpackhi_epi64(t0, t2);
+    T[2] = _mm256_unpacklo_epi64(t1, t3);
+    T[3] = _mm256_unpackhi_epi64(t1, t3);
+}
+
+/* The block's 32 values of 8 rows as 8 vectors (w[c]: values 4c..4c+3, w[4 + c]: 16 + 4c..) dotted
+ * with x's 32 int8: per lane the exact integer sum. Without VNNI, vpmaddubsw's int16 pair sums
+ * would overflow on Q8_0's bytes, so Q8_0 goes signed (|w| times x with w's sign, llama.cpp's
+ * trick: at most 2 * 128 * 127 a pair), and 4-bit/5-bit values (at most 31) add four pair sums
+ * in int16 (at most 31496) before widening. */
+static inline __attribute__((always_inline)) __m256i dot8_avx2(const __m256i *w, const int32_t *x, int q8) {
+#if defined(HAVE_AVXVNNI)
+    (void)q8; /* Q8_0's values arrive as u8 = q + 128: the caller takes 128 * sum(x) back out */
+    __m256i a0 = _mm256_setzero_si256(), a1 = _mm256_setzero_si256();
+    for (int c = 0; c < 8; c += 2) {
+        a0 = _mm256_dpbusd_avx_epi32(a0, w[c], _mm256_set1_epi32(x[c]));
+        a1 = _mm256_dpbusd_avx_epi32(a1, w[c + 1], _mm256_set1_epi32(x[c + 1]));
+    }
+    return _mm256_add_epi32(a0, a1);
+#else
+    const __m256i ones = _mm256_set1_epi16(1);
+    if (q8) {
+        __m256i a = _mm256_setzero_si256();
+        for (int c = 0; c < 8; c++) {
+            const __m256i xv = _mm256_set1_epi32(x[c]);
+            const __m256i p = _mm256_maddubs_epi16(_mm256_sign_epi8(w[c], w[c]), _mm256_sign_epi8(xv, w[c]));
+            a = _mm256_add_epi32(a, _mm256_madd_epi16(p, ones));
+        }
+        return a;
+    }
+    __m256i p0 = _mm256_setzero_si256(), p1 = _mm256_setzero_si256();
+    for (int c = 0; c < 4; c++) {
+        p0 = _mm256_add_epi16(p0, _mm256_maddubs_epi16(w[c], _mm256_set1_epi32(x[c])));
+        p1 = _mm256_add_epi16(p1, _mm256_maddubs_epi16(w[4 + c], _mm256_set1_epi32(x[4 + c])));
+    }
+    return _mm256_add_epi32(_mm256_madd_epi16(p0, ones), _mm256_madd_epi16(p1, ones));
+#endif
+}
+
+static inline __attribute__((always_inline)) void rows_int8_avx2_m(const job_t *j, int n0, int n1, const int M,
+                                                                    const int kind) {
+    const int K = j->K, nb = K / QK, mins = INT8_MINS(kind);
+#if defined(HAVE_AVXVNNI)
+    const int vnni = 1;
+#else
+    const int vnni = 0;
+#endif
+    /* Q8_0 with VNNI: u8 = q + 128, so 128 * sum(x) comes back out, as in the AVX-512 kernel */
+    const int off = kind == P_Q8 && vnni ? 128 : INT8_OFFSET(kind);
+    const size_t row_bytes = ROW_BYTES(kind, K), bb = BLOCK_BYTES(kind);
+    float *sc = thread_scratch(0, (size_t)16 * nb);
+    if (!sc) {
+        atomic_store(&g_nomem, 1);
+        return;
+    }
+    float *mc = sc + 8 * nb;
+    for (int n = n0; n < n1; n += 8) {
+        const int have = n1 - n < 8 ? n1 - n : 8; /* rows past n1 repeat the last one, unstored */
+        const uint8_t *rows[8];
+        int row[8];
+        for (int p = 0; p < 8; p++) {
+            row[p] = n + (p < have ? p : have - 1);
+            rows[p] = j->w + (size_t)row[p] * row_bytes;
+        }
+        int8_scales_t(j, row, 8, nb, sc, mc);
+        const uint8_t *next = j->w + (size_t)(n + 8) * row_bytes;
+        const int more = n + 8 < n1;
+        __m256i hi_at = _mm256_setzero_si256(); /* Q5: each row's offset from rows[0] */
+        if (IS_Q5(kind)) {
+            int at_lane[8];
+            for (int p = 0; p < 8; p++) at_lane[p] = (int)(rows[p] - rows[0]);
+            hi_at = _mm256_loadu_si256((const __m256i *)at_lane);
+        }
+        __m256 acc[MAX_ROWS];
+        for (int r = 0; r < M; r++) acc[r] = _mm256_setzero_ps();
+        for (int b = 0; b < nb; b++) {
+            if (INT8_PREFETCH && more)
+                for (size_t o = 0; o < 8 * bb; o += 64) __builtin_prefetch(next + (size_t)b * 8 * bb + o, 0, 3);
+            __m256i w[8], T[4];
+            if (kind == P_Q8) {
+                const __m256i flip = _mm256_set1_epi8(vnni ? (char)0x80 : 0);
+                load_t8(rows, (size_t)b * QK, T);
+                for (int c = 0; c < 4; c++) w[c] = _mm256_xor_si256(T[c], flip);
+                load_t8(rows, (size_t)b * QK + 16, T);
+                for (int c = 0; c < 4; c++) w[4 + c] = _mm256_xor_si256(T[c], flip);
+            } else {
+                const __m256i nib = _mm256_set1_epi8(0x0F);
+                load_t8(rows, (size_t)b * bb, T);
+                for (int c = 0; c < 4; c++) {
+                    w[c] = _mm256_and_si256(T[c], nib);
+                    w[4 + c] = _mm256_and_si256(_mm256_srli_epi16(T[c], 4), nib);
+                }
+                if (IS_Q5(kind)) { /* add 16 where the fifth bit is set */
+                    const __m256i H = _mm256_i32gather_epi32((const int *)(rows[0] + (size_t)b * bb + 16), hi_at, 1);
+                    for (int c = 0; c < 8; c++) {
+                        /* values 4c..4c+3 (c < 4) or 16 + 4(c-4)..: byte k of each row's high bits */
+                        const char k = (char)(c < 4 ? c / 2 : 2 + (c - 4) / 2), sh = (char)(4 * (c % 2));
+                        const __m256i pick = _mm256_setr_epi8(
+                            k, k, k, k, 4 + k, 4 + k, 4 + k, 4 + k, 8 + k, 8 + k, 8 + k, 8 + k, 12 + k, 12 + k, 12 + k,
+                            12 + k, k, k, k, k, 4 + k, 4 + k, 4 + k, 4 + k, 8 + k, 8 + k, 8 + k, 8 + k, 12 + k, 12 + k,
+                            12 + k, 12 + k);
+                        const __m256i bit = _mm256_set1_epi32((int)(0x08040201u << sh));
+                        const __m256i set = _mm256_cmpeq_epi8(_mm256_and_si256(_mm256_shuffle_epi8(H, pick), bit), bit);
+                        w[c] = _mm256_add_epi8(w[c], _mm256_and_si256(set, _mm256_set1_epi8(16)));
+                    }
+                }
+            }
+            const __m256 dw = _mm256_loadu_ps(sc + (size_t)b * 8);
+            const __m256 mw = mins ? _mm256_loadu_ps(mc + (size_t)b * 8) : _mm256_setzero_ps();
+#pragma GCC unroll 8
+            for (int r = 0; r < M; r++) {
+                const int32_t *xr = (const int32_t *)(j->xq + (size_t)r * K + (size_t)b * QK);
+                __m256i s = dot8_avx2(w, xr, kind == P_Q8);
+                if (off) s = _mm256_add_epi32(s, _mm256_set1_epi32(-off * j->xqs[r * nb + b]));
+                acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_mul_ps(dw, _mm256_set1_ps(j->xd[r * nb + b])),
+                                         acc[r]);
+                if (mins) acc[r] = _mm256_fmadd_ps(mw, _mm256_set1_ps(j->xds[r * nb + b]), acc[r]);
+            }
+        }
+        for (int r = 0; r < M; r++) {
+            float out[8];
+            _mm256_storeu_ps(out, acc[r]);
+            memcpy(j->y + (size_t)r * j->ldy + n, out, sizeof(float) * have);
+        }
+    }
+}
+
+/* One copy per kind and row count, so the kind's tests fold away (as in the AVX-512 kernel). */
+static void rows_int8(const job_t *j, int n0, int n1) {
+#define CALL(rows) rows_int8_avx2_m(j, n0, n1, rows, kind_now)
+#define BY_KIND(kind)                                                                                      \
+    case kind: {                                                                                           \
+        const int kind_now = kind;                                                                         \
+        BY_ROWS(j->M, CALL)                                                                                \
+    } break;
+    switch (j->qtype) {
+        BY_KIND(P_Q4_MIN)
+        BY_KIND(P_Q4_0)
+        BY_KIND(P_Q8)
+        BY_KIND(P_Q4_F32)
+        BY_KIND(P_Q5_1)
+        BY_KIND(P_Q5_0)
+    default: break;
+    }
+#undef BY_KIND
+#undef CALL
+}
+
+#elif defined(HAVE_NEON)
+/* 4 rows' 16-byte pieces at offset `at` transposed: lane p of T[c] holds dword c of row p. */
+static inline __attribute__((always_inline)) void load_t4(const uint8_t *const *rows, size_t at, uint8x16_t T[4]) {
+    const uint32x4x2_t t01 = vtrnq_u32(vreinterpretq_u32_u8(vld1q_u8(rows[0] + at)),
+                                       vreinterpretq_u32_u8(vld1q_u8(rows[1] + at)));
+    const uint32x4x2_t t23 = vtrnq_u32(vreinterpretq_u32_u8(vld1q_u8(rows[2] + at)),
+                                       vreinterpretq_u32_u8(vld1q_u8(rows[3] + at)));
+    T[0] = vreinterpretq_u8_u32(vcombine_u32(vget_low_u32(t01.val[0]), vget_low_u32(t23.val[0])));
+    T[1] = vreinterpretq_u8_u32(vcombine_u32(vget_low_u32(t01.val[1]), vget_low_u32(t23.val[1])));
+    T[2] = vreinterpretq_u8_u32(vcombine_u32(vget_high_u32(t01.val[0]), vget_high_u32(t23.val[0])));
+    T[3] = vreinterpretq_u8_u32(vcombine_u32(vget_high_u32(t01.val[1]), vget_high_u32(t23.val[1])));
+}
+
+static inline __attribute__((always_inline)) void rows_int8_neon_m(const job_t *j, int n0, int n1, const int M,
+                                                                    const int kind) {
+    const int K = j->K, nb = K / QK, mins = INT8_MINS(kind), off = INT8_OFFSET(kind);
+    const size_t row_bytes = ROW_BYTES(kind, K), bb = BLOCK_BYTES(kind);
+    float *sc = thread_scratch(0, (size_t)8 * nb);
+    if (!sc) {
+        atomic_store(&g_nomem, 1);
+        return;
+    }
+    float *mc = sc + 4 * nb;
+    for (int n = n0; n < n1; n += 4) {
+        const int have = n1 - n < 4 ? n1 - n : 4;
+        const uint8_t *rows[4];
+        int row[4];
+        for (int p = 0; p < 4; p++) {
+            row[p] = n + (p < have ? p : have - 1);
+            rows[p] = j->w + (size_t)row[p] * row_bytes;
+        }
+        int8_scales_t(j, row, 4, nb, sc, mc);
+        float32x4_t acc[MAX_ROWS];
+        for (int r = 0; r < M; r++) acc[r] = vdupq_n_f32(0.0f);
+        for (int b = 0; b < nb; b++) {
+            int8x16_t w[8];
+            uint8x16_t T[4];
+            if (kind == P_Q8) { /* signed values: vdot is int8 x int8 */
+                load_t4(rows, (size_t)b * QK, T);
+                for (int c = 0; c < 4; c++) w[c] = vreinterpretq_s8_u8(T[c]);
+                load_t4(rows, (size_t)b * QK + 16, T);
+                for (int c = 0; c < 4; c++) w[4 + c] = vreinterpretq_s8_u8(T[c]);
+            } else {
+                load_t4(rows, (size_t)b * bb, T);
+                uint8x16_t u[8];
+                for (int c = 0; c < 4; c++) {
+                    u[c] = vandq_u8(T[c], vdupq_n_u8(0x0F));
+                    u[4 + c] = vshrq_n_u8(T[c], 4);
+                }
+                if (IS_Q5(kind)) { /* add 16 where the fifth bit is set */
+                    uint32_t qh[4];
+                    for (int p = 0; p < 4; p++) memcpy(&qh[p], rows[p] + (size_t)b * bb + 16, 4);
+                    const uint8x16_t H = vreinterpretq_u8_u32(vld1q_u32(qh));
+                    for (int c = 0; c < 8; c++) {
+                        const uint8_t k = (uint8_t)(c < 4 ? c / 2 : 2 + (c - 4) / 2), sh = (uint8_t)(4 * (c % 2));
+                        const uint8_t pick_b[16] = {k, k, k, k, 4 + k, 4 + k, 4 + k, 4 + k,
+                                                    8 + k, 8 + k, 8 + k, 8 + k, 12 + k, 12 + k, 12 + k, 12 + k};
+                        const uint32x4_t bit32 = vdupq_n_u32(0x08040201u << sh);
+                        const uint8x16_t set = vtstq_u8(vqtbl1q_u8(H, vld1q_u8(pick_b)), vreinterpretq_u8_u32(bit32));
+                        u[c] = vaddq_u8(u[c], vandq_u8(set, vdupq_n_u8(16)));
+                    }
+                }
+                for (int c = 0; c < 8; c++) w[c] = vreinterpretq_s8_u8(u[c]);
+            }
+            const float32x4_t dw = vld1q_f32(sc + (size_t)b * 4), mw = vld1q_f32(mc + (size_t)b * 4);
+            for (int r = 0; r < M; r++) {
+                const int8_t *xr = j->xq + (size_t)r * K + (size_t)b * QK;
+                const int8x16_t x0 = vld1q_s8(xr), x1 = vld1q_s8(xr + 16);
+                int32x4_t s0 = vdupq_n_s32(-off * j->xqs[r * nb + b]), s1 = vdupq_n_s32(0);
+                s0 = vdotq_laneq_s32(s0, w[0], x0, 0);
+                s1 = vdotq_laneq_s32(s1, w[1], x0, 1);
+                s0 = vdotq_laneq_s32(s0, w[2], x0, 2);
+                s1 = vdotq_laneq_s32(s1, w[3], x0, 3);
+                s0 = vdotq_laneq_s32(s0, w[4], x1, 0);
+                s1 = vdotq_laneq_s32(s1, w[5], x1, 1);
+                s0 = vdotq_laneq_s32(s0, w[6], x1, 2);
+                s1 = vdotq_laneq_s32(s1, w[7], x1, 3);
+                acc[r] = vfmaq_f32(acc[r], vcvtq_f32_s32(vaddq_s32(s0, s1)), vmulq_n_f32(dw, j->xd[r * nb + b]));
+                if (mins) acc[r] = vfmaq_f32(acc[r], mw, vdupq_n_f32(j->xds[r * nb + b]));
+            }
+        }
+        for (int r = 0; r < M; r++) {
+            float out[4];
+            vst1q_f32(out, acc[r]);
+            memcpy(j->y + (size_t)r * j->ldy + n, out, sizeof(float) * have);
+        }
+    }
+}
+
+static void rows_int8(const job_t *j, int n0, int n1) {
+#define CALL(rows) rows_int8_neon_m(j, n0, n1, rows, kind_now)
+#define BY_KIND(kind)                                                                                      \
+    case kind: {                                                                                           \
+        const int kind_now = kind;                                                                         \
+        BY_ROWS(j->M, CALL)                                                                                \
+    } break;
+    switch (j->qtype) {
+        BY_KIND(P_Q4_MIN)
+        BY_KIND(P_Q4_0)
+        BY_KIND(P_Q8)
+        BY_KIND(P_Q4_F32)
+        BY_KIND(P_Q5_1)
+        BY_KIND(P_Q5_0)
+    default: break;
+    }
+#undef BY_KIND
+#undef CALL
+}
+
+#elif !defined(HAVE_AVX512)
+#define rows_int8 rows_int8_generic
+#endif
+
+#endif /* GARAGE_INT8_H */
