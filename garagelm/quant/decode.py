@@ -15,8 +15,8 @@ import math
 import torch
 from torch import nn
 
-from garagelm.quant.dense import DenseLinear
 from garagelm.quant import cpu
+from garagelm.quant.dense import DenseLinear
 from garagelm.quant.ggml_linear import MAX_KERNEL_ROWS, GGMLLinear, int8_activations
 
 AVAILABLE = cpu.kernels is not None
