@@ -7,6 +7,9 @@ load to first token. Prints medians and the ratios; --json FILE writes them.
     python bench/speed.py smollm2:135m --threads 2 --reps 3 --json bench/speed.json
     python bench/speed.py ./hf-folder --peer ./same-weights-f32.gguf   # a Hugging Face folder
     python bench/speed.py smollm2:135m --kv-cache q8_0   # both engines on an 8-bit KV cache
+    # what an AVX2 laptop runs, on a machine with AVX-512: our AVX2 kernels (torch's own capped
+    # at AVX2 too) against a llama.cpp built for AVX2 only, in its own venv
+    python bench/speed.py smollm2:135m --cpu avx2 --peer-python /work/venv-avx2/bin/python
 
 llama.cpp comes from llama-cpp-python (tests/run.sh builds it with the flags this machine needs).
 """
@@ -38,6 +41,10 @@ def _llama_cpp(
                n_threads_batch=threads, verbose=False, **kv)  # fmt: skip
     ll.eval(ll.tokenize(b"Hello", add_bos=False))
     load = time.perf_counter() - t0
+    import llama_cpp
+
+    # which of its CPU kernels this build runs (AVX512 = 1 or not)
+    system = llama_cpp.llama_print_system_info().decode()
 
     def decode(n_ctx: int) -> float:
         ll.reset()
@@ -58,7 +65,35 @@ def _llama_cpp(
         tg_rates.append(decode(pp))
         for n in decode_ctx:
             at_ctx[str(n)].append(decode(n))
-    return summary("llama.cpp", pp_rates, tg_rates, at_ctx, load)
+    return {**summary("llama.cpp", pp_rates, tg_rates, at_ctx, load), "kernels": system.strip()}
+
+
+# torch's own kernels (prefill GEMMs, elementwise ops) choose their instruction set at run time
+# too; for a variant below the machine's best these caps make them run what that CPU would have.
+TORCH_CAPS = {
+    "avx2": {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"},
+    "avxvnni": {
+        "ATEN_CPU_CAPABILITY": "avx2",
+        "ONEDNN_MAX_CPU_ISA": "AVX2_VNNI",
+        "MKL_ENABLE_INSTRUCTIONS": "AVX2",
+    },
+    "generic": {
+        "ATEN_CPU_CAPABILITY": "default",
+        "ONEDNN_MAX_CPU_ISA": "SSE41",
+        "MKL_ENABLE_INSTRUCTIONS": "SSE4_2",
+    },
+}
+
+
+def cpu_name() -> str:
+    """The CPU's model name, as lscpu and /proc/cpuinfo give it."""
+    import platform
+
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
 
 
 def _ctx_points(args: argparse.Namespace) -> tuple[int, ...]:
@@ -92,6 +127,16 @@ def main() -> None:
     ap.add_argument("--long-ctx", type=int, default=2000, help="... and after this many (0: skip both)")
     ap.add_argument("--kv-cache", choices=["f16", "q8_0"], default="f16",
                     help="KV cache type for both engines (q8_0: llama.cpp's -ctk/-ctv q8_0 -fa)")  # fmt: skip
+    ap.add_argument(
+        "--cpu",
+        help="garagelm's kernel variant (GARAGE_CPU: avx512, avxvnni, avx2, neon, generic); "
+        "below the machine's best, torch's own kernels are capped to match",
+    )
+    ap.add_argument(
+        "--peer-python",
+        default=sys.executable,
+        help="the python whose llama-cpp-python runs (a venv with llama.cpp built for AVX2 only, say)",
+    )
     ap.add_argument("--json", help="write results here")
     ap.add_argument("--engine", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -100,14 +145,25 @@ def main() -> None:
     from garagelm.cli.resolve import resolve_model
 
     path = str(resolve_model(args.model))
+    import os
+    from pathlib import Path
+
     results = {}
     for engine in ("garagelm", "llama.cpp"):
         source = args.peer if engine == "llama.cpp" and args.peer else path
-        cmd = [sys.executable, __file__, source, "--engine", engine, "--threads", str(args.threads),
+        python = args.peer_python if engine == "llama.cpp" else sys.executable
+        env = dict(os.environ)
+        if engine == "garagelm" and args.cpu:
+            env.update(GARAGE_CPU=args.cpu, **TORCH_CAPS.get(args.cpu, {}))
+        # the peer's venv imports this checkout's tokenizer (pure Python) for the prompt tokens
+        env["PYTHONPATH"] = os.pathsep.join(
+            filter(None, [str(Path(__file__).resolve().parents[1]), env.get("PYTHONPATH")])
+        )
+        cmd = [python, __file__, source, "--engine", engine, "--threads", str(args.threads),
                "--reps", str(args.reps), "--pp", str(args.pp), "--tg", str(args.tg),
                "--short-ctx", str(args.short_ctx), "--long-ctx", str(args.long_ctx),
                "--kv-cache", args.kv_cache]  # fmt: skip
-        proc = subprocess.run(cmd, capture_output=True, text=True, check=True)
+        proc = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env)
         results[engine] = json.loads(proc.stdout.strip().splitlines()[-1])
     ours, peer = results["garagelm"], results["llama.cpp"]
     ratios = {
@@ -124,6 +180,7 @@ def main() -> None:
             )
     peer_note = f" (llama.cpp: {args.peer})" if args.peer else ""
     print(f"{path}{peer_note}  threads={args.threads} reps={args.reps} kv={args.kv_cache} (medians)")
+    print(f"CPU: {cpu_name()}; garagelm kernels: {ours.get('kernels')}; llama.cpp: {peer.get('kernels')}")
     print(f"{'':12s}{'pp' + str(args.pp) + ' tok/s':>14s}{'tg' + str(args.tg) + ' tok/s':>14s}"
           f"{'tg@' + str(args.short_ctx):>9s}{'tg@' + str(args.long_ctx):>9s}{'load->1st s':>13s}{'RSS MiB':>9s}")  # fmt: skip
     for name, r in results.items():
@@ -134,7 +191,8 @@ def main() -> None:
     print("ratios (garagelm / llama.cpp): " + ", ".join(f"{k} {v:.2f}x" for k, v in ratios.items()))
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"date": time.strftime("%Y-%m-%d"), "results": results, "ratios": ratios}, f, indent=2)
+            json.dump({"date": time.strftime("%Y-%m-%d %H:%M"), "cpu": cpu_name(), "results": results,
+                       "ratios": ratios}, f, indent=2)  # fmt: skip
 
 
 if __name__ == "__main__":

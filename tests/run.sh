@@ -6,8 +6,8 @@ cd "$(dirname "$0")/.."
 python -m pip install -q -e '.[test]'
 # The C kernels are optional (without a compiler garagelm runs the torch path), so pip does not
 # fail when they do not build; where there is a compiler, a failed build must not pass unseen.
-if command -v cc >/dev/null && ! python -c "import garagelm.quant._kernels" 2>/dev/null; then
-  echo "tests/run.sh: the C kernels did not build; 'pip install -v -e .' shows the compiler's error" >&2
+if command -v cc >/dev/null && ! python -c "from garagelm.quant import cpu; assert not cpu.unbuilt(), cpu.unbuilt()"; then
+  echo "tests/run.sh: C kernel variants this CPU runs did not build; 'pip install -v -e .' shows the compiler's error" >&2
   exit 1
 fi
 # llama.cpp built from source; with gcc 12 its AMX path crashes on the first decode, so AMX is off.
@@ -23,6 +23,14 @@ if ! command -v chromium >/dev/null; then
     echo "tests/run.sh: the web test needs Debian's chromium: sudo apt-get install chromium" >&2
   fi
 fi
+# The ARM (NEON) kernels are checked by cross-compiling them and running them under qemu-user.
+if ! command -v aarch64-linux-gnu-gcc >/dev/null || ! command -v qemu-aarch64 >/dev/null; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq gcc-aarch64-linux-gnu qemu-user >/dev/null
+  else
+    echo "tests/run.sh: the ARM kernel test needs: sudo apt-get install gcc-aarch64-linux-gnu qemu-user" >&2
+  fi
+fi
 ruff format --check .
 ruff check .
-python -m pytest -q "$@"
+python -m pytest -q -rs "$@"  # -rs: every skip's reason (a variant this CPU cannot run, say)

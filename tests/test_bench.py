@@ -21,6 +21,9 @@ def test_bench_json(smol_path, capsys):
     # a quantized model's 32-token prompt runs in bf16 where the CPU multiplies bf16 natively
     assert r["prefill_products"] == ("bf16" if bf16_products_fast() else "float32")
     assert r["kv_cache"] == "f16"
+    from garagelm.quant import cpu
+
+    assert r["kernels"] == cpu.VARIANT
 
 
 def test_bench_table(smol_path, capsys):

@@ -9,6 +9,7 @@ from gguf import GGMLQuantizationType
 from gguf.quants import dequantize as gguf_dequantize
 from gguf.quants import quantize as gguf_quantize
 
+from garagelm.quant import cpu
 from garagelm.quant.attention import AVAILABLE, decode_attention
 from garagelm.quant.ggml_linear import exact_products
 from garagelm.runtime.cache import KVCache, dequantize_q8_0, kv_bytes_per_value, kv_type, quantize_q8_0
@@ -44,7 +45,8 @@ def test_decode_attention_kernel(kind, H, Hkv, hd, S, first, variant):
     """The kernel on a cache's views (capacity above S, so heads are strided) equals float64
     attention over the values the cache holds, for head sizes the kernel specialises (64, 128,
     256) and one it does not (96), short and split (>= 256 positions) contexts, partial tiles,
-    and sliding windows (positions first..S-1, starting inside a tile or on its edge)."""
+    and sliding windows (positions first..S-1, starting inside a tile or on its edge). Every
+    kernel variant gives the same bits as the plain C one."""
     torch.manual_seed(S + hd)
     cache = KVCache(1, Hkv, hd, 4096, dtype=kv_type(kind))
     k, v = torch.randn(1, Hkv, S, hd) * 2, torch.randn(1, Hkv, S, hd)
@@ -54,6 +56,11 @@ def test_decode_attention_kernel(kind, H, Hkv, hd, S, first, variant):
     views = [t[:, :, :S] for t in cache.layer(0)]
     out = decode_attention(q, *views[:2], hd**-0.5, *views[2:], first=first)
     assert out is not None
+    previous = cpu.set_variant("generic")  # every variant computes the plain C build's bits
+    try:
+        assert torch.equal(out, decode_attention(q, *views[:2], hd**-0.5, *views[2:], first=first))
+    finally:
+        cpu.set_variant(previous)
     # q8_0: the kernel dots keys with the query quantized as llama.cpp's q8_0 key dot does
     held_q = dequantize_q8_0(*quantize_q8_0(q), torch.float32) if kind == "q8_0" else q
     window = slice(first, S)

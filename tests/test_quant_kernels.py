@@ -51,6 +51,11 @@ def test_matmul_matches_float_reference(tensors, qtype, rows, variant):
     x = torch.randn(rows, k, generator=torch.Generator().manual_seed(rows))
     with exact_products():
         got = lin(x)
+        previous = cpu.set_variant("generic")  # every variant: the plain C build's bits
+        try:
+            assert torch.equal(got, lin(x)), variant
+        finally:
+            cpu.set_variant(previous)
     want = F.linear(x.double(), w.double()).float()
     # float32 rounding only: errors far below the spread of the outputs
     assert (got - want).abs().max() <= 1e-5 * want.abs().max()
@@ -364,7 +369,8 @@ def test_prefill_rows_kernels_against_float64(variant):
     x, w = torch.randn(300, 640) * 30, torch.randn(640)
     x64 = x.double()
     ref = x64 * torch.rsqrt((x64 * x64).mean(-1, keepdim=True) + 1e-6) * w.double()
-    assert ((rows.rmsnorm(x, w, 1e-6).double() - ref).abs() <= 1e-6 * ref.abs() + 1e-6).all()
+    cpu_norm = rows.rmsnorm(x, w, 1e-6)
+    assert ((cpu_norm.double() - ref).abs() <= 1e-6 * ref.abs() + 1e-6).all()
     gu = torch.randn(2, 150, 2 * 512) * 4
     for gelu in (False, True):
         for dtype in (torch.float32, torch.bfloat16):
@@ -376,6 +382,12 @@ def test_prefill_rows_kernels_against_float64(variant):
             want = (gate * torch.sigmoid(2 * u) if gelu else F.silu(gate)) * up
             got = rows.gated(g, 512, gelu)
             assert got.dtype == dtype and got.shape == (2, 150, 512)
+            previous = cpu.set_variant("generic")  # every variant: the plain C build's bits
+            try:
+                assert torch.equal(got, rows.gated(g, 512, gelu)), variant
+                assert torch.equal(rows.rmsnorm(x, w, 1e-6), cpu_norm), variant
+            finally:
+                cpu.set_variant(previous)
             if dtype == torch.float32:
                 # GELU's tail: exp(-2u) of a float32 u with |2u| up to ~60 carries ~60 roundings
                 tol = 2e-5 if gelu else 1e-6

@@ -212,3 +212,32 @@ def test_f16_file_keeps_16_bit_weights_and_equals_transformers(quantized, smol_p
         out = ref.generate(torch.tensor([ids]), max_new_tokens=24, do_sample=False, eos_token_id=eog,
                            pad_token_id=eog[0])  # fmt: skip
     assert _ours_greedy(loaded, ids, 24) == out[0, len(ids) :].tolist()
+
+
+_GREEDY_BY_VARIANT: dict[str, list[list[int]]] = {}
+
+
+def _greedy_all_prompts(path) -> list[list[int]]:
+    loaded = load_model(path)  # after the variant switch: its decode plan binds that variant
+    assert loaded.model.decode_plan is not None
+    prompts = [(p, False) for p in RAW_PROMPTS] + [(p, True) for p in CHAT_PROMPTS]
+    return [_ours_greedy(loaded, _prompt_ids(loaded, text, chat), 48) for text, chat in prompts]
+
+
+def test_greedy_text_is_the_same_on_every_variant(smol_path, variant, monkeypatch):
+    """The text does not depend on which kernel variant runs: every kernel computes the same bits
+    on every variant (test_quant_kernels, test_kv_cache), so 48 greedy tokens of the Q4_1 model on
+    every prompt equal the plain C build's, token for token. Prefill stays float32 here: bf16
+    prefill (CPUs with AMX or AVX512-BF16) is another precision, not another kernel."""
+    from garagelm.quant import cpu, ggml_linear
+
+    monkeypatch.setattr(ggml_linear, "bf16_products_fast", lambda: False)
+
+    got = _greedy_all_prompts(smol_path)
+    if "generic" not in _GREEDY_BY_VARIANT:
+        previous = cpu.set_variant("generic")
+        try:
+            _GREEDY_BY_VARIANT["generic"] = _greedy_all_prompts(smol_path)
+        finally:
+            cpu.set_variant(previous)
+    assert got == _GREEDY_BY_VARIANT["generic"], variant

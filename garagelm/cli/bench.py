@@ -29,6 +29,7 @@ def main(args: argparse.Namespace) -> int:
         return 0
     print(f"model                 {r['model']}")
     print(f"threads               {r['threads']}")
+    print(f"kernels               {r['kernels']} (GARAGE_CPU picks another)")
     print(
         f"prompt processing     {r['pp_tok_s']:.1f} tokens/s ({r['pp_tokens']} tokens, median of {args.reps}, "
         f"{r['prefill_products']} products)"

@@ -196,6 +196,12 @@ class ReplyWriter:
         return self.answer
 
 
+def _kernels_name() -> str:
+    from garagelm.quant import cpu
+
+    return cpu.VARIANT or "none (torch only)"
+
+
 def print_stats(s, total: float, load: float) -> None:
     """The block `ollama run --verbose` prints, plus time to first token."""
     lines = [
@@ -208,6 +214,7 @@ def print_stats(s, total: float, load: float) -> None:
         ("eval count", f"{s.generated_tokens} token(s)"),
         ("eval duration", f"{s.generate_seconds:.3f}s"),
         ("eval rate", f"{s.generate_tps:.2f} tokens/s"),
+        ("kernels", _kernels_name()),
     ]
     for k, v in lines:
         print(f"{k + ':':22s}{v}", file=sys.stderr)

@@ -78,8 +78,10 @@ def measure(
     from garagelm.runtime.cache import kv_type_name
 
     fast = any(getattr(m, "bf16_prefill", False) for m in loaded.model.modules()) and use_bf16(pp)
+    from garagelm.quant import cpu
+
     out = {"model": str(path), "threads": torch.get_num_threads(), "pp_tokens": pp, "tg_tokens": tg,
-           "prefill_products": "bf16" if fast else "float32",
+           "kernels": cpu.VARIANT or "none (torch only)", "prefill_products": "bf16" if fast else "float32",
            "kv_cache": kv_type_name(engine.cache.dtype)}  # fmt: skip
     return {**out, **summary("garagelm", pp_rates, tg_rates, at_ctx, load_to_first_token)}
 

@@ -133,10 +133,10 @@ static void matmul(const job_t *j) {
 #define rows_packed rows_packed_avx512
 #define rows_float rows_float_avx512
 #else
-#include "kernels/vec8.h"
+#include "kernels/vec16.h"
 #include "kernels/int8.h"
-#define rows_packed rows_packed_v8
-#define rows_float rows_float_v8
+#define rows_packed rows_packed_v16
+#define rows_float rows_float_v16
 #define quantize_x quantize_x_portable
 #define INT8_KIND INT8_KIND_PORTABLE
 #endif
@@ -354,7 +354,7 @@ static void dequant_packed_rows_bf16_avx512(const job_t *j, int n0, int n1) {
 #define dequant_packed_rows_bf16 dequant_packed_rows_bf16_avx512
 #else
 /* Each row dequantized to float32 in scratch, then rounded to bf16 (the same values). */
-static void dequant_packed_rows_bf16_v8(const job_t *j, int n0, int n1) {
+static void dequant_packed_rows_bf16_v16(const job_t *j, int n0, int n1) {
     float *row = thread_scratch(0, (size_t)j->K);
     if (!row) {
         atomic_store(&g_nomem, 1);
@@ -362,11 +362,11 @@ static void dequant_packed_rows_bf16_v8(const job_t *j, int n0, int n1) {
     }
     for (long n = n0; n < n1; n++) {
         dequant_row(j, n, row);
-        for (int k = 0; k < j->K; k += 8) v8_to_bf16((uint16_t *)j->y + (size_t)n * j->K + k, v8_load(row + k));
+        for (int k = 0; k < j->K; k += 16) v16_to_bf16((uint16_t *)j->y + (size_t)n * j->K + k, v16_load(row + k));
     }
 }
 #define dequant_packed_rows_fast dequant_packed_rows
-#define dequant_packed_rows_bf16 dequant_packed_rows_bf16_v8
+#define dequant_packed_rows_bf16 dequant_packed_rows_bf16_v16
 #endif
 
 static PyObject *py_dequantize_packed(PyObject *self, PyObject *args) {
@@ -410,36 +410,7 @@ static PyObject *py_dequantize_packed_bf16(PyObject *self, PyObject *args) {
  * float kernel compute-bound at half the f16 kernel's bytes). Key and value scales are tiled the
  * same way (element t*16*nb + b*16 + r: block b of position 16t + r); values stay a row per
  * position, converted to float once for every head of the group. */
-#define ATT_MAX_HEADS 128
-#define ATT_MAX_HD 256
-#define ATT_TILE 16
-
-typedef struct {
-    const float *q;
-    const uint8_t *k, *v;     /* f16: position `first` of head 0; q8_0: position 0 (tiles) */
-    const uint16_t *ks, *vs;  /* q8_0: f16 scales, one per 32 values (NULL for f16) */
-    long stride_h;            /* values between heads in the cache (scales: stride_h / 32) */
-    int H, Hkv, S, hd;        /* S: positions attended, first .. first + S - 1 */
-    int first, per, units;    /* units (f16: positions, q8_0: tiles) attended, per part */
-    float scale;
-    float *part_m, *part_l, *part_o; /* this row's: [parts][ATT_MAX_HEADS] (m, l), [parts][ATT_MAX_HEADS][hd] (o) */
-    /* q8_0: the query as q8_0 (int8 per head; per block d * scale and -128 * sum(q), which takes
-     * the keys' +128 back out of the integer dots) */
-    const int8_t *qq;
-    const float *qd;
-    const int32_t *qc;
-} att_t;
-
-/* Part `part` as one that saw no positions: weight 0 when the parts are merged (the call then
- * raises MemoryError). */
-static void att_part_empty(const att_t *a, int part, int hd) {
-    atomic_store(&g_nomem, 1);
-    for (int h = 0; h < a->H; h++) {
-        a->part_m[part * ATT_MAX_HEADS + h] = -INFINITY;
-        a->part_l[part * ATT_MAX_HEADS + h] = 0.0f;
-        memset(a->part_o + ((size_t)part * ATT_MAX_HEADS + h) * hd, 0, sizeof(float) * hd);
-    }
-}
+#include "kernels/attention.h"
 
 #if defined(HAVE_AVX512)
 #include "kernels/attention_avx512.h"
@@ -463,13 +434,13 @@ static void att_run(const att_t *a, int u0, int u1) {
     }
 }
 #else
-#include "kernels/attention_v8.h"
+#include "kernels/attention_v16.h"
 
 static void att_run(const att_t *a, int u0, int u1) {
     if (a->ks)
-        att_q8_v8(a, u0, u1);
+        att_q8_v16(a, u0, u1);
     else
-        att_rows_v8(a, u0, u1);
+        att_rows_v16(a, u0, u1);
 }
 #endif
 
@@ -538,17 +509,7 @@ static void attend_rows(const att_req_t *rq, int M, int H, int Hkv, int hd, floa
     for (int r = 0; r < M; r++) {
         const att_req_t *x = rq + r;
         const int S = x->end - x->first, q8 = x->ks != NULL;
-        if (q8) /* the query as llama.cpp quantizes it for its q8_0 key dot */
-            for (int h = 0; h < H; h++) {
-                uint16_t d16[8];
-                quantize_q8_0(x->q + (size_t)h * hd, qq[r] + (size_t)h * hd, d16, hd);
-                for (int b = 0; b < hd / QK; b++) {
-                    int32_t sum = 0;
-                    for (int i = 0; i < QK; i++) sum += qq[r][(size_t)h * hd + b * QK + i];
-                    qd[r][h * 8 + b] = f16_to_f32(d16[b]) * scale;
-                    qc[r][h * 8 + b] = -128 * sum;
-                }
-            }
+        if (q8) att_quantize_query(x->q, H, hd, scale, qq[r], qd[r], qc[r]);
         const int units = q8 ? (x->end + ATT_TILE - 1) / ATT_TILE - x->first / ATT_TILE : S;
         const int parts = S >= ATT_SPLIT_MIN ? threads : 1, per = (units + parts - 1) / parts;
         const size_t at = q8 ? 0 : (size_t)x->first * hd * 2; /* f16 rows are addressed from `first` */
@@ -584,22 +545,6 @@ static void attend_rows(const att_req_t *rq, int M, int H, int Hkv, int hd, floa
             for (int d = 0; d < hd; d++) o[(size_t)h * hd + d] /= L;
         }
     }
-}
-
-/* One position's key and value (one head) into a q8_0 cache in the tiled layout above; kg, vg,
- * ks, vs: the head's position 0. */
-static void store_q8_0(const float *kr, const float *vr, uint8_t *kg, int8_t *vg, uint16_t *ks, uint16_t *vs, long pos,
-                       int hd) {
-    int8_t q[ATT_MAX_HD];
-    uint16_t d[8];
-    const int nb = hd / QK, r = (int)(pos % ATT_TILE);
-    const size_t t = (size_t)(pos / ATT_TILE);
-    quantize_q8_0(kr, q, d, hd);
-    uint8_t *kt = kg + t * ATT_TILE * hd;
-    for (int i = 0; i < hd; i++) kt[(i / 4) * 64 + r * 4 + i % 4] = (uint8_t)(q[i] + 128);
-    for (int b = 0; b < nb; b++) ks[(t * nb + b) * ATT_TILE + r] = d[b];
-    quantize_q8_0(vr, vg + (size_t)pos * hd, d, hd);
-    for (int b = 0; b < nb; b++) vs[(t * nb + b) * ATT_TILE + r] = d[b];
 }
 
 /* attend(q, k, v, ks, vs, out, stride_h, H, Hkv, S, hd, scale[, first]): positions first .. S - 1

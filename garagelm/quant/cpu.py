@@ -25,6 +25,10 @@ VARIANTS: dict[str, frozenset[str]] = {
 }
 
 
+# the variants setup.py builds on each architecture
+BUILT_ON = {"x86_64": ("avx512", "avxvnni", "avx2", "generic"), "aarch64": ("neon", "generic")}
+
+
 def _module(name: str) -> ModuleType | None:
     try:
         return importlib.import_module(f"garagelm.quant._kernels_{name}")
@@ -42,6 +46,16 @@ def runnable() -> list[str]:
     """The variants built here that this CPU can execute, best first."""
     have = features()
     return [v for v, needs in VARIANTS.items() if needs <= have and _module(v) is not None]
+
+
+def unbuilt() -> list[str]:
+    """Variants this CPU could run that setup.py should have built here but did not (a compiler
+    without those instruction sets): tests/run.sh refuses to test a build that lost one."""
+    import platform
+
+    machine = {"AMD64": "x86_64", "arm64": "aarch64"}.get(platform.machine(), platform.machine())
+    have = features()
+    return [v for v in BUILT_ON.get(machine, ("generic",)) if VARIANTS[v] <= have and _module(v) is None]
 
 
 def load(name: str) -> ModuleType:

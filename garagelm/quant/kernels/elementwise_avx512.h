@@ -1,5 +1,5 @@
 /* RMSNorm rows, the gated activations and f16 rows with AVX-512. Included by _kernels.c in its
- * AVX-512 build (vec8.h has the other variants'). */
+ * AVX-512 build (vec16.h has the other variants', the same arithmetic). */
 /* act(gate) * up for one row of [gate | up] (2 I values) into h (I values; h may be the row's
  * own start): SiLU, or GELU with the tanh approximation (Gemma). I is a multiple of 16. */
 static inline __m512 act512(__m512 g, int gelu) {

@@ -1,0 +1,202 @@
+/* Decode attention for every variant but AVX-512: attention_avx512.h's arithmetic, operation for
+ * operation, on 16-float vectors (vec16.h), so the bits are the same. f16 and q8_0 caches, the
+ * layouts described in _kernels.c's attention section. Included by _kernels.c after att_t; the
+ * split over parts and their merge are there. */
+
+/* f16: positions s0..s1 of every head group: scores 16 positions at a time (hsum16's tree), the
+ * last few one at a time, exp in place, then the weighted values in two chains when the head is
+ * short (NV <= 4), as att_rows_nv. */
+static void att_rows_v16(const att_t *a, int s0, int s1) {
+    const int part = s0 / a->per, hd = a->hd, NV = hd / 16, group = a->H / a->Hkv;
+    const int len = s1 - s0, ld = len + ATT_TILE;
+    const size_t n_scores = ((size_t)group * ld + 15) & ~(size_t)15, n_out = (size_t)group * hd;
+    float *scores = thread_scratch(1, n_scores + n_out + (size_t)ATT_TILE * hd);
+    if (!scores) {
+        att_part_empty(a, part, hd);
+        return;
+    }
+    float *o = scores + n_scores, *tile = o + n_out;
+    for (int g = 0; g < a->Hkv; g++) {
+        const uint16_t *kg = (const uint16_t *)a->k + (size_t)g * a->stride_h;
+        const uint16_t *vg = (const uint16_t *)a->v + (size_t)g * a->stride_h;
+        float mx[8];
+        v16f mxv[8];
+        int s = s0;
+        for (int i = 0; i < group; i++) mxv[i] = v16_set1(-INFINITY);
+        for (; s + ATT_TILE <= s1; s += ATT_TILE) {
+            for (int r = 0; r < ATT_TILE; r++)
+                for (int c = 0; c < NV; c++)
+                    v16_store(tile + (size_t)r * hd + c * 16, v16_from_f16(kg + (size_t)(s + r) * hd + c * 16));
+            for (int i = 0; i < group; i++) {
+                const float *qi = a->q + (size_t)(g * group + i) * hd;
+                v16f sc;
+                for (int r = 0; r < ATT_TILE; r++) {
+                    v16f x = v16_load(qi) * a->scale * v16_load(tile + (size_t)r * hd);
+                    for (int c = 1; c < NV; c++)
+                        x = v16_fma(v16_load(qi + c * 16) * a->scale, v16_load(tile + (size_t)r * hd + c * 16), x);
+                    sc[r] = v16_sum4x4(x);
+                }
+                v16_store(scores + (size_t)i * ld + (s - s0), sc);
+                mxv[i] = v16_max(mxv[i], sc);
+            }
+        }
+        for (int i = 0; i < group; i++) mx[i] = v16_hmax(mxv[i]);
+        for (; s < s1; s++) { /* the last few positions, one at a time */
+            for (int c = 0; c < NV; c++) v16_store(tile + c * 16, v16_from_f16(kg + (size_t)s * hd + c * 16));
+            for (int i = 0; i < group; i++) {
+                const float *qi = a->q + (size_t)(g * group + i) * hd;
+                v16f acc = v16_load(qi) * v16_load(tile);
+                for (int c = 1; c < NV; c++) acc = v16_fma(v16_load(qi + c * 16), v16_load(tile + c * 16), acc);
+                const float sc = v16_sum(acc) * a->scale;
+                scores[(size_t)i * ld + (s - s0)] = sc;
+                mx[i] = fmaxf(mx[i], sc);
+            }
+        }
+        for (int i = 0; i < group; i++) { /* exp(score - max) in place, and its sum */
+            float *sc = scores + (size_t)i * ld;
+            v16f sum = v16_set1(0.0f);
+            int t = 0;
+            for (; t + 16 <= len; t += 16) {
+                const v16f e = v16_exp(v16_load(sc + t) - mx[i]);
+                v16_store(sc + t, e);
+                sum += e;
+            }
+            if (t < len) { /* a masked tail: lanes past len load 0 and add 0 */
+                v16f x = v16_set1(0.0f);
+                for (int l = 0; l < len - t; l++) x[l] = sc[t + l];
+                v16f e = v16_exp(x - mx[i]);
+                for (int l = 0; l < 16; l++) {
+                    if (l < len - t)
+                        sc[t + l] = e[l];
+                    else
+                        e[l] = 0.0f;
+                }
+                sum += e;
+            }
+            a->part_m[part * ATT_MAX_HEADS + g * group + i] = mx[i];
+            a->part_l[part * ATT_MAX_HEADS + g * group + i] = v16_sum(sum);
+        }
+        memset(o, 0, sizeof(float) * n_out);
+        for (int t = s0; t < s1; t += ATT_TILE) { /* weighted values, 16 positions at a time */
+            const int n = s1 - t < ATT_TILE ? s1 - t : ATT_TILE;
+            for (int r = 0; r < n; r++)
+                for (int c = 0; c < NV; c++)
+                    v16_store(tile + (size_t)r * hd + c * 16, v16_from_f16(vg + (size_t)(t + r) * hd + c * 16));
+            for (int i = 0; i < group; i++) {
+                const float *p = scores + (size_t)i * ld + (t - s0);
+                float *oi = o + (size_t)i * hd;
+                for (int c = 0; c < NV; c++) {
+                    v16f acc0 = v16_load(oi + c * 16), acc1 = v16_set1(0.0f);
+                    int r = 0;
+                    if (NV <= 4)
+                        for (; r + 2 <= n; r += 2) {
+                            acc0 = v16_fma(v16_set1(p[r]), v16_load(tile + (size_t)r * hd + c * 16), acc0);
+                            acc1 = v16_fma(v16_set1(p[r + 1]), v16_load(tile + (size_t)(r + 1) * hd + c * 16), acc1);
+                        }
+                    for (; r < n; r++) acc0 = v16_fma(v16_set1(p[r]), v16_load(tile + (size_t)r * hd + c * 16), acc0);
+                    v16_store(oi + c * 16, acc0 + acc1);
+                }
+            }
+        }
+        for (int i = 0; i < group; i++)
+            memcpy(a->part_o + ((size_t)part * ATT_MAX_HEADS + g * group + i) * hd, o + (size_t)i * hd,
+                   sizeof(float) * hd);
+    }
+}
+
+/* q8_0: tiles u0..u1 (from the tile holding `first`), as att_q8_nb: integer key dots, a lane per
+ * position of the tile; lanes outside first .. end - 1 get score -inf and weight exactly 0, and
+ * their scales are never read. */
+static void att_q8_v16(const att_t *a, int u0, int u1) {
+    const int hd = a->hd, NB = hd / QK, NV = hd / 16, group = a->H / a->Hkv, part = u0 / a->per;
+    const long first = a->first, end = a->first + a->S, t0 = first / ATT_TILE + u0, t1 = first / ATT_TILE + u1;
+    const int len = (int)(t1 - t0) * ATT_TILE;
+    const size_t tile_bytes = (size_t)ATT_TILE * hd;
+    float *scores = thread_scratch(1, (size_t)group * (len + hd + NB * ATT_TILE) + tile_bytes);
+    if (!scores) {
+        att_part_empty(a, part, hd);
+        return;
+    }
+    float *o = scores + (size_t)group * len, *pv = o + (size_t)group * hd, *vt = pv + (size_t)group * NB * ATT_TILE;
+    for (int g = 0; g < a->Hkv; g++) {
+        const uint8_t *kg = a->k + (size_t)g * a->stride_h;
+        const int8_t *vg = (const int8_t *)a->v + (size_t)g * a->stride_h;
+        const uint16_t *ksg = a->ks + (size_t)g * (a->stride_h / QK), *vsg = a->vs + (size_t)g * (a->stride_h / QK);
+        const int h0 = g * group;
+        v16f mxv[8];
+        for (int i = 0; i < group; i++) mxv[i] = v16_set1(-INFINITY);
+        for (long t = t0; t < t1; t++) { /* scores, a tile of 16 positions at a time */
+            const uint8_t *kt = kg + (size_t)t * tile_bytes;
+            const uint16_t *kst = ksg + (size_t)t * ATT_TILE * NB;
+            const long base = t * ATT_TILE;
+            const int lo = first > base ? (int)(first - base) : 0, hi = end < base + 16 ? (int)(end - base) : 16;
+            for (int i = 0; i < group; i++) {
+                v16f sc = v16_set1(0.0f);
+                for (int b = 0; b < NB; b++) {
+                    v16i a0 = (v16i){0} + a->qc[(h0 + i) * 8 + b], a1 = (v16i){0};
+                    const int32_t *qi = (const int32_t *)(a->qq + (size_t)(h0 + i) * hd) + 8 * b;
+                    for (int jj = 0; jj < 8; jj += 2) {
+                        v16i k0, k1;
+                        memcpy(&k0, kt + (size_t)(8 * b + jj) * 64, 64);
+                        memcpy(&k1, kt + (size_t)(8 * b + jj + 1) * 64, 64);
+                        a0 = dpbusd16(a0, k0, qi[jj]);
+                        a1 = dpbusd16(a1, k1, qi[jj + 1]);
+                    }
+                    v16f dk = v16_set1(0.0f); /* the valid lanes' key scales (a masked load) */
+                    for (int l = lo; l < hi; l++) dk[l] = f16_to_f32(kst[b * ATT_TILE + l]);
+                    sc = v16_fma(__builtin_convertvector(a0 + a1, v16f), dk * a->qd[(h0 + i) * 8 + b], sc);
+                }
+                for (int l = 0; l < 16; l++)
+                    if (l < lo || l >= hi) sc[l] = -INFINITY;
+                v16_store(scores + (size_t)i * len + (t - t0) * ATT_TILE, sc);
+                mxv[i] = v16_max(mxv[i], sc);
+            }
+        }
+        for (int i = 0; i < group; i++) { /* exp(score - max) in place (0 outside), and its sum */
+            float *sc = scores + (size_t)i * len;
+            const float mx = v16_hmax(mxv[i]);
+            v16f sum = v16_set1(0.0f);
+            for (int t = 0; t < len; t += 16) {
+                const v16f x = v16_load(sc + t);
+                v16f e = v16_exp(x - mx);
+                for (int l = 0; l < 16; l++)
+                    if (x[l] == -INFINITY) e[l] = 0.0f;
+                v16_store(sc + t, e);
+                sum += e;
+            }
+            a->part_m[part * ATT_MAX_HEADS + h0 + i] = mx;
+            a->part_l[part * ATT_MAX_HEADS + h0 + i] = v16_sum(sum);
+        }
+        memset(o, 0, sizeof(float) * group * hd);
+        for (long t = t0; t < t1; t++) { /* weighted values, a tile at a time */
+            const int8_t *vrow = vg + (size_t)t * tile_bytes;
+            const uint16_t *vst = vsg + (size_t)t * ATT_TILE * NB;
+            const long base = t * ATT_TILE;
+            const int lo = first > base ? (int)(first - base) : 0, hi = end < base + 16 ? (int)(end - base) : 16;
+            for (int b = 0; b < NB; b++) { /* each weight times its block's scale */
+                v16f dv = v16_set1(0.0f);
+                for (int l = lo; l < hi; l++) dv[l] = f16_to_f32(vst[b * ATT_TILE + l]);
+                for (int i = 0; i < group; i++)
+                    v16_store(pv + (size_t)(i * NB + b) * ATT_TILE,
+                              dv * v16_load(scores + (size_t)i * len + (t - t0) * ATT_TILE));
+            }
+            for (int r = 0; r < ATT_TILE; r++)
+                for (int c = 0; c < hd; c++) vt[(size_t)r * hd + c] = (float)vrow[(size_t)r * hd + c];
+            for (int i = 0; i < group; i++) {
+                const float *w = pv + (size_t)i * NB * ATT_TILE;
+                float *oi = o + (size_t)i * hd;
+                for (int c = 0; c < NV; c++) { /* even and odd positions: two chains */
+                    v16f acc0 = v16_load(oi + c * 16), acc1 = v16_set1(0.0f);
+                    for (int r = 0; r < ATT_TILE; r += 2) {
+                        const float *wr = w + (c / 2) * ATT_TILE + r;
+                        acc0 = v16_fma(v16_set1(wr[0]), v16_load(vt + (size_t)r * hd + c * 16), acc0);
+                        acc1 = v16_fma(v16_set1(wr[1]), v16_load(vt + (size_t)(r + 1) * hd + c * 16), acc1);
+                    }
+                    v16_store(oi + c * 16, acc0 + acc1);
+                }
+            }
+        }
+        for (int i = 0; i < group; i++)
+            memcpy(a->part_o + ((size_t)part * ATT_MAX_HEADS + h0 + i) * hd, o + (size_t)i * hd, sizeof(float) * hd);
+    }
+}
