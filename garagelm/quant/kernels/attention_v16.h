@@ -29,13 +29,14 @@ static void att_rows_v16(const att_t *a, int s0, int s1) {
                     v16_store(tile + (size_t)r * hd + c * 16, v16_from_f16(kg + (size_t)(s + r) * hd + c * 16));
             for (int i = 0; i < group; i++) {
                 const float *qi = a->q + (size_t)(g * group + i) * hd;
-                v16f sc;
+                v16f acc[ATT_TILE], qv[16];
+                for (int c = 0; c < NV; c++) qv[c] = v16_muls(v16_load(qi + c * 16), a->scale);
                 for (int r = 0; r < ATT_TILE; r++) {
-                    v16f x = v16_load(qi) * a->scale * v16_load(tile + (size_t)r * hd);
-                    for (int c = 1; c < NV; c++)
-                        x = v16_fma(v16_load(qi + c * 16) * a->scale, v16_load(tile + (size_t)r * hd + c * 16), x);
-                    sc[r] = v16_sum4x4(x);
+                    v16f x = v16_mul(qv[0], v16_load(tile + (size_t)r * hd));
+                    for (int c = 1; c < NV; c++) x = v16_fma(qv[c], v16_load(tile + (size_t)r * hd + c * 16), x);
+                    acc[r] = x;
                 }
+                const v16f sc = v16_hsum16(acc);
                 v16_store(scores + (size_t)i * ld + (s - s0), sc);
                 mxv[i] = v16_max(mxv[i], sc);
             }
@@ -45,7 +46,7 @@ static void att_rows_v16(const att_t *a, int s0, int s1) {
             for (int c = 0; c < NV; c++) v16_store(tile + c * 16, v16_from_f16(kg + (size_t)s * hd + c * 16));
             for (int i = 0; i < group; i++) {
                 const float *qi = a->q + (size_t)(g * group + i) * hd;
-                v16f acc = v16_load(qi) * v16_load(tile);
+                v16f acc = v16_mul(v16_load(qi), v16_load(tile));
                 for (int c = 1; c < NV; c++) acc = v16_fma(v16_load(qi + c * 16), v16_load(tile + c * 16), acc);
                 const float sc = v16_sum(acc) * a->scale;
                 scores[(size_t)i * ld + (s - s0)] = sc;
@@ -57,21 +58,21 @@ static void att_rows_v16(const att_t *a, int s0, int s1) {
             v16f sum = v16_set1(0.0f);
             int t = 0;
             for (; t + 16 <= len; t += 16) {
-                const v16f e = v16_exp(v16_load(sc + t) - mx[i]);
+                const v16f e = v16_exp(v16_subs(v16_load(sc + t), mx[i]));
                 v16_store(sc + t, e);
-                sum += e;
+                sum = v16_add(sum, e);
             }
             if (t < len) { /* a masked tail: lanes past len load 0 and add 0 */
-                v16f x = v16_set1(0.0f);
-                for (int l = 0; l < len - t; l++) x[l] = sc[t + l];
-                v16f e = v16_exp(x - mx[i]);
+                float x[16] = {0};
+                memcpy(x, sc + t, sizeof(float) * (len - t));
+                v16f e = v16_exp(v16_subs(v16_load(x), mx[i]));
                 for (int l = 0; l < 16; l++) {
                     if (l < len - t)
-                        sc[t + l] = e[l];
+                        sc[t + l] = v16_lane(e, l);
                     else
-                        e[l] = 0.0f;
+                        v16_set_lane(&e, l, 0.0f);
                 }
-                sum += e;
+                sum = v16_add(sum, e);
             }
             a->part_m[part * ATT_MAX_HEADS + g * group + i] = mx[i];
             a->part_l[part * ATT_MAX_HEADS + g * group + i] = v16_sum(sum);
@@ -94,7 +95,7 @@ static void att_rows_v16(const att_t *a, int s0, int s1) {
                             acc1 = v16_fma(v16_set1(p[r + 1]), v16_load(tile + (size_t)(r + 1) * hd + c * 16), acc1);
                         }
                     for (; r < n; r++) acc0 = v16_fma(v16_set1(p[r]), v16_load(tile + (size_t)r * hd + c * 16), acc0);
-                    v16_store(oi + c * 16, acc0 + acc1);
+                    v16_store(oi + c * 16, v16_add(acc0, acc1));
                 }
             }
         }
@@ -133,21 +134,19 @@ static void att_q8_v16(const att_t *a, int u0, int u1) {
             for (int i = 0; i < group; i++) {
                 v16f sc = v16_set1(0.0f);
                 for (int b = 0; b < NB; b++) {
-                    v16i a0 = (v16i){0} + a->qc[(h0 + i) * 8 + b], a1 = (v16i){0};
+                    v16i a0 = v16i_set1(a->qc[(h0 + i) * 8 + b]), a1 = v16i_set1(0);
                     const int32_t *qi = (const int32_t *)(a->qq + (size_t)(h0 + i) * hd) + 8 * b;
                     for (int jj = 0; jj < 8; jj += 2) {
-                        v16i k0, k1;
-                        memcpy(&k0, kt + (size_t)(8 * b + jj) * 64, 64);
-                        memcpy(&k1, kt + (size_t)(8 * b + jj + 1) * 64, 64);
-                        a0 = dpbusd16(a0, k0, qi[jj]);
-                        a1 = dpbusd16(a1, k1, qi[jj + 1]);
+                        a0 = dpbusd16(a0, v16i_load(kt + (size_t)(8 * b + jj) * 64), qi[jj]);
+                        a1 = dpbusd16(a1, v16i_load(kt + (size_t)(8 * b + jj + 1) * 64), qi[jj + 1]);
                     }
-                    v16f dk = v16_set1(0.0f); /* the valid lanes' key scales (a masked load) */
-                    for (int l = lo; l < hi; l++) dk[l] = f16_to_f32(kst[b * ATT_TILE + l]);
-                    sc = v16_fma(__builtin_convertvector(a0 + a1, v16f), dk * a->qd[(h0 + i) * 8 + b], sc);
+                    /* the valid lanes' key scales (a masked load) */
+                    const v16f dk = lo == 0 && hi == 16 ? v16_from_f16(kst + b * ATT_TILE)
+                                                        : v16_from_f16_lanes(kst + b * ATT_TILE, lo, hi);
+                    sc = v16_fma(v16i_to_f(a0, a1), v16_muls(dk, a->qd[(h0 + i) * 8 + b]), sc);
                 }
                 for (int l = 0; l < 16; l++)
-                    if (l < lo || l >= hi) sc[l] = -INFINITY;
+                    if (l < lo || l >= hi) v16_set_lane(&sc, l, -INFINITY);
                 v16_store(scores + (size_t)i * len + (t - t0) * ATT_TILE, sc);
                 mxv[i] = v16_max(mxv[i], sc);
             }
@@ -158,11 +157,11 @@ static void att_q8_v16(const att_t *a, int u0, int u1) {
             v16f sum = v16_set1(0.0f);
             for (int t = 0; t < len; t += 16) {
                 const v16f x = v16_load(sc + t);
-                v16f e = v16_exp(x - mx);
+                v16f e = v16_exp(v16_subs(x, mx));
                 for (int l = 0; l < 16; l++)
-                    if (x[l] == -INFINITY) e[l] = 0.0f;
+                    if (v16_lane(x, l) == -INFINITY) v16_set_lane(&e, l, 0.0f);
                 v16_store(sc + t, e);
-                sum += e;
+                sum = v16_add(sum, e);
             }
             a->part_m[part * ATT_MAX_HEADS + h0 + i] = mx;
             a->part_l[part * ATT_MAX_HEADS + h0 + i] = v16_sum(sum);
@@ -174,11 +173,11 @@ static void att_q8_v16(const att_t *a, int u0, int u1) {
             const long base = t * ATT_TILE;
             const int lo = first > base ? (int)(first - base) : 0, hi = end < base + 16 ? (int)(end - base) : 16;
             for (int b = 0; b < NB; b++) { /* each weight times its block's scale */
-                v16f dv = v16_set1(0.0f);
-                for (int l = lo; l < hi; l++) dv[l] = f16_to_f32(vst[b * ATT_TILE + l]);
+                const v16f dv = lo == 0 && hi == 16 ? v16_from_f16(vst + b * ATT_TILE)
+                                                    : v16_from_f16_lanes(vst + b * ATT_TILE, lo, hi);
                 for (int i = 0; i < group; i++)
                     v16_store(pv + (size_t)(i * NB + b) * ATT_TILE,
-                              dv * v16_load(scores + (size_t)i * len + (t - t0) * ATT_TILE));
+                              v16_mul(dv, v16_load(scores + (size_t)i * len + (t - t0) * ATT_TILE)));
             }
             for (int r = 0; r < ATT_TILE; r++)
                 for (int c = 0; c < hd; c++) vt[(size_t)r * hd + c] = (float)vrow[(size_t)r * hd + c];
@@ -192,7 +191,7 @@ static void att_q8_v16(const att_t *a, int u0, int u1) {
                         acc0 = v16_fma(v16_set1(wr[0]), v16_load(vt + (size_t)r * hd + c * 16), acc0);
                         acc1 = v16_fma(v16_set1(wr[1]), v16_load(vt + (size_t)(r + 1) * hd + c * 16), acc1);
                     }
-                    v16_store(oi + c * 16, acc0 + acc1);
+                    v16_store(oi + c * 16, v16_add(acc0, acc1));
                 }
             }
         }

@@ -85,16 +85,34 @@ static void rows_int8_generic(const job_t *j, int n0, int n1) {
     }
 }
 
-/* Scales (and mins) of rows[0..R) for every block, transposed: sc[b * R + p] is row p's block b,
- * the layout one vector load of R lanes takes. */
-static inline void int8_scales_t(const job_t *j, const int *row, int R, int nb, float *sc, float *mc) {
-    for (int p = 0; p < R; p++)
-        for (int b = 0; b < nb; b++) {
-            float dw, mw;
-            int8_scale_min(j, row[p], nb, b, &dw, &mw);
-            sc[b * R + p] = dw;
-            mc[b * R + p] = mw;
+/* n f16 values as float32 (exact), 8 or 4 at a time where the CPU converts them */
+static inline void f16_row(const uint16_t *src, float *dst, int n) {
+    int i = 0;
+#if defined(HAVE_AVX2)
+    for (; i + 8 <= n; i += 8) _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(src + i))));
+#elif defined(HAVE_NEON)
+    for (; i + 4 <= n; i += 4) vst1q_f32(dst + i, vcvt_f32_f16(vreinterpret_f16_u16(vld1_u16(src + i))));
+#endif
+    for (; i < n; i++) dst[i] = f16_to_f32(src[i]);
+}
+
+/* Scales (and mins, 0 where the kind has none) of rows row[0..R) for every block, transposed:
+ * sc[b * R + p] is row p's block b, the layout one vector load of R lanes takes. tmp: nb floats. */
+static inline void int8_scales_t(const job_t *j, const int *row, int R, int nb, float *sc, float *mc, float *tmp) {
+    const int kind = j->qtype, f32 = kind == P_Q4_F32;
+    for (int p = 0; p < R; p++) {
+        const size_t at = (size_t)row[p] * nb;
+        const float *d = f32 ? (const float *)j->d + at : tmp;
+        if (!f32) f16_row(j->d + at, tmp, nb);
+        for (int b = 0; b < nb; b++) sc[b * R + p] = d[b];
+        if (!INT8_MINS(kind) || (f32 && !j->m)) {
+            for (int b = 0; b < nb; b++) mc[b * R + p] = 0.0f;
+            continue;
         }
+        const float *m = f32 ? (const float *)j->m + at : tmp;
+        if (!f32) f16_row(j->m + at, tmp, nb);
+        for (int b = 0; b < nb; b++) mc[b * R + p] = m[b];
+    }
 }
 
 #if defined(HAVE_AVX2)
@@ -158,12 +176,12 @@ static inline __attribute__((always_inline)) void rows_int8_avx2_m(const job_t *
     /* Q8_0 with VNNI: u8 = q + 128, so 128 * sum(x) comes back out, as in the AVX-512 kernel */
     const int off = kind == P_Q8 && vnni ? 128 : INT8_OFFSET(kind);
     const size_t row_bytes = ROW_BYTES(kind, K), bb = BLOCK_BYTES(kind);
-    float *sc = thread_scratch(0, (size_t)16 * nb);
+    float *sc = thread_scratch(0, (size_t)17 * nb);
     if (!sc) {
         atomic_store(&g_nomem, 1);
         return;
     }
-    float *mc = sc + 8 * nb;
+    float *mc = sc + 8 * nb, *tmp = mc + 8 * nb;
     for (int n = n0; n < n1; n += 8) {
         const int have = n1 - n < 8 ? n1 - n : 8; /* rows past n1 repeat the last one, unstored */
         const uint8_t *rows[8];
@@ -172,7 +190,7 @@ static inline __attribute__((always_inline)) void rows_int8_avx2_m(const job_t *
             row[p] = n + (p < have ? p : have - 1);
             rows[p] = j->w + (size_t)row[p] * row_bytes;
         }
-        int8_scales_t(j, row, 8, nb, sc, mc);
+        int8_scales_t(j, row, 8, nb, sc, mc, tmp);
         const uint8_t *next = j->w + (size_t)(n + 8) * row_bytes;
         const int more = n + 8 < n1;
         __m256i hi_at = _mm256_setzero_si256(); /* Q5: each row's offset from rows[0] */
@@ -273,12 +291,12 @@ static inline __attribute__((always_inline)) void rows_int8_neon_m(const job_t *
                                                                     const int kind) {
     const int K = j->K, nb = K / QK, mins = INT8_MINS(kind), off = INT8_OFFSET(kind);
     const size_t row_bytes = ROW_BYTES(kind, K), bb = BLOCK_BYTES(kind);
-    float *sc = thread_scratch(0, (size_t)8 * nb);
+    float *sc = thread_scratch(0, (size_t)9 * nb);
     if (!sc) {
         atomic_store(&g_nomem, 1);
         return;
     }
-    float *mc = sc + 4 * nb;
+    float *mc = sc + 4 * nb, *tmp = mc + 4 * nb;
     for (int n = n0; n < n1; n += 4) {
         const int have = n1 - n < 4 ? n1 - n : 4;
         const uint8_t *rows[4];
@@ -287,7 +305,7 @@ static inline __attribute__((always_inline)) void rows_int8_neon_m(const job_t *
             row[p] = n + (p < have ? p : have - 1);
             rows[p] = j->w + (size_t)row[p] * row_bytes;
         }
-        int8_scales_t(j, row, 4, nb, sc, mc);
+        int8_scales_t(j, row, 4, nb, sc, mc, tmp);
         float32x4_t acc[MAX_ROWS];
         for (int r = 0; r < M; r++) acc[r] = vdupq_n_f32(0.0f);
         for (int b = 0; b < nb; b++) {
