@@ -3,11 +3,14 @@
  * layouts described in _kernels.c's attention section. Included by _kernels.c after att_t; the
  * split over parts and their merge are there. */
 
+/* vectors of a head's values accumulated at a time (the head is 4, 8 or 16 of them) */
+#define CB (VL == 8 ? 2 : 1)
+
 /* f16: positions s0..s1 of every head group: scores 16 positions at a time (hsum16's tree), the
  * last few one at a time, exp in place, then the weighted values in two chains when the head is
  * short (NV <= 4), as att_rows_nv. */
-static void att_rows_v16(const att_t *a, int s0, int s1) {
-    const int part = s0 / a->per, hd = a->hd, NV = hd / 16, group = a->H / a->Hkv;
+static inline __attribute__((always_inline)) void att_rows_v16_nv(const att_t *a, int s0, int s1, const int NV) {
+    const int part = s0 / a->per, hd = NV * 16, group = a->H / a->Hkv;
     const int len = s1 - s0, ld = len + ATT_TILE;
     const size_t n_scores = ((size_t)group * ld + 15) & ~(size_t)15, n_out = (size_t)group * hd;
     float *scores = thread_scratch(1, n_scores + n_out + (size_t)ATT_TILE * hd);
@@ -86,16 +89,26 @@ static void att_rows_v16(const att_t *a, int s0, int s1) {
             for (int i = 0; i < group; i++) {
                 const float *p = scores + (size_t)i * ld + (t - s0);
                 float *oi = o + (size_t)i * hd;
-                for (int c = 0; c < NV; c++) {
-                    v16f acc0 = v16_load(oi + c * 16), acc1 = v16_set1(0.0f);
+                /* per element the same chains as att_rows_nv's; CB vectors of the head at a time
+                 * so the accumulators fit the registers (16 on AVX2, not 32) */
+                for (int c0 = 0; c0 < NV; c0 += CB) {
+                    v16f acc0[CB], acc1[CB];
+                    for (int c = 0; c < CB; c++) acc0[c] = v16_load(oi + (c0 + c) * 16), acc1[c] = v16_set1(0.0f);
+                    const float *x = tile + c0 * 16;
                     int r = 0;
                     if (NV <= 4)
                         for (; r + 2 <= n; r += 2) {
-                            acc0 = v16_fma(v16_set1(p[r]), v16_load(tile + (size_t)r * hd + c * 16), acc0);
-                            acc1 = v16_fma(v16_set1(p[r + 1]), v16_load(tile + (size_t)(r + 1) * hd + c * 16), acc1);
+                            const v16f p0 = v16_set1(p[r]), p1 = v16_set1(p[r + 1]);
+                            for (int c = 0; c < CB; c++) {
+                                acc0[c] = v16_fma(p0, v16_load(x + (size_t)r * hd + c * 16), acc0[c]);
+                                acc1[c] = v16_fma(p1, v16_load(x + (size_t)(r + 1) * hd + c * 16), acc1[c]);
+                            }
                         }
-                    for (; r < n; r++) acc0 = v16_fma(v16_set1(p[r]), v16_load(tile + (size_t)r * hd + c * 16), acc0);
-                    v16_store(oi + c * 16, v16_add(acc0, acc1));
+                    for (; r < n; r++) {
+                        const v16f p0 = v16_set1(p[r]);
+                        for (int c = 0; c < CB; c++) acc0[c] = v16_fma(p0, v16_load(x + (size_t)r * hd + c * 16), acc0[c]);
+                    }
+                    for (int c = 0; c < CB; c++) v16_store(oi + (c0 + c) * 16, v16_add(acc0[c], acc1[c]));
                 }
             }
         }
@@ -108,8 +121,8 @@ static void att_rows_v16(const att_t *a, int s0, int s1) {
 /* q8_0: tiles u0..u1 (from the tile holding `first`), as att_q8_nb: integer key dots, a lane per
  * position of the tile; lanes outside first .. end - 1 get score -inf and weight exactly 0, and
  * their scales are never read. */
-static void att_q8_v16(const att_t *a, int u0, int u1) {
-    const int hd = a->hd, NB = hd / QK, NV = hd / 16, group = a->H / a->Hkv, part = u0 / a->per;
+static inline __attribute__((always_inline)) void att_q8_v16_nb(const att_t *a, int u0, int u1, const int NB) {
+    const int hd = NB * QK, NV = hd / 16, group = a->H / a->Hkv, part = u0 / a->per;
     const long first = a->first, end = a->first + a->S, t0 = first / ATT_TILE + u0, t1 = first / ATT_TILE + u1;
     const int len = (int)(t1 - t0) * ATT_TILE;
     const size_t tile_bytes = (size_t)ATT_TILE * hd;
@@ -184,18 +197,40 @@ static void att_q8_v16(const att_t *a, int u0, int u1) {
             for (int i = 0; i < group; i++) {
                 const float *w = pv + (size_t)i * NB * ATT_TILE;
                 float *oi = o + (size_t)i * hd;
-                for (int c = 0; c < NV; c++) { /* even and odd positions: two chains */
-                    v16f acc0 = v16_load(oi + c * 16), acc1 = v16_set1(0.0f);
-                    for (int r = 0; r < ATT_TILE; r += 2) {
-                        const float *wr = w + (c / 2) * ATT_TILE + r;
-                        acc0 = v16_fma(v16_set1(wr[0]), v16_load(vt + (size_t)r * hd + c * 16), acc0);
-                        acc1 = v16_fma(v16_set1(wr[1]), v16_load(vt + (size_t)(r + 1) * hd + c * 16), acc1);
-                    }
-                    v16_store(oi + c * 16, v16_add(acc0, acc1));
+                for (int c0 = 0; c0 < NV; c0 += CB) { /* even and odd positions: two chains */
+                    v16f acc0[CB], acc1[CB];
+                    for (int c = 0; c < CB; c++) acc0[c] = v16_load(oi + (c0 + c) * 16), acc1[c] = v16_set1(0.0f);
+                    for (int r = 0; r < ATT_TILE; r += 2)
+                        for (int c = 0; c < CB; c++) {
+                            const float *wr = w + ((c0 + c) / 2) * ATT_TILE + r;
+                            const float *x = vt + (size_t)r * hd + (c0 + c) * 16;
+                            acc0[c] = v16_fma(v16_set1(wr[0]), v16_load(x), acc0[c]);
+                            acc1[c] = v16_fma(v16_set1(wr[1]), v16_load(x + hd), acc1[c]);
+                        }
+                    for (int c = 0; c < CB; c++) v16_store(oi + (c0 + c) * 16, v16_add(acc0[c], acc1[c]));
                 }
             }
         }
         for (int i = 0; i < group; i++)
             memcpy(a->part_o + ((size_t)part * ATT_MAX_HEADS + h0 + i) * hd, o + (size_t)i * hd, sizeof(float) * hd);
+    }
+}
+
+/* with the head size a compile-time constant where common, as att_run does for AVX-512 */
+static void att_rows_v16(const att_t *a, int s0, int s1) {
+    switch (a->hd / 16) {
+    case 4: att_rows_v16_nv(a, s0, s1, 4); break;
+    case 8: att_rows_v16_nv(a, s0, s1, 8); break;
+    case 16: att_rows_v16_nv(a, s0, s1, 16); break;
+    default: att_rows_v16_nv(a, s0, s1, a->hd / 16);
+    }
+}
+
+static void att_q8_v16(const att_t *a, int u0, int u1) {
+    switch (a->hd / QK) {
+    case 2: att_q8_v16_nb(a, u0, u1, 2); break;
+    case 4: att_q8_v16_nb(a, u0, u1, 4); break;
+    case 8: att_q8_v16_nb(a, u0, u1, 8); break;
+    default: att_q8_v16_nb(a, u0, u1, a->hd / QK);
     }
 }

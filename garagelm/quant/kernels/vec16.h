@@ -21,6 +21,8 @@
 typedef float vf __attribute__((vector_size(4 * VL)));
 typedef int32_t vi __attribute__((vector_size(4 * VL)));
 typedef uint32_t vu __attribute__((vector_size(4 * VL)));
+typedef float vf_u __attribute__((vector_size(4 * VL), aligned(4))); /* unaligned loads and stores */
+typedef int32_t vi_u __attribute__((vector_size(4 * VL), aligned(4)));
 typedef struct {
     vf p[NP];
 } v16f;
@@ -68,12 +70,14 @@ static inline vf vf_exp(vf x) {
 }
 
 /* ---- 16 lanes ---- */
+/* one vector load or store per part (a memcpy of the struct went through 16-byte pieces on the
+ * stack, and each wide reload then waited on them) */
 static inline v16f v16_load(const float *x) {
     v16f v;
-    memcpy(v.p, x, 64);
+    EACH(i) v.p[i] = *(const vf_u *)(x + VL * i);
     return v;
 }
-static inline void v16_store(float *x, v16f v) { memcpy(x, v.p, 64); }
+static inline void v16_store(float *x, v16f v) { EACH(i) *(vf_u *)(x + VL * i) = v.p[i]; }
 static inline v16f v16_set1(float a) {
     v16f v;
     EACH(i) v.p[i] = (vf){0} + a;
@@ -144,6 +148,7 @@ static inline float v16_sum(v16f v) {
 static inline v16f v16_hsum16(const v16f *v) {
     v16f out;
 #if VL == 8
+    __m128 res[4];
     for (int g = 0; g < 4; g++) { /* vectors 4g..4g+3 */
         __m256 u[2];
         for (int k = 0; k < 2; k++) { /* part k: 128-bit lanes 2k and 2k + 1 */
@@ -156,11 +161,10 @@ static inline v16f v16_hsum16(const v16f *v) {
         }
         const __m128 s01 = _mm_add_ps(_mm256_castps256_ps128(u[0]), _mm256_extractf128_ps(u[0], 1));
         const __m128 s23 = _mm_add_ps(_mm256_castps256_ps128(u[1]), _mm256_extractf128_ps(u[1], 1));
-        const __m128 res = _mm_add_ps(s01, s23);
-        float r4[4];
-        _mm_storeu_ps(r4, res);
-        memcpy((float *)out.p + 4 * g, r4, 16);
+        res[g] = _mm_add_ps(s01, s23);
     }
+    out.p[0] = (vf)_mm256_set_m128(res[1], res[0]);
+    out.p[1] = (vf)_mm256_set_m128(res[3], res[2]);
 #else
     for (int g = 0; g < 4; g++) {
         vf u[4];
@@ -222,7 +226,7 @@ static inline void v16_to_bf16(uint16_t *h, v16f v) {
 /* ---- integers (the q8_0 cache's key dots) ---- */
 static inline v16i v16i_load(const void *x) {
     v16i v;
-    memcpy(v.p, x, 64);
+    EACH(i) v.p[i] = *(const vi_u *)((const int32_t *)x + VL * i);
     return v;
 }
 static inline v16i v16i_set1(int32_t a) {
