@@ -101,6 +101,8 @@ def _ctx_points(args: argparse.Namespace) -> tuple[int, ...]:
 
 
 def _child(args: argparse.Namespace) -> None:
+    if args.engine == "garagelm":
+        import garagelm  # noqa: F401  (before torch: it settles how torch's OpenMP threads wait)
     import torch
 
     torch.set_num_threads(args.threads)

@@ -21,6 +21,7 @@ from garagelm.quant.ggml_linear import (
     exact_products,
     kernels_available,
     use_bf16,
+    use_int8_prefill,
 )
 
 pytestmark = pytest.mark.skipif(not kernels_available(), reason="C kernels not built")
@@ -120,9 +121,11 @@ def test_int8_products_are_the_same_bits_on_every_variant(tensors, qtype, varian
 
 @pytest.mark.parametrize("qtype", list(FILES))
 def test_bf16_prefill_products(tensors, qtype, variant):
-    """Many rows on a CPU with bf16 dot products: the weights dequantized straight to bf16 equal
-    the float32 dequantization rounded to nearest even, and the product is the float32 one up to
-    bf16 rounding of its inputs and output (errors ~2^-8 of the output spread)."""
+    """Many rows (prefill). On a CPU with bf16 dot products: the weights dequantized straight to
+    bf16 equal the float32 dequantization rounded to nearest even, and the product is the float32
+    one up to bf16 rounding of its inputs and output (errors ~2^-8 of the output spread). Without
+    (or with another variant than AVX-512): the int8 kernel with x as q8_0, exactly that product
+    up to float32 rounding, for the kinds with integer dots."""
     t = tensors[qtype]
     n, k = t.shape
     lin = GGMLLinear(t.raw_bytes(), qtype, k, n)
@@ -130,10 +133,18 @@ def test_bf16_prefill_products(tensors, qtype, variant):
     assert torch.equal(lin.dequantized_bf16().view(torch.int16), w.to(torch.bfloat16).view(torch.int16))
     x = torch.randn(64, k, generator=torch.Generator().manual_seed(64))
     want = F.linear(x.double(), w.double()).float()
-    err = float((lin(x) - want).abs().max() / want.abs().max())
+    got = lin(x)
+    err = float((got - want).abs().max() / want.abs().max())
     if use_bf16(64):
         assert 1e-5 < err < 2e-2, err  # not the float32 path, and within bf16's precision
-    else:  # no bf16 dot products (AMX or AVX512-BF16), or not the AVX-512 kernels: float32
+    elif use_int8_prefill(64, qtype):  # no bf16 dot (AVX2, ARM): x as q8_0, the int8 kernel
+        from garagelm.runtime.cache import dequantize_q8_0, quantize_q8_0
+
+        exact = dequantize_q8_0(*quantize_q8_0(x), torch.float64) @ w.double().T
+        assert (got.double() - exact).abs().max() <= 1e-6 * exact.abs().max()
+        # 8 rows at a time: each group the same bits as a decode step's product of those rows
+        assert torch.equal(got, torch.cat([lin(x[r : r + 8]) for r in range(0, 64, 8)]))
+    else:  # Q5_K, Q6_K without bf16: float32
         assert err <= 1e-5
     with exact_products():
         assert (lin(x) - want).abs().max() <= 1e-5 * want.abs().max()

@@ -74,14 +74,16 @@ def measure(
             logits = engine._forward(prompt[:n], 0)
             at_ctx[str(n)].append(_decode(engine, int(logits.argmax()), n, tg))
     del first
-    from garagelm.quant.ggml_linear import use_bf16
+    from garagelm.quant.ggml_linear import GGMLLinear, use_bf16, use_int8_prefill
     from garagelm.runtime.cache import kv_type_name
 
     fast = any(getattr(m, "bf16_prefill", False) for m in loaded.model.modules()) and use_bf16(pp)
+    int8 = any(isinstance(m, GGMLLinear) and use_int8_prefill(pp, m.qtype) for m in loaded.model.modules())
     from garagelm.quant import cpu
 
     out = {"model": str(path), "threads": torch.get_num_threads(), "pp_tokens": pp, "tg_tokens": tg,
-           "kernels": cpu.VARIANT or "none (torch only)", "prefill_products": "bf16" if fast else "float32",
+           "kernels": cpu.VARIANT or "none (torch only)",
+           "prefill_products": "bf16" if fast else "int8 (x as q8_0)" if int8 else "float32",
            "kv_cache": kv_type_name(engine.cache.dtype)}  # fmt: skip
     return {**out, **summary("garagelm", pp_rates, tg_rates, at_ctx, load_to_first_token)}
 

@@ -114,7 +114,8 @@ static void dispatch(const job_t *j) {
 }
 
 static void matmul(const job_t *j) {
-    if (g_threads <= 1 || (long)j->N * j->K < 65536) { /* too small to be worth a handoff */
+    const long groups = j->M > MAX_ROWS ? (j->M + MAX_ROWS - 1) / MAX_ROWS : 1;
+    if (g_threads <= 1 || (long)j->N * j->K * groups < 65536) { /* too small to be worth a handoff */
         j->rows(j, 0, j->N);
         return;
     }
@@ -137,7 +138,11 @@ static void matmul(const job_t *j) {
 #include "kernels/int8.h"
 #define rows_packed rows_packed_v16
 #define rows_float rows_float_v16
+#if defined(HAVE_AVX2)
+#define quantize_x quantize_x_avx2
+#else
 #define quantize_x quantize_x_portable
+#endif
 #define INT8_KIND INT8_KIND_PORTABLE
 #endif
 
@@ -148,6 +153,26 @@ static void matmul(const job_t *j) {
  * every variant's vector kernel must equal bit for bit (the tests compare them). */
 static int g_int8_reference;
 
+/* Any number of rows of x (prefill), 8 at a time through the int8 kernel, every group over the
+ * same weight rows n0..n1 while they are in cache: the same bits per row as a decode step's. */
+#ifndef MANY_ROWS
+#define MANY_ROWS 8
+#endif
+static void rows_int8_many(const job_t *j, int n0, int n1) {
+    const int nb = j->K / QK;
+    float *sct = j->inner == rows_int8_generic ? NULL : int8_scales_all(j, n0, n1);
+    for (int r0 = 0; r0 < j->M; r0 += MANY_ROWS) {
+        job_t g = *j;
+        g.rows = j->inner;
+        g.sct = sct;
+        g.M = j->M - r0 < MANY_ROWS ? j->M - r0 : MANY_ROWS;
+        g.xq += (size_t)r0 * j->K, g.xd += (size_t)r0 * nb, g.xqs += (size_t)r0 * nb, g.xds += (size_t)r0 * nb;
+        g.y += (size_t)r0 * j->ldy;
+        j->inner(&g, n0, n1);
+    }
+    free(sct);
+}
+
 static void packed_product(int kind, const uint8_t *q, const uint16_t *d, const uint16_t *m, const float *x, float *y,
                            int M, int N, int K, int ldy, float *xs, const xq_t *i8) {
     const int nb = K / QK, nb16 = (nb + 15) & ~15;
@@ -156,6 +181,10 @@ static void packed_product(int kind, const uint8_t *q, const uint16_t *d, const 
         job_t j = {kind, M, N, K, ldy, q, x, y, d, m, NULL, rows_int8, i8->q, i8->d, i8->s};
         j.xds = i8->ds;
         if (g_int8_reference) j.rows = rows_int8_generic;
+        if (M > MAX_ROWS) { /* prefill: the pool splits weight rows, each thread takes every group */
+            j.inner = j.rows;
+            j.rows = rows_int8_many;
+        }
         matmul(&j);
         return;
     }
@@ -174,14 +203,16 @@ static void packed_product(int kind, const uint8_t *q, const uint16_t *d, const 
     matmul(&j);
 }
 
-/* matmul_packed(kind, q, d, m, x, y, M, N, K[, int8_x]): int8_x quantizes x to q8_0 for the
+/* matmul_packed(kind, q, d, m, x, y, M, N, K[, int8_x]): int8_x quantizes x to q8_0 (any number
+ * of rows then: prefill on CPUs without bf16 dot products) for the
  * kinds that have integer products (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K), as decode does outside `exact`. */
 static PyObject *py_matmul_packed(PyObject *self, PyObject *args) {
     int kind, M, N, K, int8_x = 0;
     unsigned long long q, d, m, x, y;
     if (!PyArg_ParseTuple(args, "iKKKKKiii|p", &kind, &q, &d, &m, &x, &y, &M, &N, &K, &int8_x)) return NULL;
     if (kind < 0 || kind > LAST_KIND) return PyErr_Format(PyExc_ValueError, "unknown packed kind %d", kind);
-    if (M < 1 || M > MAX_ROWS) return PyErr_Format(PyExc_ValueError, "rows must be 1..%d, got %d", MAX_ROWS, M);
+    if (M < 1 || (M > MAX_ROWS && !(int8_x && INT8_KIND(kind))))
+        return PyErr_Format(PyExc_ValueError, "rows must be 1..%d (more with int8_x, for its kinds), got %d", MAX_ROWS, M);
     if (N < 1 || K < QK || K % QK || K / QK > MAX_BLOCKS) return PyErr_Format(PyExc_ValueError, "bad shape N=%d K=%d", N, K);
     const int nb = K / QK, nb16 = (nb + 15) & ~15;
     /* x's block sums (float path), or x as int8 with its scales and sums */

@@ -76,6 +76,19 @@ def load(name: str) -> ModuleType:
     return module
 
 
+def bf16_prefill_cpu() -> bool:
+    """Whether prefill runs in bf16 here: the AVX-512 kernels on a CPU with AMX or AVX512-BF16
+    (see ggml_linear.bf16_products_fast, which also honours exact mode)."""
+    if VARIANT != "avx512":
+        return False
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line for line in f if line.startswith("flags")), "").split()
+    except OSError:
+        return False
+    return "amx_bf16" in flags or "avx512_bf16" in flags
+
+
 def _choose() -> tuple[ModuleType | None, str | None]:
     forced = os.environ.get("GARAGE_CPU", "").strip().lower()
     if forced:

@@ -3,13 +3,14 @@
 At load the GGML blocks are split into values and scales ("packed", see PACKED_KINDS). Decode
 (a few rows) runs the C kernel on them, reading 0.6-1.25 bytes per weight instead of 4, with x
 quantized to q8_0 where the weight type has integer products (see int8_activations), or as the
-float32 product of the dequantized weights up to float32 rounding. Longer inputs (prefill)
-dequantize the weight for the call, bit-equal to gguf-py, and multiply in one matmul: in bf16 on
-CPUs with bf16 dot products (AMX, AVX512-BF16), from BF16_MIN_ROWS rows, which rounds the
-activations to 8 significant bits as llama.cpp rounds them to 8-bit blocks; in float32 otherwise,
-for the output head's many-row calls (evaluation's logits), and inside `exact_products()`
-(evaluation, tests against references, or GARAGE_EXACT=1). `models.from_gguf` puts these layers
-in place of nn.Linear.
+float32 product of the dequantized weights up to float32 rounding. Longer inputs (prefill): on
+CPUs with bf16 dot products (AMX, AVX512-BF16), from BF16_MIN_ROWS rows, the weight dequantized
+for the call (bit-equal to gguf-py) and one bf16 matmul, which rounds the activations to 8
+significant bits as llama.cpp rounds them to 8-bit blocks; elsewhere (AVX2, ARM) the int8 kernel
+8 rows at a time with x as q8_0 (use_int8_prefill), where the weight type has integer products;
+float32 otherwise, for the output head's many-row calls (evaluation's logits), and inside
+`exact_products()` (evaluation, tests against references, or GARAGE_EXACT=1).
+`models.from_gguf` puts these layers in place of nn.Linear.
 """
 
 from __future__ import annotations
@@ -40,18 +41,13 @@ _exact = threading.local()
 def bf16_products_fast() -> bool:
     """Whether prefill's products run in bf16: the CPU multiplies bf16 natively (AMX tiles or
     AVX512-BF16 dot products) and the AVX-512 kernels run (GARAGE_CPU=avx2 on such a CPU measures
-    what an AVX2 laptop does: float32 prefill, its fastest there, as it has no bf16 dot)."""
-    return cpu.VARIANT == "avx512" and _cpu_bf16()
+    what an AVX2 laptop does: int8 prefill, its fastest there, as it has no bf16 dot)."""
+    return _bf16_cpu(cpu.VARIANT)
 
 
-@lru_cache(maxsize=1)
-def _cpu_bf16() -> bool:
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = next((line for line in f if line.startswith("flags")), "").split()
-    except OSError:
-        return False
-    return "amx_bf16" in flags or "avx512_bf16" in flags
+@lru_cache(maxsize=8)
+def _bf16_cpu(variant: str | None) -> bool:
+    return cpu.bf16_prefill_cpu()
 
 
 @contextlib.contextmanager
@@ -83,6 +79,24 @@ def int8_activations() -> bool:
     everywhere (the output head included) but under exact_products() or GARAGE_EXACT=1, which keep
     float32 products."""
     return not _exact_mode()
+
+
+# the packed kinds with integer products (int8_activations); the others multiply in float32
+INT8_KINDS = {"Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q4_K"}
+
+
+def use_int8_prefill(rows: int, qtype: str) -> bool:
+    """Whether a product over `rows` (> MAX_KERNEL_ROWS: prefill) takes x as q8_0 in the int8
+    kernel, 8 rows at a time: where there is no bf16 dot (AVX2 laptops, ARM), integer products
+    run 1.6-2.2x faster per core than float32 GEMMs (vpmaddubsw, AVX-VNNI, sdot), with llama.cpp's
+    own prompt arithmetic (x rounded to 8-bit blocks)."""
+    return (
+        rows > MAX_KERNEL_ROWS
+        and qtype in INT8_KINDS
+        and cpu.kernels is not None
+        and not _exact_mode()
+        and not use_bf16(rows)
+    )
 
 
 def use_bf16(rows: int) -> bool:
@@ -332,7 +346,18 @@ class GGMLLinear(nn.Module):
                 self._fast(x.data_ptr(), y.data_ptr(), rows)
                 return y if self.bias is None else y + self.bias
         x2 = x.reshape(-1, self.in_features)
-        if not self.exact and x2.dtype in (torch.float32, torch.bfloat16) and use_bf16(rows):
+        if (
+            not self.exact
+            and self._kind is not None
+            and x2.dtype == torch.float32
+            and use_int8_prefill(rows, self.qtype)
+        ):
+            x2 = x2.contiguous()
+            y = torch.empty(rows, self.out_features)
+            cpu.kernels.matmul_packed(self._kind, *self._pointers(), x2.data_ptr(), y.data_ptr(), rows,
+                                      self.out_features, self.in_features, True)  # fmt: skip
+            y = y if self.bias is None else y + self.bias
+        elif not self.exact and x2.dtype in (torch.float32, torch.bfloat16) and use_bf16(rows):
             y = F.linear(x2.to(torch.bfloat16), self.dequantized_bf16())
             y = y if keep_bf16 and self.bias is None else y.float()
             y = y if self.bias is None else y + self.bias

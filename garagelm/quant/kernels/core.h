@@ -94,6 +94,8 @@ struct job {
     const int32_t *xqs;
     const float *xds; /* per block: its scale times the sum of its values */
     int chunk; /* units a thread takes at a time; 0: about a quarter of a thread's share */
+    void (*inner)(const job_t *, int, int); /* rows_int8_many: the kernel each group of 8 rows runs */
+    const float *sct; /* rows_int8_many: the weight rows' scales transposed once (int8_scales_all) */
 };
 /* Scratch for x quantized to q8_0 (int8 activations): M * K values, and per block of 32 its
  * scale, the sum of its values and their product (the min term's factor). */

@@ -39,6 +39,42 @@ static void quantize_x_portable(const float *x, int M, int K, int8_t *xq, float 
         }
 }
 
+#if defined(HAVE_AVX2)
+/* quantize_x_portable's values 32 at a time (prefill quantizes every row of x): the same max,
+ * scale and rounding (vcvtps2dq rounds to nearest even, as nearbyintf) */
+static void quantize_x_avx2(const float *x, int M, int K, int8_t *xq, float *xd, int32_t *xs, float *xds) {
+    const int nb = K / QK;
+    const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
+    for (int r = 0; r < M; r++)
+        for (int b = 0; b < nb; b++) {
+            const float *src = x + (size_t)r * K + (size_t)b * QK;
+            __m256 v[4], m = _mm256_setzero_ps();
+            for (int i = 0; i < 4; i++) v[i] = _mm256_loadu_ps(src + 8 * i), m = _mm256_max_ps(m, _mm256_and_ps(v[i], absmask));
+            __m128 h = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+            h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+            h = _mm_max_ss(h, _mm_movehdup_ps(h));
+            const float amax = _mm_cvtss_f32(h), s = amax / 127.0f, inv = s ? 1.0f / s : 0.0f;
+            __m256i q[4], sum = _mm256_setzero_si256();
+            for (int i = 0; i < 4; i++) {
+                q[i] = _mm256_cvtps_epi32(_mm256_mul_ps(v[i], _mm256_set1_ps(inv)));
+                sum = _mm256_add_epi32(sum, q[i]);
+            }
+            /* int32 -> int8 (in range): packs work per 128-bit lane, a permute puts them in order */
+            const __m256i p16 = _mm256_packs_epi32(q[0], q[1]), p16b = _mm256_packs_epi32(q[2], q[3]);
+            const __m256i p8 = _mm256_packs_epi16(p16, p16b);
+            _mm256_storeu_si256((__m256i *)(xq + (size_t)r * K + (size_t)b * QK),
+                                _mm256_permutevar8x32_epi32(p8, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7)));
+            __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(sum), _mm256_extracti128_si256(sum, 1));
+            s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0x4E));
+            s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0xB1));
+            const int32_t si = _mm_cvtsi128_si32(s4);
+            xd[r * nb + b] = f16_to_f32(f32_to_f16(s));
+            xs[r * nb + b] = si;
+            xds[r * nb + b] = xd[r * nb + b] * (float)si;
+        }
+}
+#endif
+
 /* Block b of row n's scale and min (0 where the kind has none) as float32. */
 static inline void int8_scale_min(const job_t *j, int n, int nb, int b, float *dw, float *mw) {
     const int kind = j->qtype;
@@ -96,6 +132,15 @@ static inline void f16_row(const uint16_t *src, float *dst, int n) {
     for (; i < n; i++) dst[i] = f16_to_f32(src[i]);
 }
 
+/* Rows per group of the vector int8 kernel (0: no vector kernel here). */
+#if defined(HAVE_AVX2)
+#define INT8_GROUP 8
+#elif defined(HAVE_NEON)
+#define INT8_GROUP 4
+#else
+#define INT8_GROUP 0
+#endif
+
 /* Scales (and mins, 0 where the kind has none) of rows row[0..R) for every block, transposed:
  * sc[b * R + p] is row p's block b, the layout one vector load of R lanes takes. tmp: nb floats. */
 static inline void int8_scales_t(const job_t *j, const int *row, int R, int nb, float *sc, float *mc, float *tmp) {
@@ -136,9 +181,9 @@ static inline __attribute__((always_inline)) void load_t8(const uint8_t *const *
  * would overflow on Q8_0's bytes, so Q8_0 goes signed (|w| times x with w's sign, llama.cpp's
  * trick: at most 2 * 128 * 127 a pair), and 4-bit/5-bit values (at most 31) add four pair sums
  * in int16 (at most 31496) before widening. */
-static inline __attribute__((always_inline)) __m256i dot8_avx2(const __m256i *w, const int32_t *x, int q8) {
+static inline __attribute__((always_inline)) __m256i dot8_avx2(const __m256i *w, const int32_t *x, int q8, int q4) {
 #if defined(HAVE_AVXVNNI)
-    (void)q8; /* Q8_0's values arrive as u8 = q + 128: the caller takes 128 * sum(x) back out */
+    (void)q8, (void)q4; /* Q8_0's values arrive as u8 = q + 128: the caller takes 128 * sum(x) back out */
     __m256i a0 = _mm256_setzero_si256(), a1 = _mm256_setzero_si256();
     for (int c = 0; c < 8; c += 2) {
         a0 = _mm256_dpbusd_avx_epi32(a0, w[c], _mm256_set1_epi32(x[c]));
@@ -161,6 +206,8 @@ static inline __attribute__((always_inline)) __m256i dot8_avx2(const __m256i *w,
         p0 = _mm256_add_epi16(p0, _mm256_maddubs_epi16(w[c], _mm256_set1_epi32(x[c])));
         p1 = _mm256_add_epi16(p1, _mm256_maddubs_epi16(w[4 + c], _mm256_set1_epi32(x[4 + c])));
     }
+    if (q4) /* 4-bit values: all eight pair sums fit int16 (at most 30480), one widening */
+        return _mm256_madd_epi16(_mm256_add_epi16(p0, p1), ones);
     return _mm256_add_epi32(_mm256_madd_epi16(p0, ones), _mm256_madd_epi16(p1, ones));
 #endif
 }
@@ -190,7 +237,10 @@ static inline __attribute__((always_inline)) void rows_int8_avx2_m(const job_t *
             row[p] = n + (p < have ? p : have - 1);
             rows[p] = j->w + (size_t)row[p] * row_bytes;
         }
-        int8_scales_t(j, row, 8, nb, sc, mc, tmp);
+        if (j->sct) /* transposed once for every group of x rows (rows_int8_many) */
+            sc = j->sct + (size_t)(n - n0) * 2 * nb, mc = sc + 8 * nb;
+        else
+            int8_scales_t(j, row, 8, nb, sc, mc, tmp);
         const uint8_t *next = j->w + (size_t)(n + 8) * row_bytes;
         const int more = n + 8 < n1;
         __m256i hi_at = _mm256_setzero_si256(); /* Q5: each row's offset from rows[0] */
@@ -238,7 +288,7 @@ static inline __attribute__((always_inline)) void rows_int8_avx2_m(const job_t *
 #pragma GCC unroll 8
             for (int r = 0; r < M; r++) {
                 const int32_t *xr = (const int32_t *)(j->xq + (size_t)r * K + (size_t)b * QK);
-                __m256i s = dot8_avx2(w, xr, kind == P_Q8);
+                __m256i s = dot8_avx2(w, xr, kind == P_Q8, kind == P_Q4_0 || kind == P_Q4_MIN || kind == P_Q4_F32);
                 if (off) s = _mm256_add_epi32(s, _mm256_set1_epi32(-off * j->xqs[r * nb + b]));
                 acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_mul_ps(dw, _mm256_set1_ps(j->xd[r * nb + b])),
                                          acc[r]);
@@ -305,7 +355,10 @@ static inline __attribute__((always_inline)) void rows_int8_neon_m(const job_t *
             row[p] = n + (p < have ? p : have - 1);
             rows[p] = j->w + (size_t)row[p] * row_bytes;
         }
-        int8_scales_t(j, row, 4, nb, sc, mc, tmp);
+        if (j->sct) /* transposed once for every group of x rows (rows_int8_many) */
+            sc = j->sct + (size_t)(n - n0) * 2 * nb, mc = sc + 4 * nb;
+        else
+            int8_scales_t(j, row, 4, nb, sc, mc, tmp);
         float32x4_t acc[MAX_ROWS];
         for (int r = 0; r < M; r++) acc[r] = vdupq_n_f32(0.0f);
         for (int b = 0; b < nb; b++) {
@@ -386,5 +439,24 @@ static void rows_int8(const job_t *j, int n0, int n1) {
 #elif !defined(HAVE_AVX512)
 #define rows_int8 rows_int8_generic
 #endif
+
+/* Weight rows n0..n1's scales transposed for the vector kernel, a group of INT8_GROUP rows after
+ * another (each its scales then its mins): what rows_int8 reads from j->sct, so that prefill's
+ * groups of x rows do not each redo it. NULL where there is no such kernel or no memory. */
+static float *int8_scales_all(const job_t *j, int n0, int n1) {
+    const int R = INT8_GROUP, nb = j->K / QK;
+    if (!R) return NULL;
+    const int groups = (n1 - n0 + R - 1) / R;
+    float *out = malloc(sizeof(float) * ((size_t)groups * 2 * R * nb + nb));
+    if (!out) return NULL;
+    for (int g = 0; g < groups; g++) {
+        const int n = n0 + g * R, have = n1 - n < R ? n1 - n : R;
+        int row[8];
+        for (int p = 0; p < R; p++) row[p] = n + (p < have ? p : have - 1);
+        float *sc = out + (size_t)g * 2 * R * nb;
+        int8_scales_t(j, row, R, nb, sc, sc + (size_t)R * nb, out + (size_t)groups * 2 * R * nb);
+    }
+    return out;
+}
 
 #endif /* GARAGE_INT8_H */
