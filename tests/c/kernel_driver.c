@@ -3,7 +3,8 @@
  * tests/test_arm_kernels.py). Built for x86 it checks the AVX2 and generic builds the same way.
  *
  *   int8 products: the variant's rows_int8 equals rows_int8_generic bit for bit, every kind,
- *                  1, 3 and 8 rows of x, a partial last group of weight rows;
+ *                  1, 3 and 8 rows of x, a partial last group of weight rows, and with the
+ *                  scales transposed beforehand as prefill does;
  *   attention:     f16 and q8_0 caches, grouped heads, a window, against float64 attention over
  *                  the values the cache holds (and the query as the q8_0 key dot takes it).
  * Prints one line per check and exits 1 if any fails.
@@ -52,7 +53,15 @@ static int check_products(void) {
             rows_int8(&j, 0, N);
             j.y = y0;
             rows_int8_generic(&j, 0, N);
-            const int same = memcmp(y, y0, sizeof(float) * M * N) == 0;
+            int same = memcmp(y, y0, sizeof(float) * M * N) == 0;
+            float *sct = int8_scales_all(&j, 0, N); /* prefill's scales, transposed once */
+            if (sct) {
+                j.sct = sct, j.y = y;
+                memset(y, 0, sizeof(float) * M * N);
+                rows_int8(&j, 0, N);
+                same &= memcmp(y, y0, sizeof(float) * M * N) == 0;
+                free(sct);
+            }
             printf("%s int8 product %s, %d rows: %s\n", VARIANT_NAME, names[t], M, same ? "same bits" : "DIFFERENT");
             failed |= !same;
             free(x), free(y), free(y0), free(xq), free(xd), free(xds), free(xs);

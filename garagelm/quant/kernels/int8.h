@@ -237,8 +237,9 @@ static inline __attribute__((always_inline)) void rows_int8_avx2_m(const job_t *
             row[p] = n + (p < have ? p : have - 1);
             rows[p] = j->w + (size_t)row[p] * row_bytes;
         }
+        const float *sg = sc, *mg = mc; /* this group's transposed scales and mins */
         if (j->sct) /* transposed once for every group of x rows (rows_int8_many) */
-            sc = j->sct + (size_t)(n - n0) * 2 * nb, mc = sc + 8 * nb;
+            sg = j->sct + (size_t)(n - n0) * 2 * nb, mg = sg + 8 * nb;
         else
             int8_scales_t(j, row, 8, nb, sc, mc, tmp);
         const uint8_t *next = j->w + (size_t)(n + 8) * row_bytes;
@@ -283,8 +284,8 @@ static inline __attribute__((always_inline)) void rows_int8_avx2_m(const job_t *
                     }
                 }
             }
-            const __m256 dw = _mm256_loadu_ps(sc + (size_t)b * 8);
-            const __m256 mw = mins ? _mm256_loadu_ps(mc + (size_t)b * 8) : _mm256_setzero_ps();
+            const __m256 dw = _mm256_loadu_ps(sg + (size_t)b * 8);
+            const __m256 mw = mins ? _mm256_loadu_ps(mg + (size_t)b * 8) : _mm256_setzero_ps();
 #pragma GCC unroll 8
             for (int r = 0; r < M; r++) {
                 const int32_t *xr = (const int32_t *)(j->xq + (size_t)r * K + (size_t)b * QK);
@@ -355,8 +356,9 @@ static inline __attribute__((always_inline)) void rows_int8_neon_m(const job_t *
             row[p] = n + (p < have ? p : have - 1);
             rows[p] = j->w + (size_t)row[p] * row_bytes;
         }
+        const float *sg = sc, *mg = mc; /* this group's transposed scales and mins */
         if (j->sct) /* transposed once for every group of x rows (rows_int8_many) */
-            sc = j->sct + (size_t)(n - n0) * 2 * nb, mc = sc + 4 * nb;
+            sg = j->sct + (size_t)(n - n0) * 2 * nb, mg = sg + 4 * nb;
         else
             int8_scales_t(j, row, 4, nb, sc, mc, tmp);
         float32x4_t acc[MAX_ROWS];
@@ -391,7 +393,7 @@ static inline __attribute__((always_inline)) void rows_int8_neon_m(const job_t *
                 }
                 for (int c = 0; c < 8; c++) w[c] = vreinterpretq_s8_u8(u[c]);
             }
-            const float32x4_t dw = vld1q_f32(sc + (size_t)b * 4), mw = vld1q_f32(mc + (size_t)b * 4);
+            const float32x4_t dw = vld1q_f32(sg + (size_t)b * 4), mw = vld1q_f32(mg + (size_t)b * 4);
             for (int r = 0; r < M; r++) {
                 const int8_t *xr = j->xq + (size_t)r * K + (size_t)b * QK;
                 const int8x16_t x0 = vld1q_s8(xr), x1 = vld1q_s8(xr + 16);
@@ -444,8 +446,11 @@ static void rows_int8(const job_t *j, int n0, int n1) {
  * another (each its scales then its mins): what rows_int8 reads from j->sct, so that prefill's
  * groups of x rows do not each redo it. NULL where there is no such kernel or no memory. */
 static float *int8_scales_all(const job_t *j, int n0, int n1) {
+#if INT8_GROUP == 0
+    (void)j, (void)n0, (void)n1;
+    return NULL;
+#else
     const int R = INT8_GROUP, nb = j->K / QK;
-    if (!R) return NULL;
     const int groups = (n1 - n0 + R - 1) / R;
     float *out = malloc(sizeof(float) * ((size_t)groups * 2 * R * nb + nb));
     if (!out) return NULL;
@@ -457,6 +462,7 @@ static float *int8_scales_all(const job_t *j, int n0, int n1) {
         int8_scales_t(j, row, R, nb, sc, sc + (size_t)R * nb, out + (size_t)groups * 2 * R * nb);
     }
     return out;
+#endif
 }
 
 #endif /* GARAGE_INT8_H */

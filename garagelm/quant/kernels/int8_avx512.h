@@ -1,4 +1,4 @@
-/* Int8-activation products with AVX-512 VNNI. Included by _kernels.c in its AVX-512 build. */
+/* Int8-activation products with AVX-512 VNNI and BITALG. Included by _kernels.c in its AVX-512 build. */
 /* ---- products with int8 activations (llama.cpp's arithmetic for Q4_0, Q4_1, Q5_0, Q5_1, Q8_0;
  * Q4_K too, with x in q8_0 blocks where llama.cpp takes q8_K's 256) ---------------------------
  * Each 32 values of x are quantized to q8_0 (int8, d = max|x| / 127 kept in f16: llama.cpp's
@@ -11,22 +11,9 @@
  * vpdpbusd with 4 bytes of x gives 16 rows' partial dots, with no horizontal sums, for every
  * row of x. Float32 FMAs did a fifth of that work per instruction, so 8 rows of x (a batched
  * decode step) cost four 1-row steps; here the weights' stream stays the limit. */
-#if defined(__AVX512BITALG__) /* Q5_0/Q5_1's fifth bits go in by vpshufbitqmb */
+/* (the AVX-512 variant requires VNNI and BITALG, see core.h) */
 #define INT8_KIND(kind) ((kind) == P_Q4_0 || (kind) == P_Q4_MIN || (kind) == P_Q8 || (kind) == P_Q4_F32 || IS_Q5(kind))
-#else
-#define INT8_KIND(kind) ((kind) == P_Q4_0 || (kind) == P_Q4_MIN || (kind) == P_Q8 || (kind) == P_Q4_F32)
-#endif
-#if defined(__AVX512VNNI__)
 #define DPBUSD(acc, u, s) _mm512_dpbusd_epi32(acc, u, s)
-#else
-/* vpdpbusd without VNNI: the even and odd bytes widened to 16 bits, two madds (exact) */
-static inline __m512i dpbusd_emul(__m512i acc, __m512i u, __m512i s) {
-    const __m512i ue = _mm512_and_si512(u, _mm512_set1_epi16(0x00FF)), uo = _mm512_srli_epi16(u, 8);
-    const __m512i se = _mm512_srai_epi16(_mm512_slli_epi16(s, 8), 8), so = _mm512_srai_epi16(s, 8);
-    return _mm512_add_epi32(acc, _mm512_add_epi32(_mm512_madd_epi16(ue, se), _mm512_madd_epi16(uo, so)));
-}
-#define DPBUSD(acc, u, s) dpbusd_emul(acc, u, s)
-#endif
 
 /* x (M, K) -> xq (M, K) int8 (vectorised quantize_q8_0: the same values), xd (M, nb) its f16 d as
  * float32, xs (M, nb) the sum of each block's int8 values, xds (M, nb) xd * xs (the min term's). */
@@ -78,7 +65,6 @@ static inline __attribute__((always_inline)) void rows_int8_m(const job_t *j, in
     const __m512i pi = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
     const __m512i at_row = _mm512_mullo_epi32(pi, _mm512_set1_epi32(nb16));
     const int mins = kind == P_Q4_MIN || kind == P_Q5_1 || kind == P_Q4_F32, f32 = kind == P_Q4_F32;
-#ifdef __AVX512BITALG__
     /* Q5: byte e of lane k of w[c] is value 4c + e (w[4 + c]: 16 + 4c + e) of lane k's row, whose
      * fifth bit is that bit of the row's 32 high bits; a lane pair shares a qword of H. */
     __m512i fifth[8];
@@ -86,7 +72,6 @@ static inline __attribute__((always_inline)) void rows_int8_m(const job_t *j, in
         const long long base = (c < 4 ? 4 * c : 16 + 4 * (c - 4)) * 0x0101010101010101LL;
         fifth[c] = _mm512_add_epi8(_mm512_set1_epi64(base), _mm512_set1_epi64(0x2322212003020100LL));
     }
-#endif
     float *sc = thread_scratch(0, (size_t)(mins ? 2 : 1) * 16 * nb16);
     if (!sc) { /* no scratch: nothing computed, and the call raises MemoryError */
         atomic_store(&g_nomem, 1);
@@ -113,14 +98,12 @@ static inline __attribute__((always_inline)) void rows_int8_m(const job_t *j, in
         const uint8_t *next = j->w + (size_t)(n + 16) * row_bytes;
         const int more = n + 16 < n1;
         /* Q5: where each lane's row keeps its high bits, from rows[0] (the last rows may repeat) */
-#ifdef __AVX512BITALG__
         __m512i hi_at = _mm512_setzero_si512();
         if (IS_Q5(kind)) {
             int at_lane[16];
             for (int k = 0; k < 16; k++) at_lane[k] = (int)(rows[4 * (k % 4) + k / 4] - rows[0]);
             hi_at = _mm512_loadu_si512(at_lane);
         }
-#endif
         __m512 acc[MAX_ROWS];
         for (int r = 0; r < M; r++) acc[r] = _mm512_setzero_ps();
         for (int b = 0; b < nb; b++) {
@@ -140,14 +123,12 @@ static inline __attribute__((always_inline)) void rows_int8_m(const job_t *j, in
                     w[c] = _mm512_and_si512(T[c], nib);
                     w[4 + c] = _mm512_and_si512(_mm512_srli_epi16(T[c], 4), nib);
                 }
-#ifdef __AVX512BITALG__
                 if (IS_Q5(kind)) { /* values 0..31: add 16 where the fifth bit is set */
                     const __m512i H = _mm512_i32gather_epi32(hi_at, rows[0] + (size_t)b * bb + 16, 1);
                     for (int c = 0; c < 8; c++)
                         w[c] = _mm512_mask_add_epi8(w[c], _mm512_bitshuffle_epi64_mask(H, fifth[c]), w[c],
                                                     _mm512_set1_epi8(16));
                 }
-#endif
             }
             const __m512 dw = _mm512_i32gather_ps(at_row, sc + b, 4);
             const __m512 mw = mins ? _mm512_i32gather_ps(at_row, mc + b, 4) : _mm512_setzero_ps();
@@ -189,10 +170,8 @@ static void rows_int8(const job_t *j, int n0, int n1) {
         BY_KIND(P_Q4_0)
         BY_KIND(P_Q8)
         BY_KIND(P_Q4_F32)
-#ifdef __AVX512BITALG__
         BY_KIND(P_Q5_1)
         BY_KIND(P_Q5_0)
-#endif
     default: break; /* not an int8 kind: packed_product never sends one */
     }
 #undef BY_KIND
