@@ -81,8 +81,8 @@ def int8_activations() -> bool:
     return not _exact_mode()
 
 
-# the packed kinds with integer products (int8_activations); the others multiply in float32
-INT8_KINDS = {"Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q4_K"}
+# the packed kinds with integer products (int8_activations): every quantized one
+INT8_KINDS = {"Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q4_K", "Q5_K", "Q6_K"}
 
 
 def use_int8_prefill(rows: int, qtype: str) -> bool:

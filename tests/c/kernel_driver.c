@@ -25,22 +25,24 @@ static uint32_t next_u32(void) {
 static float uniform(void) { return (float)next_u32() / (float)(1u << 24) * 2.0f - 1.0f; }
 
 static int check_products(void) {
-    const int kinds[] = {P_Q4_MIN, P_Q4_0, P_Q8, P_Q4_F32, P_Q5_1, P_Q5_0};
-    const char *names[] = {"Q4_1", "Q4_0", "Q8_0", "Q4_K", "Q5_1", "Q5_0"};
+    const int kinds[] = {P_Q4_MIN, P_Q4_0, P_Q8, P_Q4_F32, P_Q5_1, P_Q5_0, P_I8, P_I8_16};
+    const char *names[] = {"Q4_1", "Q4_0", "Q8_0", "Q4_K", "Q5_1", "Q5_0", "Q5_K", "Q6_K"};
     const int N = 37, K = 256, nb = K / QK;
     int failed = 0;
-    for (int t = 0; t < 6; t++) {
+    for (int t = 0; t < 8; t++) {
         const int kind = kinds[t];
         const size_t bytes = ROW_BYTES(kind, K) * N;
         uint8_t *w = malloc(bytes);
-        for (size_t i = 0; i < bytes; i++) w[i] = (uint8_t)next_u32();
-        float *d32 = malloc(sizeof(float) * N * nb), *m32 = malloc(sizeof(float) * N * nb);
+        for (size_t i = 0; i < bytes; i++) /* Q5_K's values are 0..31, Q6_K's -32..31 */
+            w[i] = kind == P_I8 ? (uint8_t)(next_u32() % 32) : kind == P_I8_16 ? (uint8_t)(next_u32() % 64 - 32) : (uint8_t)next_u32();
+        float *d32 = malloc(sizeof(float) * N * 2 * nb), *m32 = malloc(sizeof(float) * N * nb);
         uint16_t *d16 = malloc(2 * N * nb), *m16 = malloc(2 * N * nb);
         for (int i = 0; i < N * nb; i++) {
             d32[i] = uniform() * 0.02f, m32[i] = uniform() * 0.1f;
             d16[i] = f32_to_f16(d32[i]), m16[i] = f32_to_f16(m32[i]);
         }
-        const int f32 = kind == P_Q4_F32;
+        for (int i = N * nb; i < 2 * N * nb; i++) d32[i] = uniform() * 0.02f; /* Q6_K: two scales a block */
+        const int f32 = F32_SCALES(kind);
         for (int M = 1; M <= 8; M += M == 1 ? 2 : 5) { /* 1, 3, 8 */
             float *x = malloc(sizeof(float) * M * K), *y = malloc(sizeof(float) * M * N), *y0 = malloc(sizeof(float) * M * N);
             for (int i = 0; i < M * K; i++) x[i] = uniform() * (i % 7 == 0 ? 30.0f : 2.0f);

@@ -16,9 +16,12 @@
 #include "core.h"
 
 /* The kinds with integer products here (all but the int8-valued Q5_K and Q6_K). */
-#define INT8_KIND_PORTABLE(kind)                                                                   \
-    ((kind) == P_Q4_0 || (kind) == P_Q4_MIN || (kind) == P_Q8 || (kind) == P_Q4_F32 || IS_Q5(kind))
-#define INT8_MINS(kind) ((kind) == P_Q4_MIN || (kind) == P_Q5_1 || (kind) == P_Q4_F32)
+#define INT8_KIND_PORTABLE(kind) ((kind) <= LAST_KIND && !IS_FLOAT(kind))
+#define INT8_MINS(kind) ((kind) == P_Q4_MIN || (kind) == P_Q5_1 || (kind) == P_Q4_F32 || (kind) == P_I8)
+/* Q6_K (P_I8_16): a scale per 16 values, so two integer dots a block, each folded in with its own
+ * scale: acc = fma(lo, d_lo dx, acc), then acc = fma(hi, d_hi dx, acc). Its values are -32..31;
+ * where the dot instruction wants unsigned bytes, x is made unsigned instead (x + 128) and 128
+ * times the weights' sum comes back out. Q5_K (P_I8): values 0..31, float32 scales and mins. */
 /* what the integer values carry above the signed ones: Q4_0's 8, Q5_0's 16 (Q8_0 is read signed) */
 #define INT8_OFFSET(kind) ((kind) == P_Q4_0 ? 8 : (kind) == P_Q5_0 ? 16 : 0)
 
@@ -75,10 +78,14 @@ static void quantize_x_avx2(const float *x, int M, int K, int8_t *xq, float *xd,
 }
 #endif
 
-/* Block b of row n's scale and min (0 where the kind has none) as float32. */
+/* Block b of row n's scale and min (0 where the kind has none) as float32; for Q6_K the scales
+ * of its two halves. */
 static inline void int8_scale_min(const job_t *j, int n, int nb, int b, float *dw, float *mw) {
     const int kind = j->qtype;
-    if (kind == P_Q4_F32) {
+    if (kind == P_I8_16) {
+        *dw = ((const float *)j->d)[(size_t)n * 2 * nb + 2 * b];
+        *mw = ((const float *)j->d)[(size_t)n * 2 * nb + 2 * b + 1];
+    } else if (kind == P_Q4_F32 || kind == P_I8) {
         *dw = ((const float *)j->d)[(size_t)n * nb + b];
         *mw = j->m ? ((const float *)j->m)[(size_t)n * nb + b] : 0.0f;
     } else {
@@ -97,7 +104,7 @@ static void rows_int8_generic(const job_t *j, int n0, int n1) {
         for (int b = 0; b < nb; b++) {
             const uint8_t *blk = row + (size_t)b * bb;
             int8_t v[QK]; /* the block's integer values, before the offset */
-            if (kind == P_Q8) {
+            if (BYTE_VALUES(kind)) {
                 memcpy(v, blk, QK);
             } else {
                 uint32_t qh = 0;
@@ -111,6 +118,13 @@ static void rows_int8_generic(const job_t *j, int n0, int n1) {
             int8_scale_min(j, n, nb, b, &dw, &mw);
             for (int r = 0; r < M; r++) {
                 const int8_t *xq = j->xq + (size_t)r * K + (size_t)b * QK;
+                if (kind == P_I8_16) { /* two halves, two scales (mw holds the second) */
+                    int32_t lo = 0, hi = 0;
+                    for (int i = 0; i < 16; i++) lo += v[i] * xq[i], hi += v[16 + i] * xq[16 + i];
+                    acc[r] = fmaf((float)lo, dw * j->xd[r * nb + b], acc[r]);
+                    acc[r] = fmaf((float)hi, mw * j->xd[r * nb + b], acc[r]);
+                    continue;
+                }
                 int32_t s = -off * j->xqs[r * nb + b];
                 for (int i = 0; i < QK; i++) s += v[i] * xq[i];
                 acc[r] = fmaf((float)s, dw * j->xd[r * nb + b], acc[r]);
@@ -142,9 +156,18 @@ static inline void f16_row(const uint16_t *src, float *dst, int n) {
 #endif
 
 /* Scales (and mins, 0 where the kind has none) of rows row[0..R) for every block, transposed:
- * sc[b * R + p] is row p's block b, the layout one vector load of R lanes takes. tmp: nb floats. */
+ * sc[b * R + p] is row p's block b, the layout one vector load of R lanes takes (Q6_K: its
+ * halves' scales in sc and mc). tmp: nb floats. */
 static inline void int8_scales_t(const job_t *j, const int *row, int R, int nb, float *sc, float *mc, float *tmp) {
-    const int kind = j->qtype, f32 = kind == P_Q4_F32;
+    const int kind = j->qtype, f32 = F32_SCALES(kind);
+    if (kind == P_I8_16) {
+        for (int p = 0; p < R; p++)
+            for (int b = 0; b < nb; b++) {
+                const float *d = (const float *)j->d + (size_t)row[p] * 2 * nb + 2 * b;
+                sc[b * R + p] = d[0], mc[b * R + p] = d[1];
+            }
+        return;
+    }
     for (int p = 0; p < R; p++) {
         const size_t at = (size_t)row[p] * nb;
         const float *d = f32 ? (const float *)j->d + at : tmp;
@@ -212,6 +235,35 @@ static inline __attribute__((always_inline)) __m256i dot8_avx2(const __m256i *w,
 #endif
 }
 
+#if defined(HAVE_AVXVNNI)
+/* acc + per lane the sum of its 4 signed bytes of w */
+static inline __m256i dpbusd_ones_avx2(__m256i acc, __m256i w) {
+    return _mm256_dpbusd_avx_epi32(acc, _mm256_set1_epi8(1), w);
+}
+#else
+#define dpbusd_ones_avx2(acc, w) (acc) /* unused without VNNI */
+#endif
+
+/* Q6_K: the dots of the block's two halves (values 0-15: w[0..3], 16-31: w[4..7], signed bytes)
+ * with x; wsum: per lane 128 * the weights' sum over each half (VNNI takes x + 128 unsigned). */
+static inline __attribute__((always_inline)) void dot8_halves_avx2(const __m256i *w, const int32_t *x, const __m256i *wsum,
+                                                                    __m256i *lo, __m256i *hi) {
+    __m256i h[2] = {_mm256_setzero_si256(), _mm256_setzero_si256()};
+#if defined(HAVE_AVXVNNI)
+    for (int c = 0; c < 8; c++)
+        h[c / 4] = _mm256_dpbusd_avx_epi32(h[c / 4], _mm256_set1_epi32((int)((uint32_t)x[c] ^ 0x80808080u)), w[c]);
+    *lo = _mm256_sub_epi32(h[0], wsum[0]), *hi = _mm256_sub_epi32(h[1], wsum[1]);
+#else
+    (void)wsum;
+    for (int c = 0; c < 8; c++) {
+        const __m256i xv = _mm256_set1_epi32(x[c]);
+        const __m256i p = _mm256_maddubs_epi16(_mm256_sign_epi8(w[c], w[c]), _mm256_sign_epi8(xv, w[c]));
+        h[c / 4] = _mm256_add_epi32(h[c / 4], _mm256_madd_epi16(p, _mm256_set1_epi16(1)));
+    }
+    *lo = h[0], *hi = h[1];
+#endif
+}
+
 static inline __attribute__((always_inline)) void rows_int8_avx2_m(const job_t *j, int n0, int n1, const int M,
                                                                     const int kind) {
     const int K = j->K, nb = K / QK, mins = INT8_MINS(kind);
@@ -255,9 +307,9 @@ static inline __attribute__((always_inline)) void rows_int8_avx2_m(const job_t *
         for (int b = 0; b < nb; b++) {
             if (INT8_PREFETCH && more)
                 for (size_t o = 0; o < 8 * bb; o += 64) __builtin_prefetch(next + (size_t)b * 8 * bb + o, 0, 3);
-            __m256i w[8], T[4];
-            if (kind == P_Q8) {
-                const __m256i flip = _mm256_set1_epi8(vnni ? (char)0x80 : 0);
+            __m256i w[8], T[4], wsum[2];
+            if (BYTE_VALUES(kind)) { /* Q8_0 (unsigned with VNNI: q + 128), Q5_K, Q6_K */
+                const __m256i flip = _mm256_set1_epi8(vnni && kind == P_Q8 ? (char)0x80 : 0);
                 load_t8(rows, (size_t)b * QK, T);
                 for (int c = 0; c < 4; c++) w[c] = _mm256_xor_si256(T[c], flip);
                 load_t8(rows, (size_t)b * QK + 16, T);
@@ -284,11 +336,26 @@ static inline __attribute__((always_inline)) void rows_int8_avx2_m(const job_t *
                     }
                 }
             }
+            if (kind == P_I8_16 && vnni) /* 128 * each half's weight sum */
+                for (int h = 0; h < 2; h++) {
+                    wsum[h] = _mm256_setzero_si256();
+                    for (int c = 4 * h; c < 4 * h + 4; c++)
+                        wsum[h] = dpbusd_ones_avx2(wsum[h], w[c]);
+                    wsum[h] = _mm256_slli_epi32(wsum[h], 7);
+                }
             const __m256 dw = _mm256_loadu_ps(sg + (size_t)b * 8);
-            const __m256 mw = mins ? _mm256_loadu_ps(mg + (size_t)b * 8) : _mm256_setzero_ps();
+            const __m256 mw = mins || kind == P_I8_16 ? _mm256_loadu_ps(mg + (size_t)b * 8) : _mm256_setzero_ps();
 #pragma GCC unroll 8
             for (int r = 0; r < M; r++) {
                 const int32_t *xr = (const int32_t *)(j->xq + (size_t)r * K + (size_t)b * QK);
+                if (kind == P_I8_16) { /* two halves, two scales (mw: the second half's) */
+                    __m256i lo, hi;
+                    dot8_halves_avx2(w, xr, wsum, &lo, &hi);
+                    const __m256 xd = _mm256_set1_ps(j->xd[r * nb + b]);
+                    acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(lo), _mm256_mul_ps(dw, xd), acc[r]);
+                    acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(hi), _mm256_mul_ps(mw, xd), acc[r]);
+                    continue;
+                }
                 __m256i s = dot8_avx2(w, xr, kind == P_Q8, kind == P_Q4_0 || kind == P_Q4_MIN || kind == P_Q4_F32);
                 if (off) s = _mm256_add_epi32(s, _mm256_set1_epi32(-off * j->xqs[r * nb + b]));
                 acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_mul_ps(dw, _mm256_set1_ps(j->xd[r * nb + b])),
@@ -319,6 +386,8 @@ static void rows_int8(const job_t *j, int n0, int n1) {
         BY_KIND(P_Q4_F32)
         BY_KIND(P_Q5_1)
         BY_KIND(P_Q5_0)
+        BY_KIND(P_I8)
+        BY_KIND(P_I8_16)
     default: break;
     }
 #undef BY_KIND
@@ -366,7 +435,7 @@ static inline __attribute__((always_inline)) void rows_int8_neon_m(const job_t *
         for (int b = 0; b < nb; b++) {
             int8x16_t w[8];
             uint8x16_t T[4];
-            if (kind == P_Q8) { /* signed values: vdot is int8 x int8 */
+            if (BYTE_VALUES(kind)) { /* Q8_0, Q5_K, Q6_K: signed values (vdot is int8 x int8) */
                 load_t4(rows, (size_t)b * QK, T);
                 for (int c = 0; c < 4; c++) w[c] = vreinterpretq_s8_u8(T[c]);
                 load_t4(rows, (size_t)b * QK + 16, T);
@@ -398,6 +467,19 @@ static inline __attribute__((always_inline)) void rows_int8_neon_m(const job_t *
                 const int8_t *xr = j->xq + (size_t)r * K + (size_t)b * QK;
                 const int8x16_t x0 = vld1q_s8(xr), x1 = vld1q_s8(xr + 16);
                 int32x4_t s0 = vdupq_n_s32(-off * j->xqs[r * nb + b]), s1 = vdupq_n_s32(0);
+                if (kind == P_I8_16) { /* two halves, two scales (mw: the second half's) */
+                    s0 = vdotq_laneq_s32(s0, w[0], x0, 0);
+                    s0 = vdotq_laneq_s32(s0, w[1], x0, 1);
+                    s0 = vdotq_laneq_s32(s0, w[2], x0, 2);
+                    s0 = vdotq_laneq_s32(s0, w[3], x0, 3);
+                    s1 = vdotq_laneq_s32(s1, w[4], x1, 0);
+                    s1 = vdotq_laneq_s32(s1, w[5], x1, 1);
+                    s1 = vdotq_laneq_s32(s1, w[6], x1, 2);
+                    s1 = vdotq_laneq_s32(s1, w[7], x1, 3);
+                    acc[r] = vfmaq_f32(acc[r], vcvtq_f32_s32(s0), vmulq_n_f32(dw, j->xd[r * nb + b]));
+                    acc[r] = vfmaq_f32(acc[r], vcvtq_f32_s32(s1), vmulq_n_f32(mw, j->xd[r * nb + b]));
+                    continue;
+                }
                 s0 = vdotq_laneq_s32(s0, w[0], x0, 0);
                 s1 = vdotq_laneq_s32(s1, w[1], x0, 1);
                 s0 = vdotq_laneq_s32(s0, w[2], x0, 2);
@@ -432,6 +514,8 @@ static void rows_int8(const job_t *j, int n0, int n1) {
         BY_KIND(P_Q4_F32)
         BY_KIND(P_Q5_1)
         BY_KIND(P_Q5_0)
+        BY_KIND(P_I8)
+        BY_KIND(P_I8_16)
     default: break;
     }
 #undef BY_KIND

@@ -12,7 +12,7 @@
  * row of x. Float32 FMAs did a fifth of that work per instruction, so 8 rows of x (a batched
  * decode step) cost four 1-row steps; here the weights' stream stays the limit. */
 /* (the AVX-512 variant requires VNNI and BITALG, see core.h) */
-#define INT8_KIND(kind) ((kind) == P_Q4_0 || (kind) == P_Q4_MIN || (kind) == P_Q8 || (kind) == P_Q4_F32 || IS_Q5(kind))
+#define INT8_KIND(kind) ((kind) <= LAST_KIND && !IS_FLOAT(kind)) /* every quantized kind */
 #define DPBUSD(acc, u, s) _mm512_dpbusd_epi32(acc, u, s)
 
 /* x (M, K) -> xq (M, K) int8 (vectorised quantize_q8_0: the same values), xd (M, nb) its f16 d as
@@ -64,7 +64,8 @@ static inline __attribute__((always_inline)) void rows_int8_m(const job_t *j, in
     /* lane k of a transposed vector holds row pi(k) = 4 (k % 4) + k / 4 (its own inverse) */
     const __m512i pi = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
     const __m512i at_row = _mm512_mullo_epi32(pi, _mm512_set1_epi32(nb16));
-    const int mins = kind == P_Q4_MIN || kind == P_Q5_1 || kind == P_Q4_F32, f32 = kind == P_Q4_F32;
+    const int mins = kind == P_Q4_MIN || kind == P_Q5_1 || kind == P_Q4_F32 || kind == P_I8;
+    const int f32 = kind == P_Q4_F32 || kind == P_I8, halves = kind == P_I8_16; /* Q6_K: mc its 2nd scales */
     /* Q5: byte e of lane k of w[c] is value 4c + e (w[4 + c]: 16 + 4c + e) of lane k's row, whose
      * fifth bit is that bit of the row's 32 high bits; a lane pair shares a qword of H. */
     __m512i fifth[8];
@@ -72,7 +73,7 @@ static inline __attribute__((always_inline)) void rows_int8_m(const job_t *j, in
         const long long base = (c < 4 ? 4 * c : 16 + 4 * (c - 4)) * 0x0101010101010101LL;
         fifth[c] = _mm512_add_epi8(_mm512_set1_epi64(base), _mm512_set1_epi64(0x2322212003020100LL));
     }
-    float *sc = thread_scratch(0, (size_t)(mins ? 2 : 1) * 16 * nb16);
+    float *sc = thread_scratch(0, (size_t)(mins || halves ? 2 : 1) * 16 * nb16);
     if (!sc) { /* no scratch: nothing computed, and the call raises MemoryError */
         atomic_store(&g_nomem, 1);
         return;
@@ -84,7 +85,12 @@ static inline __attribute__((always_inline)) void rows_int8_m(const job_t *j, in
         for (int p = 0; p < 16; p++) {
             const int row = n + (p < have ? p : have - 1);
             rows[p] = j->w + (size_t)row * row_bytes;
-            if (f32) { /* Q4_K: float32 scales and mins already */
+            if (halves) { /* Q6_K: the two halves' float32 scales of each block, apart */
+                const float *d = (const float *)j->d + (size_t)row * 2 * nb;
+                for (int b = 0; b < nb; b++) sc[p * nb16 + b] = d[2 * b], mc[p * nb16 + b] = d[2 * b + 1];
+                continue;
+            }
+            if (f32) { /* Q4_K, Q5_K: float32 scales and mins already */
                 memcpy(sc + p * nb16, (const float *)j->d + (size_t)row * nb, sizeof(float) * nb);
                 if (j->m)
                     memcpy(mc + p * nb16, (const float *)j->m + (size_t)row * nb, sizeof(float) * nb);
@@ -109,9 +115,9 @@ static inline __attribute__((always_inline)) void rows_int8_m(const job_t *j, in
         for (int b = 0; b < nb; b++) {
             if (INT8_PREFETCH && more) /* the next 16 rows, a block's share of them at a time */
                 for (size_t o = 0; o < 16 * bb; o += 64) __builtin_prefetch(next + (size_t)b * 16 * bb + o, 0, 3);
-            __m512i w[8], T[4];
-            if (kind == P_Q8) { /* int8 values as u8 = q + 128 */
-                const __m512i flip = _mm512_set1_epi8((char)0x80);
+            __m512i w[8], T[4], wsum[2];
+            if (BYTE_VALUES(kind)) { /* Q8_0's int8 values as u8 = q + 128; Q5_K's (0..31), Q6_K's as they are */
+                const __m512i flip = _mm512_set1_epi8(kind == P_Q8 ? (char)0x80 : 0);
                 load_t16(rows, (size_t)b * QK, T);
                 for (int c = 0; c < 4; c++) w[c] = _mm512_xor_si512(T[c], flip);
                 load_t16(rows, (size_t)b * QK + 16, T);
@@ -130,8 +136,14 @@ static inline __attribute__((always_inline)) void rows_int8_m(const job_t *j, in
                                                     _mm512_set1_epi8(16));
                 }
             }
+            if (halves) /* Q6_K: x goes in as u8 = x + 128, so 128 * each half's weight sum comes out */
+                for (int h = 0; h < 2; h++) {
+                    wsum[h] = _mm512_setzero_si512();
+                    for (int c = 4 * h; c < 4 * h + 4; c++) wsum[h] = DPBUSD(wsum[h], _mm512_set1_epi8(1), w[c]);
+                    wsum[h] = _mm512_slli_epi32(wsum[h], 7);
+                }
             const __m512 dw = _mm512_i32gather_ps(at_row, sc + b, 4);
-            const __m512 mw = mins ? _mm512_i32gather_ps(at_row, mc + b, 4) : _mm512_setzero_ps();
+            const __m512 mw = mins || halves ? _mm512_i32gather_ps(at_row, mc + b, 4) : _mm512_setzero_ps();
             /* the weights' offset: Q4_0's 8, Q5_0's 16, Q8_0's 128 (int8 stored unsigned) */
             const int off = kind == P_Q4_0 ? 8 : kind == P_Q5_0 ? 16 : kind == P_Q8 ? 128 : 0;
 #pragma GCC unroll 8 /* accumulators in registers, not on the stack */
@@ -139,6 +151,15 @@ static inline __attribute__((always_inline)) void rows_int8_m(const job_t *j, in
                 const int32_t *xr = (const int32_t *)(j->xq + (size_t)r * K + (size_t)b * QK);
                 const int32_t xs = j->xqs[r * nb + b];
                 const float xd = j->xd[r * nb + b];
+                if (halves) { /* two halves, two scales (mw: the second half's) */
+                    __m512i h[2] = {_mm512_setzero_si512(), _mm512_setzero_si512()};
+                    for (int c = 0; c < 8; c++)
+                        h[c / 4] = DPBUSD(h[c / 4], _mm512_set1_epi32((int)((uint32_t)xr[c] ^ 0x80808080u)), w[c]);
+                    const __m512 xv = _mm512_set1_ps(xd);
+                    acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(h[0], wsum[0])), _mm512_mul_ps(dw, xv), acc[r]);
+                    acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(h[1], wsum[1])), _mm512_mul_ps(mw, xv), acc[r]);
+                    continue;
+                }
                 __m512i a0 = _mm512_set1_epi32(-off * xs), a1 = _mm512_setzero_si512();
                 for (int c = 0; c < 8; c += 2) {
                     a0 = DPBUSD(a0, w[c], _mm512_set1_epi32(xr[c]));
@@ -172,6 +193,8 @@ static void rows_int8(const job_t *j, int n0, int n1) {
         BY_KIND(P_Q4_F32)
         BY_KIND(P_Q5_1)
         BY_KIND(P_Q5_0)
+        BY_KIND(P_I8)
+        BY_KIND(P_I8_16)
     default: break; /* not an int8 kind: packed_product never sends one */
     }
 #undef BY_KIND
