@@ -36,6 +36,18 @@ FTYPES = {
 }
 
 
+SHARED_DATA = ROOT.parent / "shared" / "data"
+
+
+def shared_data(relative: str) -> Path:
+    """A file of ../shared/data (the project's corpora and prompts); the test skips, saying what
+    is missing, where that folder is not beside the repository."""
+    path = SHARED_DATA / relative
+    if not path.exists():
+        pytest.skip(f"needs {path}: ../shared/data (the project's corpora) beside the repository")
+    return path
+
+
 @pytest.fixture(params=["avx512", "avxvnni", "avx2", "neon", "generic"])
 def variant(request):
     """Each C kernel variant in turn (see garagelm/quant/cpu.py): the test runs once per variant

@@ -37,15 +37,23 @@ def test_q8_0_is_llama_cpps_q8_0():
     assert np.array_equal(dequantize_q8_0(q, d, torch.float32).numpy(), back)
 
 
-@pytest.mark.parametrize("kind", ["f16", "q8_0"])
-@pytest.mark.parametrize(("H", "Hkv", "hd"), [(9, 3, 64), (4, 1, 256), (8, 8, 128), (6, 2, 96)])
+@pytest.mark.parametrize(
+    ("kind", "H", "Hkv", "hd"),
+    [
+        (kind, *shape)
+        for kind in ("f16", "q8_0")
+        for shape in ((9, 3, 64), (4, 1, 256), (8, 8, 128), (6, 2, 96))
+    ]
+    + [("f16", 4, 2, 16), ("f16", 6, 3, 48)],  # heads of 1 and 3 vectors of 16 (f16 only: q8_0 needs 32s)
+)
 @pytest.mark.parametrize(("S", "first"), [(1, 0), (15, 0), (17, 0), (255, 0), (256, 0), (1000, 0), (2001, 0),
                                           (40, 3), (700, 189), (1030, 512)])  # fmt: skip
 def test_decode_attention_kernel(kind, H, Hkv, hd, S, first, variant):
     """The kernel on a cache's views (capacity above S, so heads are strided) equals float64
     attention over the values the cache holds, for head sizes the kernel specialises (64, 128,
     256) and one it does not (96), short and split (>= 256 positions) contexts, partial tiles,
-    and sliding windows (positions first..S-1, starting inside a tile or on its edge). Every
+    and sliding windows (positions first..S-1, starting inside a tile or on its edge), heads of
+    16 and 48 values too (an odd number of 16-value vectors). Every
     kernel variant gives the same bits as the plain C one."""
     torch.manual_seed(S + hd)
     cache = KVCache(1, Hkv, hd, 4096, dtype=kv_type(kind))

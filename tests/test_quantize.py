@@ -17,7 +17,13 @@ from garagelm.formats.ggml_quants import dequantize
 from garagelm.formats.gguf import GGUFFile
 from garagelm.quant.convert import convert_gguf
 
-TEXT = Path(__file__).resolve().parents[2] / "shared" / "data" / "austen" / "persuasion.txt"
+
+def _persuasion() -> str:
+    from conftest import shared_data
+
+    return shared_data("austen/persuasion.txt").read_text()
+
+
 # relative RMS error of dequantize(quantize(w)) on heavy-tailed random weights (Student-t, 5
 # degrees of freedom); measured 0.0068, 0.044, 0.054, 0.090, 0.108, bounds ~10% above
 RMS_BOUND = {"Q8_0": 0.0075, "Q5_1": 0.048, "Q5_0": 0.060, "Q4_1": 0.099, "Q4_0": 0.119}
@@ -106,7 +112,7 @@ def test_perplexity_equals_llama_cpp(ours_q8):
     from garagelm.evaluate.quality import evaluate, windows
     from garagelm.runtime.load import load_model
 
-    text = TEXT.read_text()[:40_000]
+    text = _persuasion()[:40_000]
     loaded = load_model(ours_q8)
     ours = evaluate(loaded.model, windows(loaded.tokenizer, text, 512, 4)).perplexity
     theirs = _llama_cpp_perplexity(ours_q8, text, 512, 4)
@@ -124,7 +130,7 @@ def test_cli_quantize_eval_compare(smol_f32, tmp_path, monkeypatch, capsys):
         main(["convert", str(smol_f32), "--type", "F16", "--out", str(tmp_path / "f16.gguf"), "--quiet"]) == 0
     )
     text = tmp_path / "t.txt"
-    text.write_text(TEXT.read_text()[:20_000])
+    text.write_text(_persuasion()[:20_000])
     args = ["eval", "compare", str(tmp_path / "f16.gguf"), "mine:q4", "--text", str(text), "--chunks", "2"]
     assert main([*args, "--json", str(tmp_path / "c.json"), "--plot", str(tmp_path / "c.png")]) == 0
     rows = json.loads((tmp_path / "c.json").read_text())["rows"]
@@ -224,7 +230,7 @@ def test_fp8_block_scaled_folder(smol_hf, tmp_path, capsys):
     assert isinstance(ours.model.layers[0].mlp.down_proj, FP8Linear)
     from garagelm.runtime.tokenizer import Tokenizer
 
-    ids = torch.tensor([Tokenizer.from_hf(src).encode(TEXT.read_text()[5000:7000], add_special=True)[:256]])
+    ids = torch.tensor([Tokenizer.from_hf(src).encode(_persuasion()[5000:7000], add_special=True)[:256]])
     with torch.inference_mode():
         a, b = ours(ids)[0], source(ids)[0]
     # measured 0.89: E4M3 keeps 3 mantissa bits, about the error of a 5-bit GGUF type here
@@ -246,7 +252,7 @@ def test_k_quants_match_llama_cpps_choices_and_quality(mix, smol_f32, quantized,
     assert report.types == {n: t.qtype for n, t in theirs.tensors.items()}
     assert GGUFFile(report.path).get("general.file_type") == theirs.get("general.file_type")
     source, ours, ref = load_model(smol_f32), load_model(report.path), load_model(theirs_path)
-    wins = windows(source.tokenizer, TEXT.read_text()[:20_000], 512, 2)
+    wins = windows(source.tokenizer, _persuasion()[:20_000], 512, 2)
     kl_ours = evaluate(ours.model, wins, reference=source.model).kl_mean
     kl_theirs = evaluate(ref.model, wins, reference=source.model).kl_mean
     assert kl_ours <= kl_theirs * 1.02, (kl_ours, kl_theirs)
@@ -276,7 +282,9 @@ def test_importance_matrix_lowers_the_error_at_the_same_size(smol_f32, tmp_path,
     from garagelm.runtime.load import load_model
 
     calibration = tmp_path / "emma.txt"
-    calibration.write_text((TEXT.parent / "emma.txt").read_text()[:30_000])
+    from conftest import shared_data
+
+    calibration.write_text(shared_data("austen/emma.txt").read_text()[:30_000])
     weighted, plain = tmp_path / "imat.gguf", tmp_path / "plain.gguf"
     assert (
         main(
@@ -298,7 +306,7 @@ def test_importance_matrix_lowers_the_error_at_the_same_size(smol_f32, tmp_path,
     capsys.readouterr()
     assert weighted.stat().st_size == plain.stat().st_size
     source = load_model(smol_f32)
-    wins = windows(source.tokenizer, TEXT.read_text()[:20_000], 512, 2)
+    wins = windows(source.tokenizer, _persuasion()[:20_000], 512, 2)
     kl_weighted = evaluate(load_model(weighted).model, wins, reference=source.model).kl_mean
     kl_plain = evaluate(load_model(plain).model, wins, reference=source.model).kl_mean
     assert kl_weighted < 0.8 * kl_plain, (kl_weighted, kl_plain)

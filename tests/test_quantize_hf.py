@@ -147,11 +147,11 @@ def test_folders_that_cannot_be_converted(smol_hf, tmp_path, capsys):
 
 def test_calibration_from_a_folder_equals_from_its_gguf(smol_hf, smol_f32):
     """The importance matrix measured on the folder is the GGUF's (same weights, same text)."""
+    from conftest import shared_data
+
     from garagelm.quant.imatrix import collect
 
-    text = (Path(__file__).resolve().parents[2] / "shared" / "data" / "austen" / "emma.txt").read_text()[
-        :4000
-    ]
+    text = shared_data("austen/emma.txt").read_text()[:4000]
     a = collect(smol_hf, text, ctx=128, max_windows=2, quiet=True)
     b = collect(smol_f32, text, ctx=128, max_windows=2, quiet=True)
     assert set(a) == set(b) and "token_embd.weight" in a

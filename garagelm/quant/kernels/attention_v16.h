@@ -92,23 +92,24 @@ static inline __attribute__((always_inline)) void att_rows_v16_nv(const att_t *a
                 /* per element the same chains as att_rows_nv's; CB vectors of the head at a time
                  * so the accumulators fit the registers (16 on AVX2, not 32) */
                 for (int c0 = 0; c0 < NV; c0 += CB) {
+                    const int cb = NV - c0 < CB ? NV - c0 : CB; /* an odd head size ends with one */
                     v16f acc0[CB], acc1[CB];
-                    for (int c = 0; c < CB; c++) acc0[c] = v16_load(oi + (c0 + c) * 16), acc1[c] = v16_set1(0.0f);
+                    for (int c = 0; c < cb; c++) acc0[c] = v16_load(oi + (c0 + c) * 16), acc1[c] = v16_set1(0.0f);
                     const float *x = tile + c0 * 16;
                     int r = 0;
                     if (NV <= 4)
                         for (; r + 2 <= n; r += 2) {
                             const v16f p0 = v16_set1(p[r]), p1 = v16_set1(p[r + 1]);
-                            for (int c = 0; c < CB; c++) {
+                            for (int c = 0; c < cb; c++) {
                                 acc0[c] = v16_fma(p0, v16_load(x + (size_t)r * hd + c * 16), acc0[c]);
                                 acc1[c] = v16_fma(p1, v16_load(x + (size_t)(r + 1) * hd + c * 16), acc1[c]);
                             }
                         }
                     for (; r < n; r++) {
                         const v16f p0 = v16_set1(p[r]);
-                        for (int c = 0; c < CB; c++) acc0[c] = v16_fma(p0, v16_load(x + (size_t)r * hd + c * 16), acc0[c]);
+                        for (int c = 0; c < cb; c++) acc0[c] = v16_fma(p0, v16_load(x + (size_t)r * hd + c * 16), acc0[c]);
                     }
-                    for (int c = 0; c < CB; c++) v16_store(oi + (c0 + c) * 16, v16_add(acc0[c], acc1[c]));
+                    for (int c = 0; c < cb; c++) v16_store(oi + (c0 + c) * 16, v16_add(acc0[c], acc1[c]));
                 }
             }
         }
@@ -198,16 +199,17 @@ static inline __attribute__((always_inline)) void att_q8_v16_nb(const att_t *a, 
                 const float *w = pv + (size_t)i * NB * ATT_TILE;
                 float *oi = o + (size_t)i * hd;
                 for (int c0 = 0; c0 < NV; c0 += CB) { /* even and odd positions: two chains */
+                    const int cb = NV - c0 < CB ? NV - c0 : CB;
                     v16f acc0[CB], acc1[CB];
-                    for (int c = 0; c < CB; c++) acc0[c] = v16_load(oi + (c0 + c) * 16), acc1[c] = v16_set1(0.0f);
+                    for (int c = 0; c < cb; c++) acc0[c] = v16_load(oi + (c0 + c) * 16), acc1[c] = v16_set1(0.0f);
                     for (int r = 0; r < ATT_TILE; r += 2)
-                        for (int c = 0; c < CB; c++) {
+                        for (int c = 0; c < cb; c++) {
                             const float *wr = w + ((c0 + c) / 2) * ATT_TILE + r;
                             const float *x = vt + (size_t)r * hd + (c0 + c) * 16;
                             acc0[c] = v16_fma(v16_set1(wr[0]), v16_load(x), acc0[c]);
                             acc1[c] = v16_fma(v16_set1(wr[1]), v16_load(x + hd), acc1[c]);
                         }
-                    for (int c = 0; c < CB; c++) v16_store(oi + (c0 + c) * 16, v16_add(acc0[c], acc1[c]));
+                    for (int c = 0; c < cb; c++) v16_store(oi + (c0 + c) * 16, v16_add(acc0[c], acc1[c]));
                 }
             }
         }
