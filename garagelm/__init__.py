@@ -15,8 +15,10 @@ def _quiet_openmp() -> None:
     libgomp reads this once, when torch loads: it takes effect only if garagelm comes first."""
     if "OMP_WAIT_POLICY" in _os.environ or "torch" in _sys.modules:
         return
-    from garagelm.quant import cpu
-
+    try:
+        from garagelm.quant import cpu
+    except ValueError:  # a bad GARAGE_CPU: reported where the kernels are first used
+        return
     if not cpu.bf16_prefill_cpu():
         _os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
 

@@ -13,6 +13,13 @@ import importlib
 import os
 from types import ModuleType
 
+from garagelm.errors import GarageError
+
+
+class KernelVariantError(GarageError, ValueError):
+    """GARAGE_CPU names a variant that is unknown, not built here, or beyond this CPU."""
+
+
 # best first; the CPU features each needs (names as _kernels_generic.cpu_features() gives them)
 VARIANTS: dict[str, frozenset[str]] = {
     "avx512": frozenset(
@@ -61,17 +68,19 @@ def unbuilt() -> list[str]:
 def load(name: str) -> ModuleType:
     """The kernels module of one variant; a clear error if it was not built or this CPU lacks it."""
     if name not in VARIANTS:
-        raise ValueError(f"GARAGE_CPU={name!r} is not a kernel variant; use one of {', '.join(VARIANTS)}")
+        raise KernelVariantError(
+            f"GARAGE_CPU={name!r} is not a kernel variant; use one of {', '.join(VARIANTS)}"
+        )
     module = _module(name)
     if module is None:
-        raise ValueError(
+        raise KernelVariantError(
             f"the {name} kernels were not built on this machine (built here: {', '.join(runnable())})"
         )
     missing = VARIANTS[name] - features()
     if missing:
-        raise ValueError(
+        raise KernelVariantError(
             f"this CPU cannot run the {name} kernels (it lacks {', '.join(sorted(missing))}); "
-            f"it runs: {', '.join(runnable())}"
+            f"it runs: {', '.join(runnable())}; unset GARAGE_CPU or name one of those"
         )
     return module
 
