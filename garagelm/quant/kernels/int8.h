@@ -371,28 +371,8 @@ static inline __attribute__((always_inline)) void rows_int8_avx2_m(const job_t *
     }
 }
 
-/* One copy per kind and row count, so the kind's tests fold away (as in the AVX-512 kernel). */
-static void rows_int8(const job_t *j, int n0, int n1) {
-#define CALL(rows) rows_int8_avx2_m(j, n0, n1, rows, kind_now)
-#define BY_KIND(kind)                                                                                      \
-    case kind: {                                                                                           \
-        const int kind_now = kind;                                                                         \
-        BY_ROWS(j->M, CALL)                                                                                \
-    } break;
-    switch (j->qtype) {
-        BY_KIND(P_Q4_MIN)
-        BY_KIND(P_Q4_0)
-        BY_KIND(P_Q8)
-        BY_KIND(P_Q4_F32)
-        BY_KIND(P_Q5_1)
-        BY_KIND(P_Q5_0)
-        BY_KIND(P_I8)
-        BY_KIND(P_I8_16)
-    default: break;
-    }
-#undef BY_KIND
-#undef CALL
-}
+/* One copy per kind and row count (INT8_DISPATCH, core.h). */
+static void rows_int8(const job_t *j, int n0, int n1) { INT8_DISPATCH(rows_int8_avx2_m, j, n0, n1) }
 
 #elif defined(HAVE_NEON)
 /* 4 rows' 16-byte pieces at offset `at` transposed: lane p of T[c] holds dword c of row p. */
@@ -500,27 +480,7 @@ static inline __attribute__((always_inline)) void rows_int8_neon_m(const job_t *
     }
 }
 
-static void rows_int8(const job_t *j, int n0, int n1) {
-#define CALL(rows) rows_int8_neon_m(j, n0, n1, rows, kind_now)
-#define BY_KIND(kind)                                                                                      \
-    case kind: {                                                                                           \
-        const int kind_now = kind;                                                                         \
-        BY_ROWS(j->M, CALL)                                                                                \
-    } break;
-    switch (j->qtype) {
-        BY_KIND(P_Q4_MIN)
-        BY_KIND(P_Q4_0)
-        BY_KIND(P_Q8)
-        BY_KIND(P_Q4_F32)
-        BY_KIND(P_Q5_1)
-        BY_KIND(P_Q5_0)
-        BY_KIND(P_I8)
-        BY_KIND(P_I8_16)
-    default: break;
-    }
-#undef BY_KIND
-#undef CALL
-}
+static void rows_int8(const job_t *j, int n0, int n1) { INT8_DISPATCH(rows_int8_neon_m, j, n0, n1) }
 
 #elif !defined(HAVE_AVX512)
 #define rows_int8 rows_int8_generic

@@ -176,27 +176,5 @@ static inline __attribute__((always_inline)) void rows_int8_m(const job_t *j, in
     }
 }
 
-/* One copy per kind and row count: the kind's tests and offsets fold away, and the registers
- * they held are free for the 8-row loop, which spilled (8 rows of gate/up on one thread: 145-156
- * us before, 127-128 after). */
-static void rows_int8(const job_t *j, int n0, int n1) {
-#define CALL(rows) rows_int8_m(j, n0, n1, rows, kind_now)
-#define BY_KIND(kind)                                                                                      \
-    case kind: {                                                                                           \
-        const int kind_now = kind; /* a constant in each inlined copy */                                   \
-        BY_ROWS(j->M, CALL)                                                                                \
-    } break;
-    switch (j->qtype) {
-        BY_KIND(P_Q4_MIN)
-        BY_KIND(P_Q4_0)
-        BY_KIND(P_Q8)
-        BY_KIND(P_Q4_F32)
-        BY_KIND(P_Q5_1)
-        BY_KIND(P_Q5_0)
-        BY_KIND(P_I8)
-        BY_KIND(P_I8_16)
-    default: break; /* not an int8 kind: packed_product never sends one */
-    }
-#undef BY_KIND
-#undef CALL
-}
+/* One copy per kind and row count (INT8_DISPATCH, core.h). */
+static void rows_int8(const job_t *j, int n0, int n1) { INT8_DISPATCH(rows_int8_m, j, n0, n1) }
