@@ -196,14 +196,10 @@ class ReplyWriter:
         return self.answer
 
 
-def _kernels_name() -> str:
+def print_stats(s, total: float, load: float) -> None:
+    """The block `ollama run --verbose` prints, plus time to first token and the kernel variant."""
     from garagelm.quant import cpu
 
-    return cpu.VARIANT or "none (torch only)"
-
-
-def print_stats(s, total: float, load: float) -> None:
-    """The block `ollama run --verbose` prints, plus time to first token."""
     lines = [
         ("total duration", f"{total + load:.3f}s"),
         ("load duration", f"{load:.3f}s"),
@@ -214,7 +210,7 @@ def print_stats(s, total: float, load: float) -> None:
         ("eval count", f"{s.generated_tokens} token(s)"),
         ("eval duration", f"{s.generate_seconds:.3f}s"),
         ("eval rate", f"{s.generate_tps:.2f} tokens/s"),
-        ("kernels", _kernels_name()),
+        ("kernels", cpu.variant_name()),
     ]
     for k, v in lines:
         print(f"{k + ':':22s}{v}", file=sys.stderr)

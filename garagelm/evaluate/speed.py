@@ -82,7 +82,7 @@ def measure(
     from garagelm.quant import cpu
 
     out = {"model": str(path), "threads": torch.get_num_threads(), "pp_tokens": pp, "tg_tokens": tg,
-           "kernels": cpu.VARIANT or "none (torch only)",
+           "kernels": cpu.variant_name(),
            "prefill_products": "bf16" if fast else "int8 (x as q8_0)" if int8 else "float32",
            "kv_cache": kv_type_name(engine.cache.dtype)}  # fmt: skip
     return {**out, **summary("garagelm", pp_rates, tg_rates, at_ctx, load_to_first_token)}

@@ -143,29 +143,23 @@ static void matmul(const job_t *j) {
 #else
 #define quantize_x quantize_x_portable
 #endif
-#define INT8_KIND INT8_KIND_PORTABLE
 #endif
 
 
-/* y = x @ W.T for packed W; xs: scratch of M * (K/32 rounded up to 16) floats; i8: scratch for
- * int8 activations (NULL: float32 products, `exact`) where the kind has them. */
 /* Set by int8_reference(True): int8 products take the one-row-at-a-time plain C loop, which
  * every variant's vector kernel must equal bit for bit (the tests compare them). */
 static int g_int8_reference;
 
 /* Any number of rows of x (prefill), 8 at a time through the int8 kernel, every group over the
  * same weight rows n0..n1 while they are in cache: the same bits per row as a decode step's. */
-#ifndef MANY_ROWS
-#define MANY_ROWS 8
-#endif
 static void rows_int8_many(const job_t *j, int n0, int n1) {
     const int nb = j->K / QK;
     float *sct = j->inner == rows_int8_generic ? NULL : int8_scales_all(j, n0, n1);
-    for (int r0 = 0; r0 < j->M; r0 += MANY_ROWS) {
+    for (int r0 = 0; r0 < j->M; r0 += MAX_ROWS) {
         job_t g = *j;
         g.rows = j->inner;
         g.sct = sct;
-        g.M = j->M - r0 < MANY_ROWS ? j->M - r0 : MANY_ROWS;
+        g.M = j->M - r0 < MAX_ROWS ? j->M - r0 : MAX_ROWS;
         g.xq += (size_t)r0 * j->K, g.xd += (size_t)r0 * nb, g.xqs += (size_t)r0 * nb, g.xds += (size_t)r0 * nb;
         g.y += (size_t)r0 * j->ldy;
         j->inner(&g, n0, n1);
@@ -173,10 +167,12 @@ static void rows_int8_many(const job_t *j, int n0, int n1) {
     free(sct);
 }
 
+/* y = x @ W.T for packed W; xs: scratch of M * (K/32 rounded up to 16) floats; i8: scratch for
+ * int8 activations (NULL: float32 products, `exact`). */
 static void packed_product(int kind, const uint8_t *q, const uint16_t *d, const uint16_t *m, const float *x, float *y,
                            int M, int N, int K, int ldy, float *xs, const xq_t *i8) {
     const int nb = K / QK, nb16 = (nb + 15) & ~15;
-    if (i8 && INT8_KIND(kind)) {
+    if (i8 && !IS_FLOAT(kind)) { /* every quantized kind has integer products */
         quantize_x(x, M, K, i8->q, i8->d, i8->s, i8->ds);
         job_t j = {kind, M, N, K, ldy, q, x, y, d, m, NULL, rows_int8, i8->q, i8->d, i8->s};
         j.xds = i8->ds;
@@ -211,8 +207,8 @@ static PyObject *py_matmul_packed(PyObject *self, PyObject *args) {
     unsigned long long q, d, m, x, y;
     if (!PyArg_ParseTuple(args, "iKKKKKiii|p", &kind, &q, &d, &m, &x, &y, &M, &N, &K, &int8_x)) return NULL;
     if (kind < 0 || kind > LAST_KIND) return PyErr_Format(PyExc_ValueError, "unknown packed kind %d", kind);
-    if (M < 1 || (M > MAX_ROWS && !(int8_x && INT8_KIND(kind))))
-        return PyErr_Format(PyExc_ValueError, "rows must be 1..%d (more with int8_x, for its kinds), got %d", MAX_ROWS, M);
+    if (M < 1 || (M > MAX_ROWS && !(int8_x && !IS_FLOAT(kind))))
+        return PyErr_Format(PyExc_ValueError, "rows must be 1..%d (more with int8_x, for quantized kinds), got %d", MAX_ROWS, M);
     if (N < 1 || K < QK || K % QK || K / QK > MAX_BLOCKS) return PyErr_Format(PyExc_ValueError, "bad shape N=%d K=%d", N, K);
     const int nb = K / QK, nb16 = (nb + 15) & ~15;
     /* x's block sums (float path), or x as int8 with its scales and sums */

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib
 import os
+from functools import lru_cache
 from types import ModuleType
 
 from garagelm.errors import GarageError
@@ -85,17 +86,27 @@ def load(name: str) -> ModuleType:
     return module
 
 
-def bf16_prefill_cpu() -> bool:
-    """Whether prefill runs in bf16 here: the AVX-512 kernels on a CPU with AMX or AVX512-BF16
-    (see ggml_linear.bf16_products_fast, which also honours exact mode)."""
-    if VARIANT != "avx512":
-        return False
+@lru_cache(maxsize=1)
+def _bf16_dot() -> bool:
+    """Whether this CPU multiplies bf16 natively (AMX tiles or AVX512-BF16 dot products)."""
     try:
         with open("/proc/cpuinfo") as f:
             flags = next((line for line in f if line.startswith("flags")), "").split()
     except OSError:
         return False
     return "amx_bf16" in flags or "avx512_bf16" in flags
+
+
+def bf16_prefill_cpu() -> bool:
+    """Whether prefill runs in bf16 here: the AVX-512 kernels on a CPU with AMX or AVX512-BF16
+    (GARAGE_CPU=avx2 on such a CPU measures what an AVX2 laptop does: int8 prefill, its fastest
+    there, as it has no bf16 dot). ggml_linear.use_bf16 also honours exact mode."""
+    return VARIANT == "avx512" and _bf16_dot()
+
+
+def variant_name() -> str:
+    """The variant that runs, as `garage bench` and `--verbose` print it."""
+    return VARIANT or "none (torch only)"
 
 
 def _choose() -> tuple[ModuleType | None, str | None]:

@@ -19,7 +19,6 @@ import contextlib
 import itertools
 import os
 import threading
-from functools import lru_cache
 
 import torch
 import torch.nn.functional as F
@@ -39,14 +38,7 @@ _exact = threading.local()
 
 
 def bf16_products_fast() -> bool:
-    """Whether prefill's products run in bf16: the CPU multiplies bf16 natively (AMX tiles or
-    AVX512-BF16 dot products) and the AVX-512 kernels run (GARAGE_CPU=avx2 on such a CPU measures
-    what an AVX2 laptop does: int8 prefill, its fastest there, as it has no bf16 dot)."""
-    return _bf16_cpu(cpu.VARIANT)
-
-
-@lru_cache(maxsize=8)
-def _bf16_cpu(variant: str | None) -> bool:
+    """Whether prefill's products run in bf16 (cpu.bf16_prefill_cpu: AVX-512 kernels, bf16 dots)."""
     return cpu.bf16_prefill_cpu()
 
 
@@ -81,8 +73,8 @@ def int8_activations() -> bool:
     return not _exact_mode()
 
 
-# the packed kinds with integer products (int8_activations): every quantized one
-INT8_KINDS = {"Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q4_K", "Q5_K", "Q6_K"}
+# the kinds with integer products (int8_activations): every packed one
+INT8_KINDS = frozenset(PACKED_KINDS)
 
 
 def use_int8_prefill(rows: int, qtype: str) -> bool:

@@ -275,6 +275,12 @@ static void load_row_scales(const job_t *j, int n, float *d, float *m, int nb) {
     }
 
 
+/* Int8-activation products (int8.h, int8_avx512.h): the kinds whose blocks add a min term, and
+ * what the integer values carry above the signed ones (Q4_0's 8, Q5_0's 16; Q8_0 is read signed,
+ * or with 128 more where a kernel makes it unsigned). */
+#define INT8_MINS(kind) ((kind) == P_Q4_MIN || (kind) == P_Q5_1 || (kind) == P_Q4_F32 || (kind) == P_I8)
+#define INT8_OFFSET(kind) ((kind) == P_Q4_0 ? 8 : (kind) == P_Q5_0 ? 16 : 0)
+
 /* rows_int8 of every vector variant: KERNEL(j, n0, n1, M, kind) inlined once per int8 kind and
  * row count, both compile-time constants, so the kind's tests and offsets fold away and the
  * registers they held are free for the 8-row loop (which spilled: 8 rows of gate/up on one

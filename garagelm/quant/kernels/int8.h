@@ -15,15 +15,10 @@
 #define GARAGE_INT8_H
 #include "core.h"
 
-/* The kinds with integer products here (all but the int8-valued Q5_K and Q6_K). */
-#define INT8_KIND_PORTABLE(kind) ((kind) <= LAST_KIND && !IS_FLOAT(kind))
-#define INT8_MINS(kind) ((kind) == P_Q4_MIN || (kind) == P_Q5_1 || (kind) == P_Q4_F32 || (kind) == P_I8)
 /* Q6_K (P_I8_16): a scale per 16 values, so two integer dots a block, each folded in with its own
  * scale: acc = fma(lo, d_lo dx, acc), then acc = fma(hi, d_hi dx, acc). Its values are -32..31;
  * where the dot instruction wants unsigned bytes, x is made unsigned instead (x + 128) and 128
  * times the weights' sum comes back out. Q5_K (P_I8): values 0..31, float32 scales and mins. */
-/* what the integer values carry above the signed ones: Q4_0's 8, Q5_0's 16 (Q8_0 is read signed) */
-#define INT8_OFFSET(kind) ((kind) == P_Q4_0 ? 8 : (kind) == P_Q5_0 ? 16 : 0)
 
 /* x (M, K) -> xq (M, K) as q8_0, xd (M, nb) its f16 scales as float32, xs (M, nb) the sums of
  * each block's int8 values, xds (M, nb) xd * xs: the same values as quantize_x (AVX-512). */
@@ -183,6 +178,24 @@ static inline void int8_scales_t(const job_t *j, const int *row, int R, int nb, 
     }
 }
 
+/* The weight rows of the group starting at n, R of them, the last one repeated past n1 (its
+ * outputs are computed, never stored); returns how many are real. */
+static inline int int8_group_rows(int n, int n1, int R, int *row) {
+    const int have = n1 - n < R ? n1 - n : R;
+    for (int p = 0; p < R; p++) row[p] = n + (p < have ? p : have - 1);
+    return have;
+}
+
+/* The group's transposed scales, its mins R * nb floats further on: prefill's, transposed once for
+ * every group of x rows (j->sct, rows_int8_many, from the call's first row n0), or transposed now
+ * into sc (mins into mc = sc + R * nb). */
+static inline const float *int8_group_scales(const job_t *j, int n, int n0, const int *row, int R, int nb, float *sc,
+                                             float *tmp) {
+    if (j->sct) return j->sct + (size_t)(n - n0) * 2 * nb;
+    int8_scales_t(j, row, R, nb, sc, sc + (size_t)R * nb, tmp);
+    return sc;
+}
+
 #if defined(HAVE_AVX2)
 /* Rows' 16-byte pieces at offset `at` of 8 consecutive rows transposed: lane p of T[c] holds
  * dword c of row p. */
@@ -280,20 +293,13 @@ static inline __attribute__((always_inline)) void rows_int8_avx2_m(const job_t *
         atomic_store(&g_nomem, 1);
         return;
     }
-    float *mc = sc + 8 * nb, *tmp = mc + 8 * nb;
+    float *tmp = sc + 16 * nb; /* sc: the group's scales, then its mins */
     for (int n = n0; n < n1; n += 8) {
-        const int have = n1 - n < 8 ? n1 - n : 8; /* rows past n1 repeat the last one, unstored */
-        const uint8_t *rows[8];
         int row[8];
-        for (int p = 0; p < 8; p++) {
-            row[p] = n + (p < have ? p : have - 1);
-            rows[p] = j->w + (size_t)row[p] * row_bytes;
-        }
-        const float *sg = sc, *mg = mc; /* this group's transposed scales and mins */
-        if (j->sct) /* transposed once for every group of x rows (rows_int8_many) */
-            sg = j->sct + (size_t)(n - n0) * 2 * nb, mg = sg + 8 * nb;
-        else
-            int8_scales_t(j, row, 8, nb, sc, mc, tmp);
+        const int have = int8_group_rows(n, n1, 8, row);
+        const uint8_t *rows[8];
+        for (int p = 0; p < 8; p++) rows[p] = j->w + (size_t)row[p] * row_bytes;
+        const float *sg = int8_group_scales(j, n, n0, row, 8, nb, sc, tmp), *mg = sg + 8 * nb;
         const uint8_t *next = j->w + (size_t)(n + 8) * row_bytes;
         const int more = n + 8 < n1;
         __m256i hi_at = _mm256_setzero_si256(); /* Q5: each row's offset from rows[0] */
@@ -396,20 +402,13 @@ static inline __attribute__((always_inline)) void rows_int8_neon_m(const job_t *
         atomic_store(&g_nomem, 1);
         return;
     }
-    float *mc = sc + 4 * nb, *tmp = mc + 4 * nb;
+    float *tmp = sc + 8 * nb; /* sc: the group's scales, then its mins */
     for (int n = n0; n < n1; n += 4) {
-        const int have = n1 - n < 4 ? n1 - n : 4;
-        const uint8_t *rows[4];
         int row[4];
-        for (int p = 0; p < 4; p++) {
-            row[p] = n + (p < have ? p : have - 1);
-            rows[p] = j->w + (size_t)row[p] * row_bytes;
-        }
-        const float *sg = sc, *mg = mc; /* this group's transposed scales and mins */
-        if (j->sct) /* transposed once for every group of x rows (rows_int8_many) */
-            sg = j->sct + (size_t)(n - n0) * 2 * nb, mg = sg + 4 * nb;
-        else
-            int8_scales_t(j, row, 4, nb, sc, mc, tmp);
+        const int have = int8_group_rows(n, n1, 4, row);
+        const uint8_t *rows[4];
+        for (int p = 0; p < 4; p++) rows[p] = j->w + (size_t)row[p] * row_bytes;
+        const float *sg = int8_group_scales(j, n, n0, row, 4, nb, sc, tmp), *mg = sg + 4 * nb;
         float32x4_t acc[MAX_ROWS];
         for (int r = 0; r < M; r++) acc[r] = vdupq_n_f32(0.0f);
         for (int b = 0; b < nb; b++) {
@@ -499,9 +498,8 @@ static float *int8_scales_all(const job_t *j, int n0, int n1) {
     float *out = malloc(sizeof(float) * ((size_t)groups * 2 * R * nb + nb));
     if (!out) return NULL;
     for (int g = 0; g < groups; g++) {
-        const int n = n0 + g * R, have = n1 - n < R ? n1 - n : R;
         int row[8];
-        for (int p = 0; p < R; p++) row[p] = n + (p < have ? p : have - 1);
+        int8_group_rows(n0 + g * R, n1, R, row);
         float *sc = out + (size_t)g * 2 * R * nb;
         int8_scales_t(j, row, R, nb, sc, sc + (size_t)R * nb, out + (size_t)groups * 2 * R * nb);
     }

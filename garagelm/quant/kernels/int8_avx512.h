@@ -12,7 +12,6 @@
  * row of x. Float32 FMAs did a fifth of that work per instruction, so 8 rows of x (a batched
  * decode step) cost four 1-row steps; here the weights' stream stays the limit. */
 /* (the AVX-512 variant requires VNNI and BITALG, see core.h) */
-#define INT8_KIND(kind) ((kind) <= LAST_KIND && !IS_FLOAT(kind)) /* every quantized kind */
 #define DPBUSD(acc, u, s) _mm512_dpbusd_epi32(acc, u, s)
 
 /* x (M, K) -> xq (M, K) int8 (vectorised quantize_q8_0: the same values), xd (M, nb) its f16 d as
@@ -64,7 +63,7 @@ static inline __attribute__((always_inline)) void rows_int8_m(const job_t *j, in
     /* lane k of a transposed vector holds row pi(k) = 4 (k % 4) + k / 4 (its own inverse) */
     const __m512i pi = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
     const __m512i at_row = _mm512_mullo_epi32(pi, _mm512_set1_epi32(nb16));
-    const int mins = kind == P_Q4_MIN || kind == P_Q5_1 || kind == P_Q4_F32 || kind == P_I8;
+    const int mins = INT8_MINS(kind);
     const int f32 = kind == P_Q4_F32 || kind == P_I8, halves = kind == P_I8_16; /* Q6_K: mc its 2nd scales */
     /* Q5: byte e of lane k of w[c] is value 4c + e (w[4 + c]: 16 + 4c + e) of lane k's row, whose
      * fifth bit is that bit of the row's 32 high bits; a lane pair shares a qword of H. */
@@ -145,7 +144,7 @@ static inline __attribute__((always_inline)) void rows_int8_m(const job_t *j, in
             const __m512 dw = _mm512_i32gather_ps(at_row, sc + b, 4);
             const __m512 mw = mins || halves ? _mm512_i32gather_ps(at_row, mc + b, 4) : _mm512_setzero_ps();
             /* the weights' offset: Q4_0's 8, Q5_0's 16, Q8_0's 128 (int8 stored unsigned) */
-            const int off = kind == P_Q4_0 ? 8 : kind == P_Q5_0 ? 16 : kind == P_Q8 ? 128 : 0;
+            const int off = kind == P_Q8 ? 128 : INT8_OFFSET(kind);
 #pragma GCC unroll 8 /* accumulators in registers, not on the stack */
             for (int r = 0; r < M; r++) {
                 const int32_t *xr = (const int32_t *)(j->xq + (size_t)r * K + (size_t)b * QK);
