@@ -668,6 +668,7 @@ typedef struct {
      * attention and MLP outputs, GELU (tanh) instead of SiLU, a sliding attention window */
     const float *w_qn, *w_kn, *w_post_attn, *w_post_ffn;
     int gelu, window;
+    const float *b_qkv; /* Qwen2's q/k/v biases, (H + 2 Hkv) hd, added to the products; NULL: none */
     prod_t qkv[3], o, gu[2], down; /* q/k/v (fused or not), output, gate/up (fused or not), down */
     float *xn, *qkv_out, *att, *gu_out, *tmp, *xs;
     xq_t i8; /* x as int8 for the products (int8 activations) */
@@ -710,10 +711,11 @@ static int parse_prods(PyObject *seq, prod_t *out, int max) {
 static PyObject *py_make_layer(PyObject *self, PyObject *args) {
     layer_t *L = calloc(1, sizeof(layer_t));
     if (!L) return PyErr_NoMemory();
-    unsigned long long w_in, w_post, w_qn = 0, w_kn = 0, w_pa = 0, w_pf = 0;
+    unsigned long long w_in, w_post, w_qn = 0, w_kn = 0, w_pa = 0, w_pf = 0, b_qkv = 0;
     PyObject *qkv, *o, *gu, *down;
-    if (!PyArg_ParseTuple(args, "iiiiiffKKOOOO|KKKKii", &L->D, &L->H, &L->Hkv, &L->hd, &L->I, &L->eps, &L->scale,
-                          &w_in, &w_post, &qkv, &o, &gu, &down, &w_qn, &w_kn, &w_pa, &w_pf, &L->gelu, &L->window) ||
+    if (!PyArg_ParseTuple(args, "iiiiiffKKOOOO|KKKKiiK", &L->D, &L->H, &L->Hkv, &L->hd, &L->I, &L->eps, &L->scale,
+                          &w_in, &w_post, &qkv, &o, &gu, &down, &w_qn, &w_kn, &w_pa, &w_pf, &L->gelu, &L->window,
+                          &b_qkv) ||
         (L->n_qkv = parse_prods(qkv, L->qkv, 3)) < 0 || parse_prods(o, &L->o, 1) < 0 ||
         (L->n_gu = parse_prods(gu, L->gu, 2)) < 0 || parse_prods(down, &L->down, 1) < 0) {
         free(L);
@@ -730,6 +732,7 @@ static PyObject *py_make_layer(PyObject *self, PyObject *args) {
     L->w_kn = (const float *)(uintptr_t)w_kn;
     L->w_post_attn = (const float *)(uintptr_t)w_pa;
     L->w_post_ffn = (const float *)(uintptr_t)w_pf;
+    L->b_qkv = (const float *)(uintptr_t)b_qkv;
     int big = L->D > L->I ? L->D : L->I;
     if (L->H * L->hd > big) big = L->H * L->hd;
     /* scratch for MAX_ROWS sequences stepped together */
@@ -780,6 +783,8 @@ static void layer_step(const layer_t *L, int index, float *x, int M, const int64
     products(L->qkv, L->n_qkv, L->xn, L->qkv_out, M, D, L->xs, i8);
     for (int r = 0; r < M; r++) {
         float *row = L->qkv_out + r * n_qkv;
+        if (L->b_qkv) /* one float32 add a value, as the layer's torch path adds its bias */
+            for (size_t i = 0; i < n_qkv; i++) row[i] += L->b_qkv[i];
         const float *c = cs + (size_t)r * hd, *sg = sn + (size_t)r * hd;
         /* rotate-half RoPE on the q and k heads: x*cos + roll(x, hd/2)*sin_signed */
         float rot[ATT_MAX_HD];
@@ -1114,7 +1119,7 @@ static PyMethodDef methods[] = {
     {"dequantize_packed", py_dequantize_packed, METH_VARARGS, "dequantize_packed(kind, q, d, m, out, N, K)"},
     {"dequantize_packed_bf16", py_dequantize_packed_bf16, METH_VARARGS, "dequantize_packed_bf16(kind, q, d, m, out, N, K)"},
     {"attend", py_attend, METH_VARARGS, "attend(q, k, v, ks, vs, out, stride_h, H, Hkv, S, hd, scale[, first])"},
-    {"make_layer", py_make_layer, METH_VARARGS, "make_layer(D, H, Hkv, hd, I, eps, scale, w_in, w_post, qkv, o, gu, down[, w_qn, w_kn, w_post_attn, w_post_ffn, gelu, window])"},
+    {"make_layer", py_make_layer, METH_VARARGS, "make_layer(D, H, Hkv, hd, I, eps, scale, w_in, w_post, qkv, o, gu, down[, w_qn, w_kn, w_post_attn, w_post_ffn, gelu, window, b_qkv])"},
     {"decode_layers", py_decode_layers, METH_VARARGS, "decode_layers(layers, x, M, table, ropes[, exact])"},
     {"rmsnorm_rows", py_rmsnorm_rows, METH_VARARGS, "rmsnorm_rows(x, w, out, rows, n, eps)"},
     {"gated_act", py_gated_act, METH_VARARGS, "gated_act(gate_up, out, rows, I, gelu)"},

@@ -4,7 +4,8 @@
 Decode otherwise spends more time in the dozens of tiny torch ops around each layer's products
 than in the products themselves. A plan binds each layer's packed weights and norm weights once;
 a step then runs every layer with one call each. Models that do not fit the kernel (other
-architectures, unpacked types, biases, partial RoPE) simply have no plan; sliding windows and
+architectures, unpacked types, biases other than Qwen2's on q/k/v, partial RoPE) simply have
+no plan; sliding windows and
 Gemma 3's extra norms are options of the layer.
 """
 
@@ -59,9 +60,13 @@ class DecodePlan:
             qkv = [attn.qkv_proj] if attn.qkv_proj is not None else [attn.q_proj, attn.k_proj, attn.v_proj]
             gate_up = [mlp.gate_up_proj] if mlp.gate_up_proj is not None else [mlp.gate_proj, mlp.up_proj]
             parts = [*qkv, attn.o_proj, *gate_up, mlp.down_proj]
-            if not all(isinstance(p, (GGMLLinear, DenseLinear)) and p._kind is not None and p.bias is None
-                       for p in parts):  # fmt: skip
+            if not all(isinstance(p, (GGMLLinear, DenseLinear)) and p._kind is not None for p in parts):
                 return None
+            if any(p.bias is not None for p in parts[len(qkv) :]):
+                return None  # only q/k/v biases (Qwen2) have a place in the kernel
+            b_qkv = qkv_bias(qkv)
+            if b_qkv is not None:
+                keep.append(b_qkv)
             if gemma:
                 norms = (layer.input_layernorm, layer.pre_feedforward_layernorm, attn.q_norm, attn.k_norm,
                          layer.post_attention_layernorm, layer.post_feedforward_layernorm)  # fmt: skip
@@ -95,6 +100,7 @@ class DecodePlan:
                         w_pf,
                         int(gemma),
                         int(window),
+                        0 if b_qkv is None else b_qkv.data_ptr(),
                     )
                 )
             except ValueError:
@@ -125,3 +131,16 @@ class DecodePlan:
         cpu.kernels.decode_layers(
             self._layers, x.data_ptr(), M, table.data_ptr(), ropes, not int8_activations()
         )
+
+
+def qkv_bias(parts: list) -> torch.Tensor | None:
+    """The q/k/v products' biases as one float32 vector in their output order (zeros for a part
+    without one), or None when none has a bias."""
+    if all(p.bias is None for p in parts):
+        return None
+    return torch.cat(
+        [
+            torch.zeros(p.out_features) if p.bias is None else p.bias.detach().float().reshape(-1)
+            for p in parts
+        ]
+    ).contiguous()
