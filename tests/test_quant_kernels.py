@@ -356,10 +356,16 @@ def test_c_split_equals_the_torch_split(tensors, qtype, monkeypatch):
 
 
 def test_q4_k_and_q5_stay_4_and_5_bit(tensors):
-    """Q4_K is held as its 4-bit values plus a float32 scale and min per 32 values: 0.75 bytes a
-    weight; Q5_0 and Q5_1 as their 5-bit values and f16 scales (and mins), as in the file (Q6_K,
-    unpacked to int8 with a scale per 16: 1.25)."""
-    for qtype, per_weight in (("Q4_K", 0.75), ("Q5_0", 22 / 32), ("Q5_1", 24 / 32), ("Q6_K", 1.25)):
+    """Q4_K is held as its 4-bit values plus, per 32 values, its integer scale and min (a byte
+    each) and per 256 a float32 d and dmin: 0.59 bytes a weight (the file: 0.5625); Q5_0 and Q5_1
+    as their 5-bit values and f16 scales (and mins), as in the file; Q6_K unpacked to int8 with
+    its int8 scale per 16 and a float32 d per 256: 1.08 (before: float32 scales, 0.75 and 1.25)."""
+    for qtype, per_weight in (
+        ("Q4_K", 19 / 32),
+        ("Q5_0", 22 / 32),
+        ("Q5_1", 24 / 32),
+        ("Q6_K", 1 + 2.5 / 32),
+    ):
         t = tensors[qtype]
         n, k = t.shape
         lin = GGMLLinear(t.raw_bytes(), qtype, k, n)

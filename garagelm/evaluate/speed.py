@@ -68,10 +68,13 @@ def measure(
         logits = engine._forward(prompt[:pp], 0)
         pp_rates.append(pp / (time.perf_counter() - t1))
         tg_rates.append(_decode(engine, int(logits.argmax()), pp, tg))
+    ttft: dict[str, list[float]] = {str(n): [] for n in decode_ctx}
     for _ in range(reps):  # contexts interleaved, as llama.cpp's are in bench/speed.py: drift
         for n in decode_ctx:  # in this machine's speed then touches every context alike
             engine.reset()
+            t1 = time.perf_counter()
             logits = engine._forward(prompt[:n], 0)
+            ttft[str(n)].append(time.perf_counter() - t1)  # the prompt's logits give the 1st token
             at_ctx[str(n)].append(_decode(engine, int(logits.argmax()), n, tg))
     del first
     from garagelm.quant.ggml_linear import GGMLLinear, use_bf16, use_int8_prefill
@@ -84,11 +87,34 @@ def measure(
     out = {"model": str(path), "threads": torch.get_num_threads(), "pp_tokens": pp, "tg_tokens": tg,
            "kernels": cpu.variant_name(),
            "prefill_products": "bf16" if fast else "int8 (x as q8_0)" if int8 else "float32",
-           "kv_cache": kv_type_name(engine.cache.dtype)}  # fmt: skip
-    return {**out, **summary("garagelm", pp_rates, tg_rates, at_ctx, load_to_first_token)}
+           "kv_cache": kv_type_name(engine.cache.dtype),
+           "weight_bytes_per_token": weight_bytes_per_token(loaded.model),
+           "kv_bytes_per_position": engine.cache.nbytes() // engine.cache.capacity}  # fmt: skip
+    return {**out, **summary("garagelm", pp_rates, tg_rates, at_ctx, load_to_first_token, ttft)}
 
 
-def summary(engine: str, pp_rates, tg_rates, at_ctx: dict[str, list[float]], load_s: float) -> dict:
+def weight_bytes_per_token(model) -> int:
+    """Bytes of weights a decode step reads, as this engine holds them: every product's weights
+    (packed values and scales, or float), the output head included; of the embedding one row."""
+    from garagelm.quant.ggml_linear import GGMLEmbedding, GGMLLinear
+
+    # a quantized embedding's table is read a row a token, unless it is the (tied) output head too
+    skip = {id(m.table) for m in model.modules() if isinstance(m, GGMLEmbedding)} - {id(model.lm_head)}
+    total, seen = 0, set()
+    for m in model.modules():
+        if id(m) in skip or id(m) in seen or isinstance(m, (torch.nn.Embedding, GGMLEmbedding)):
+            continue
+        seen.add(id(m))
+        if isinstance(m, GGMLLinear):
+            total += sum(t.nbytes for t in (m.q, m.d, m.m) if t is not None)
+        elif isinstance(getattr(m, "weight", None), torch.Tensor) and m.weight.dim() == 2:
+            total += m.weight.nbytes  # a float product (nn.Linear, DenseLinear; a tied head too)
+    return total
+
+
+def summary(
+    engine: str, pp_rates, tg_rates, at_ctx: dict[str, list[float]], load_s: float, ttft=None
+) -> dict:
     """Medians of the repeated measurements, and this process's peak RSS (shared with bench/)."""
     out = {
         "engine": engine,
@@ -99,4 +125,6 @@ def summary(engine: str, pp_rates, tg_rates, at_ctx: dict[str, list[float]], loa
     }
     if at_ctx:
         out["tg_tok_s_at_ctx"] = {n: statistics.median(r) for n, r in at_ctx.items()}
+    if ttft:  # time to first token: the prompt of that many tokens processed, from a fresh start
+        out["ttft_s_at_ctx"] = {n: statistics.median(r) for n, r in ttft.items()}
     return out

@@ -123,7 +123,7 @@ def _deq_q5_1(b: torch.Tensor) -> torch.Tensor:
     return d * q.float() + m
 
 
-def _k_scale_min(scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def k_scale_min(scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Unpack the 12-byte 6-bit scales and mins of Q4_K / Q5_K into (n, 8) each."""
     d, m, md = scales[:, :4], scales[:, 4:8], scales[:, 8:12]
     sc = torch.cat([d & 0x3F, (md & 0x0F) | ((d >> 2) & 0x30)], dim=1)
@@ -147,7 +147,7 @@ def kquant_parts(b: torch.Tensor, qtype: str) -> tuple[torch.Tensor, torch.Tenso
         q = ((low | (high << 4)).to(torch.int8) - 32).reshape(n, QK_K)
         return q, d, None
     d, dmin = _f16(b[:, :2]), _f16(b[:, 2:4])
-    sc, mn = _k_scale_min(b[:, 4:16])
+    sc, mn = k_scale_min(b[:, 4:16])
     scale, mins = d * sc.float(), dmin * mn.float()  # (n, 8)
     if qtype == "Q4_K":
         q = _nibbles(b[:, 16:], 32).reshape(n, QK_K)

@@ -244,19 +244,18 @@ static void dequant_row(const job_t *j, long n, float *out) {
     const int K = j->K, nb = K / QK, kind = j->qtype;
     for (int b = 0; b < nb; b++) {
             float *o = out + (size_t)b * QK;
+            float db, mb;
             if (kind == P_I8 || kind == P_I8_16) { /* scale * q + (-min), the dequantizer's scale * q - min */
                 const int8_t *qq = (const int8_t *)j->w + (size_t)n * K + (size_t)b * QK;
-                const float *sc = (const float *)j->d + (size_t)n * N_SCALES(kind, nb);
+                kscales_block(kind, j->d, (size_t)n, nb, b, &db, &mb); /* Q6_K: mb the 2nd half's scale */
                 for (int i = 0; i < QK; i++) {
-                    float v = (kind == P_I8_16 ? sc[2 * b + i / 16] : sc[b]) * (float)qq[i];
-                    o[i] = kind == P_I8 && j->m ? v + ((const float *)j->m)[(size_t)n * nb + b] : v;
+                    float v = (kind == P_I8_16 && i >= 16 ? mb : db) * (float)qq[i];
+                    o[i] = kind == P_I8 ? v + mb : v;
                 }
                 continue;
             }
-            float db, mb;
-            if (kind == P_Q4_F32) { /* float32 scale and negated min: scale * q + (-min) */
-                db = ((const float *)j->d)[(size_t)n * nb + b];
-                mb = ((const float *)j->m)[(size_t)n * nb + b];
+            if (kind == P_Q4_F32) { /* scale * q + (-min) */
+                kscales_block(kind, j->d, (size_t)n, nb, b, &db, &mb);
             } else {
                 db = f16_to_f32(j->d[n * nb + b]);
                 mb = kind == P_Q4_MIN || kind == P_Q5_1 ? f16_to_f32(j->m[n * nb + b]) : 0.0f;
@@ -316,12 +315,12 @@ static inline void dequant_block_avx512(const job_t *j, long n, int b, __m512 *o
         v1 = _mm512_cvtepi32_ps(hi);
     }
     if (F32_SCALES(kind)) {
-        const float *sc = (const float *)j->d + (size_t)n * N_SCALES(kind, nb);
-        const float s0 = kind == P_I8_16 ? sc[2 * b] : sc[b], s1 = kind == P_I8_16 ? sc[2 * b + 1] : sc[b];
+        float s0, s1; /* the block's scale and added min; Q6_K: its two halves' scales */
+        kscales_block(kind, j->d, (size_t)n, nb, b, &s0, &s1);
         v0 = _mm512_mul_ps(_mm512_set1_ps(s0), v0);
-        v1 = _mm512_mul_ps(_mm512_set1_ps(s1), v1);
-        if ((kind == P_I8 || kind == P_Q4_F32) && j->m) {
-            const __m512 mn = _mm512_set1_ps(((const float *)j->m)[(size_t)n * nb + b]);
+        v1 = _mm512_mul_ps(_mm512_set1_ps(kind == P_I8_16 ? s1 : s0), v1);
+        if (kind == P_I8 || kind == P_Q4_F32) {
+            const __m512 mn = _mm512_set1_ps(s1);
             v0 = _mm512_add_ps(v0, mn);
             v1 = _mm512_add_ps(v1, mn);
         }
@@ -926,30 +925,35 @@ static inline void k_scale_min(const uint8_t *sc, int i, int *scale, int *min) {
     }
 }
 
-/* split_kquant(kind, src, n_blocks, q, scale, added): Q4_K (kind 0), Q5_K (1) or Q6_K (2) blocks
- * into the packed arrays, as ggml_linear._pack made them through torch (the same bits): per
- * 32 values (Q6_K: 16) a float32 scale = d * sub-scale and, for Q4_K/Q5_K, added = -(dmin *
- * sub-min); Q4_K's values two to a byte (values i and i + 16 of each 32), Q5_K's (0..31) and
- * Q6_K's (-32..31) one int8 each. One pass instead of a dozen tensor ops per weight. */
+/* split_kquant(kind, src, n_rows, per_row, q, scales): Q4_K (kind 0), Q5_K (1) or Q6_K (2)
+ * blocks, per_row super-blocks a row, into the packed arrays: Q4_K's values two to a byte
+ * (values i and i + 16 of each 32), Q5_K's (0..31) and Q6_K's (-32..31) one int8 each, and each
+ * row's scales as KSCALES (core.h) lays them out: d (and dmin) as float32, the 6-bit (Q6_K 8-bit)
+ * sub-block scales (and mins) as bytes. One pass instead of a dozen tensor ops per weight. */
 static PyObject *py_split_kquant(PyObject *self, PyObject *args) {
-    unsigned long long src, q, sc, ad;
-    long long n;
-    int kind;
-    if (!PyArg_ParseTuple(args, "iKLKKK", &kind, &src, &n, &q, &sc, &ad)) return NULL;
-    if (kind < 0 || kind > 2 || n < 0 || (kind < 2 && !ad))
-        return PyErr_Format(PyExc_ValueError, "bad K-quant split: kind=%d n=%lld", kind, n);
+    unsigned long long src, q, sc;
+    long long rows;
+    int kind, per_row;
+    if (!PyArg_ParseTuple(args, "iKLiKK", &kind, &src, &rows, &per_row, &q, &sc)) return NULL;
+    if (kind < 0 || kind > 2 || rows < 0 || per_row < 1 || per_row > MAX_BLOCKS / 8)
+        return PyErr_Format(PyExc_ValueError, "bad K-quant split: kind=%d rows=%lld per_row=%d", kind, rows, per_row);
     static const int block_bytes[3] = {144, 176, 210};
+    const int pk = kind == 0 ? P_Q4_F32 : kind == 1 ? P_I8 : P_I8_16, nb = 8 * per_row;
+    const size_t srow = KROW_BYTES(pk, nb);
     const uint8_t *b = (const uint8_t *)(uintptr_t)src;
     uint8_t *qo = (uint8_t *)(uintptr_t)q;
-    float *so = (float *)(uintptr_t)sc, *ao = (float *)(uintptr_t)ad;
+    const long long n = rows * per_row;
     Py_BEGIN_ALLOW_THREADS;
     for (long long i = 0; i < n; i++, b += block_bytes[kind]) {
+        uint8_t *row = (uint8_t *)(uintptr_t)sc + (size_t)(i / per_row) * srow;
+        const int s = (int)(i % per_row); /* the super-block within its row */
         if (kind == 2) { /* Q6_K: ql[128] qh[64] scales[16] (int8) d */
             const uint8_t *ql = b, *qh = b + 128;
             uint16_t dh;
             memcpy(&dh, b + 208, 2);
             const float d = f16_to_f32(dh);
-            for (int j = 0; j < 16; j++) so[i * 16 + j] = d * (float)(int8_t)b[192 + j];
+            memcpy(row + 4 * s, &d, 4);
+            memcpy(row + 4 * per_row + 16 * s, b + 192, 16);
             int8_t *out = (int8_t *)qo + i * 256;
             for (int v = 0; v < 256; v++) {
                 const int g = v / 128, r = v % 128, t = r % 32, plane = r / 32;
@@ -963,11 +967,13 @@ static PyObject *py_split_kquant(PyObject *self, PyObject *args) {
         memcpy(&dh, b, 2);
         memcpy(&mh, b + 2, 2);
         const float d = f16_to_f32(dh), dmin = f16_to_f32(mh);
+        memcpy(row + 4 * s, &d, 4);
+        memcpy(row + 4 * per_row + 4 * s, &dmin, 4);
         for (int j = 0; j < 8; j++) {
             int scale, min;
             k_scale_min(b + 4, j, &scale, &min);
-            so[i * 8 + j] = d * (float)scale;
-            ao[i * 8 + j] = -(dmin * (float)min);
+            row[8 * per_row + 8 * s + j] = (uint8_t)scale;
+            row[8 * per_row + nb + 8 * s + j] = (uint8_t)min;
         }
         if (kind == 0) { /* Q4_K: qs[128], 32 bytes per 64 values: low nibbles then high */
             const uint8_t *qs = b + 16;
@@ -1128,7 +1134,7 @@ static PyMethodDef methods[] = {
     {"set_threads", py_set_threads, METH_VARARGS, "set_threads(n) -> threads used"},
     {"gguf_strings", py_gguf_strings, METH_VARARGS, "gguf_strings(buffer, pos, count) -> (strings, end) or None"},
     {"split_blocks", py_split_blocks, METH_VARARGS, "split_blocks(src, n_blocks, block_bytes, head_bytes, q, d, m)"},
-    {"split_kquant", py_split_kquant, METH_VARARGS, "split_kquant(kind, src, n_blocks, q, scale, added)"},
+    {"split_kquant", py_split_kquant, METH_VARARGS, "split_kquant(kind, src, n_rows, per_row, q, scales)"},
     {"split_q5", py_split_q5, METH_VARARGS, "split_q5(src, n_blocks, has_min, q, d, m)"},
     {NULL, NULL, 0, NULL},
 };

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from garagelm.formats.ggml_quants import BLOCK_LAYOUT, dequantize, kquant_parts
+from garagelm.formats.ggml_quants import BLOCK_LAYOUT, dequantize, k_scale_min, kquant_parts
 from garagelm.quant import cpu, hugepages
 
 # Types split at load into values + scales (+ mins), the layout the fastest kernel reads:
@@ -120,17 +120,25 @@ def packed_specs(qtype: str, n: int, k: int) -> tuple | None:
     if qtype in ("Q5_0", "Q5_1") and hasattr(cpu.kernels, "split_q5"):
         return ((n, nb * 20), torch.uint8), d16, m16 if qtype == "Q5_1" else None
     if qtype in _KQUANT_KIND and hasattr(cpu.kernels, "split_kquant"):
-        per = 16 if qtype == "Q6_K" else 32  # values per scale
         values = ((n, k // 2), torch.uint8) if qtype == "Q4_K" else ((n, k), torch.int8)
-        scales = ((n, k // per), torch.float32)
-        return values, scales, None if qtype == "Q6_K" else scales
+        return values, ((n, kscale_row_bytes(qtype, k)), torch.uint8), None
     return None
+
+
+def kscale_row_bytes(qtype: str, k: int) -> int:
+    """Bytes of a K-quant weight row's scales as the kernels read them (KSCALES in
+    kernels/core.h): per 256 values a float32 d (and dmin), per 32 (Q6_K: 16) a byte of scale
+    (and one of min): the file's integers, not their float32 products."""
+    sb = k // 256
+    return 4 * sb + 16 * sb if qtype == "Q6_K" else 8 * sb + 16 * sb
 
 
 def _pack(raw: torch.Tensor, qtype: str, n: int, k: int, out: tuple | None = None):
     """GGML blocks (n, row bytes) -> (values, d, m): the same bits without block headers, written
     into `out` (arrays of packed_specs' shapes) when given."""
     specs = packed_specs(qtype, n, k)
+    if qtype in _KQUANT_KIND and specs is not None:
+        raw = raw.contiguous()  # (llama's unpermuted Q/K rows are a strided view)
     if specs is None or not raw.is_contiguous():
         parts = _pack_torch(raw, qtype, n, k)
         if out is None:
@@ -146,8 +154,7 @@ def _pack(raw: torch.Tensor, qtype: str, n: int, k: int, out: tuple | None = Non
     if qtype in _SPLIT_HEAD:
         _split_into(raw, qtype, q, d, m)
     elif qtype in _KQUANT_KIND:
-        cpu.kernels.split_kquant(_KQUANT_KIND[qtype], raw.data_ptr(), raw.numel() // BLOCK_LAYOUT[qtype][1],
-                              q.data_ptr(), d.data_ptr(), ptr)  # fmt: skip
+        cpu.kernels.split_kquant(_KQUANT_KIND[qtype], raw.data_ptr(), n, k // 256, q.data_ptr(), d.data_ptr())
     else:
         cpu.kernels.split_q5(raw.data_ptr(), n * (k // 32), qtype == "Q5_1", q.data_ptr(), d.data_ptr(), ptr)
     return out
@@ -166,14 +173,20 @@ def _pack_torch(raw: torch.Tensor, qtype: str, n: int, k: int):
         return q.contiguous(), d, m
     if qtype.endswith("_K"):
         blocks = raw.reshape(-1, BLOCK_LAYOUT[qtype][1])
-        q, scale, mins = kquant_parts(blocks, qtype)
-        added = None if mins is None else -mins  # the kernel adds: scale * q + (-min)
-        added = None if added is None else added.reshape(n, -1).contiguous()
+        q, _, _ = kquant_parts(blocks, qtype)
         if qtype == "Q4_K":  # values 0..15: two to a byte, values i and i + 16 of each 32
             halves = q.reshape(-1, 2, 16).to(torch.uint8)
             q = halves[:, 0] | (halves[:, 1] << 4)
-            return q.reshape(n, k // 2).contiguous(), scale.reshape(n, -1).contiguous(), added
-        return q.reshape(n, k).contiguous(), scale.reshape(n, -1).contiguous(), added
+        q = q.reshape(n, -1).contiguous()
+
+        def f32_bytes(f16: torch.Tensor) -> torch.Tensor:  # (n * per_row, 2) f16 -> (n, 4 per_row)
+            return f16.contiguous().view(torch.float16).float().reshape(n, -1).view(torch.uint8)
+
+        if qtype == "Q6_K":  # d, then the int8 scale of each 16
+            return q, torch.cat([f32_bytes(blocks[:, 208:210]), blocks[:, 192:208].reshape(n, -1)], 1), None
+        sc, mn = k_scale_min(blocks[:, 4:16])  # d, dmin, then the 6-bit scales, then the mins
+        parts = [f32_bytes(blocks[:, :2]), f32_bytes(blocks[:, 2:4]), sc.reshape(n, -1), mn.reshape(n, -1)]
+        return q, torch.cat([p.to(torch.uint8) for p in parts], 1), None
     blocks = raw.reshape(n, nb, BLOCK_LAYOUT[qtype][1])
     d = blocks[:, :, 0:2].contiguous().view(torch.int16).reshape(n, nb)  # f16 bit patterns
     m = blocks[:, :, 2:4].contiguous().view(torch.int16).reshape(n, nb) if qtype == "Q4_1" else None

@@ -35,14 +35,25 @@ static int check_products(void) {
         uint8_t *w = malloc(bytes);
         for (size_t i = 0; i < bytes; i++) /* Q5_K's values are 0..31, Q6_K's -32..31 */
             w[i] = kind == P_I8 ? (uint8_t)(next_u32() % 32) : kind == P_I8_16 ? (uint8_t)(next_u32() % 64 - 32) : (uint8_t)next_u32();
-        float *d32 = malloc(sizeof(float) * N * 2 * nb), *m32 = malloc(sizeof(float) * N * nb);
+        float *d32 = malloc(sizeof(float) * N * nb), *m32 = malloc(sizeof(float) * N * nb);
         uint16_t *d16 = malloc(2 * N * nb), *m16 = malloc(2 * N * nb);
         for (int i = 0; i < N * nb; i++) {
             d32[i] = uniform() * 0.02f, m32[i] = uniform() * 0.1f;
             d16[i] = f32_to_f16(d32[i]), m16[i] = f32_to_f16(m32[i]);
         }
-        for (int i = N * nb; i < 2 * N * nb; i++) d32[i] = uniform() * 0.02f; /* Q6_K: two scales a block */
         const int f32 = F32_SCALES(kind);
+        /* K-quant kinds: each row's scales as KSCALES (core.h) lays them out */
+        uint8_t *ks = malloc(KROW_BYTES(kind, nb) * N);
+        for (int n = 0; n < N; n++) {
+            uint8_t *row = ks + KROW_BYTES(kind, nb) * n;
+            const int sb = KSB(nb), floats = kind == P_I8_16 ? sb : 2 * sb;
+            for (int i = 0; i < floats; i++) {
+                const float v = (uniform() + 1.5f) * 0.002f;
+                memcpy(row + 4 * i, &v, 4);
+            }
+            for (size_t i = 4 * (size_t)floats; i < KROW_BYTES(kind, nb); i++)
+                row[i] = kind == P_I8_16 ? (uint8_t)(next_u32() % 128 - 64) : (uint8_t)(next_u32() % 64);
+        }
         for (int M = 1; M <= 8; M += M == 1 ? 2 : 5) { /* 1, 3, 8 */
             float *x = malloc(sizeof(float) * M * K), *y = malloc(sizeof(float) * M * N), *y0 = malloc(sizeof(float) * M * N);
             for (int i = 0; i < M * K; i++) x[i] = uniform() * (i % 7 == 0 ? 30.0f : 2.0f);
@@ -50,7 +61,7 @@ static int check_products(void) {
             float *xd = malloc(sizeof(float) * M * nb), *xds = malloc(sizeof(float) * M * nb);
             int32_t *xs = malloc(sizeof(int32_t) * M * nb);
             quantize_x_portable(x, M, K, xq, xd, xs, xds);
-            job_t j = {kind, M, N, K, N, w, x, y, f32 ? (const uint16_t *)d32 : d16, f32 ? (const uint16_t *)m32 : m16,
+            job_t j = {kind, M, N, K, N, w, x, y, f32 ? (const uint16_t *)ks : d16, f32 ? NULL : m16,
                        NULL, NULL, xq, xd, xs, xds, 0};
             rows_int8(&j, 0, N);
             j.y = y0;
@@ -68,7 +79,7 @@ static int check_products(void) {
             failed |= !same;
             free(x), free(y), free(y0), free(xq), free(xd), free(xds), free(xs);
         }
-        free(w), free(d32), free(m32), free(d16), free(m16);
+        free(w), free(d32), free(m32), free(d16), free(m16), free(ks);
     }
     return failed;
 }

@@ -190,13 +190,13 @@ static float *thread_scratch(int slot, size_t n) {
  * The product is factored per block: d * sum(q * x) + m * sum(x), with sum(x) computed once per
  * call (for Q4_0, m = -8 d). That is the dequantized weights' product up to float32 rounding.
  */
-/* P_I8 / P_I8_16: Q5_K (P_I8) and Q6_K (P_I8_16) unpacked at load to int8 values with float32
- * scales (and negated mins for P_I8) per 32 / 16 values: ~1.25 bytes a weight, same values.
+/* P_I8 / P_I8_16: Q5_K (P_I8) and Q6_K (P_I8_16) unpacked at load to int8 values with their
+ * K-quant scales (KSCALES below) per 32 / 16 values: ~1.08 bytes a weight, same values.
  * (Q4_K keeps its 4 bits: P_Q4_F32 below; Q5_0/Q5_1 their 5: P_Q5_0/P_Q5_1.) */
 /* P_F32 / P_BF16 / P_F16: plain float rows (a float model's weights; no scales), widened to
  * float32 exactly as they are read. */
 /* P_Q4_F32: Q4_K kept at 4 bits: nibbles in Q4_0's order per 32 values (byte i holds values i
- * and i + 16), with the float32 scale and negated min of each 32 (0.75 bytes a weight). */
+ * and i + 16), with the K-quant scales (KSCALES below): 0.59 bytes a weight (the file: 0.5625). */
 /* P_Q5_1 / P_Q5_0: Q5_1 and Q5_0 kept at 5 bits: per 32 values 20 bytes, the 16 nibble bytes in
  * Q4_0's order then the 32 high bits (bit i: value i), with f16 scales (and, Q5_1, f16 mins).
  * 0.69 / 0.75 bytes a weight, as in the file. Q5_0's values are centred (v - 16) before they are
@@ -225,8 +225,104 @@ static inline float float_at(const uint8_t *w, int kind, size_t i) {
 /* bytes of values per 32-value block, and per row of K values */
 #define BLOCK_BYTES(kind) (BYTE_VALUES(kind) ? QK : IS_Q5(kind) ? 20 : 16)
 #define ROW_BYTES(kind, K) ((size_t)(K) / QK * BLOCK_BYTES(kind))
-/* P_I8 without mins passes m = NULL: load_row_scales leaves zero mins. */
 #define N_SCALES(kind, nb) ((kind) == P_I8_16 ? 2 * (nb) : (nb))
+
+/* KSCALES: the scales of the K-quant kinds (F32_SCALES: Q4_K, Q5_K, Q6_K), kept as the file
+ * has them, per weight row in d's bytes: the float32 d of each 256-value super-block, for Q4_K
+ * and Q5_K then the float32 dmin of each, then per 32 values (Q6_K: per 16) the integer scale
+ * (uint8 0..63; Q6_K int8) and, for Q4_K and Q5_K, the integer min. A block's float32 scale is
+ * d * scale and its added min -(dmin * min), the products the file's dequantizer forms, made
+ * where they are read: 3 bytes a 32 values instead of 8 as floats, which decode of a 1.5B
+ * Q4_K_M model read 20% more of every token. */
+#define KSB(nb) ((nb) / 8) /* super-blocks a row */
+#define KROW_BYTES(kind, nb) ((size_t)((kind) == P_I8_16 ? 4 * KSB(nb) + 2 * (nb) : 8 * KSB(nb) + 2 * (nb)))
+
+/* Row n's block scales (Q6_K: 2 nb half-block scales into d) and added mins as float32. */
+static inline void kscales_row(int kind, const void *blob, size_t n, int nb, float *d, float *m) {
+    const uint8_t *row = (const uint8_t *)blob + n * KROW_BYTES(kind, nb);
+    const int sb = KSB(nb);
+    float dd[MAX_BLOCKS / 8], dm[MAX_BLOCKS / 8];
+    memcpy(dd, row, sizeof(float) * sb);
+    if (kind == P_I8_16) {
+        const int8_t *sc = (const int8_t *)(row + 4 * sb);
+        for (int i = 0; i < 2 * nb; i++) d[i] = dd[i / 16] * (float)sc[i];
+        return;
+    }
+    memcpy(dm, row + 4 * sb, sizeof(float) * sb);
+    const uint8_t *sc = row + 8 * sb, *mn = sc + nb;
+    for (int b = 0; b < nb; b++) {
+        d[b] = dd[b / 8] * (float)sc[b];
+        m[b] = -(dm[b / 8] * (float)mn[b]);
+    }
+}
+
+/* Row n's block scales into a and, into m, Q4_K/Q5_K's added mins or Q6_K's second-half scales
+ * (a: the first halves'): what the int8 kernels read, a vector a super-block where the CPU has
+ * one (a row's scales are made for each of its products: scalar code was 5% of decode). */
+static inline void kscales_pair(int kind, const void *blob, size_t n, int nb, float *a, float *m) {
+    const uint8_t *row = (const uint8_t *)blob + n * KROW_BYTES(kind, nb);
+    const int sb = KSB(nb);
+    int s = 0;
+    if (kind == P_I8_16) {
+        const int8_t *sc = (const int8_t *)(row + 4 * sb);
+#if defined(HAVE_AVX512) || defined(HAVE_AVX2)
+        const __m128i halves = _mm_setr_epi8(0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15);
+        for (; s < sb; s++) {
+            float dd;
+            memcpy(&dd, row + 4 * s, 4);
+            const __m256 d = _mm256_set1_ps(dd);
+            const __m128i v = _mm_shuffle_epi8(_mm_loadu_si128((const __m128i *)(sc + 16 * s)), halves);
+            _mm256_storeu_ps(a + 8 * s, _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(v))));
+            _mm256_storeu_ps(m + 8 * s,
+                             _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(v, 8)))));
+        }
+#endif
+        for (; s < sb; s++) {
+            float dd;
+            memcpy(&dd, row + 4 * s, 4);
+            for (int i = 0; i < 8; i++)
+                a[8 * s + i] = dd * (float)sc[16 * s + 2 * i], m[8 * s + i] = dd * (float)sc[16 * s + 2 * i + 1];
+        }
+        return;
+    }
+    const uint8_t *sc = row + 8 * sb, *mn = sc + nb;
+#if defined(HAVE_AVX512) || defined(HAVE_AVX2)
+    const __m256 sign = _mm256_set1_ps(-0.0f);
+    for (; s < sb; s++) {
+        float dd, dm;
+        memcpy(&dd, row + 4 * s, 4);
+        memcpy(&dm, row + 4 * sb + 4 * s, 4);
+        const __m256 vs = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(sc + 8 * s))));
+        const __m256 vm = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(mn + 8 * s))));
+        _mm256_storeu_ps(a + 8 * s, _mm256_mul_ps(_mm256_set1_ps(dd), vs));
+        _mm256_storeu_ps(m + 8 * s, _mm256_xor_ps(_mm256_mul_ps(_mm256_set1_ps(dm), vm), sign));
+    }
+#endif
+    for (; s < sb; s++) {
+        float dd, dm;
+        memcpy(&dd, row + 4 * s, 4);
+        memcpy(&dm, row + 4 * sb + 4 * s, 4);
+        for (int i = 0; i < 8; i++) a[8 * s + i] = dd * (float)sc[8 * s + i], m[8 * s + i] = -(dm * (float)mn[8 * s + i]);
+    }
+}
+
+/* Block b of row n alone (the plain C kernel's way): its scale, and its added min (Q6_K: the
+ * second half's scale). */
+static inline void kscales_block(int kind, const void *blob, size_t n, int nb, int b, float *d, float *m) {
+    const uint8_t *row = (const uint8_t *)blob + n * KROW_BYTES(kind, nb);
+    const int sb = KSB(nb);
+    float dd;
+    memcpy(&dd, row + 4 * (b / 8), 4);
+    if (kind == P_I8_16) {
+        const int8_t *sc = (const int8_t *)(row + 4 * sb);
+        *d = dd * (float)sc[2 * b], *m = dd * (float)sc[2 * b + 1];
+        return;
+    }
+    float dm;
+    memcpy(&dm, row + 4 * sb + 4 * (b / 8), 4);
+    *d = dd * (float)row[8 * sb + b];
+    *m = -(dm * (float)row[8 * sb + nb + b]);
+}
 
 static inline void row_scales(const uint16_t *src, float *dst, int nb) {
     int b = 0;
@@ -241,13 +337,7 @@ static inline void row_scales(const uint16_t *src, float *dst, int nb) {
 static void load_row_scales(const job_t *j, int n, float *d, float *m, int nb) {
     const int kind = j->qtype, ns = N_SCALES(kind, nb);
     if (F32_SCALES(kind)) {
-        memcpy(d, (const float *)j->d + (size_t)n * ns, sizeof(float) * ns);
-        if (kind == P_I8 || kind == P_Q4_F32) {
-            if (j->m)
-                memcpy(m, (const float *)j->m + (size_t)n * ns, sizeof(float) * ns);
-            else
-                memset(m, 0, sizeof(float) * ns);
-        }
+        kscales_row(kind, j->d, (size_t)n, nb, d, m);
     } else {
         row_scales(j->d + (size_t)n * nb, d, nb);
         if (kind == P_Q4_MIN || kind == P_Q5_1) row_scales(j->m + (size_t)n * nb, m, nb);

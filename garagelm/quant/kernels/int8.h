@@ -77,12 +77,8 @@ static void quantize_x_avx2(const float *x, int M, int K, int8_t *xq, float *xd,
  * of its two halves. */
 static inline void int8_scale_min(const job_t *j, int n, int nb, int b, float *dw, float *mw) {
     const int kind = j->qtype;
-    if (kind == P_I8_16) {
-        *dw = ((const float *)j->d)[(size_t)n * 2 * nb + 2 * b];
-        *mw = ((const float *)j->d)[(size_t)n * 2 * nb + 2 * b + 1];
-    } else if (kind == P_Q4_F32 || kind == P_I8) {
-        *dw = ((const float *)j->d)[(size_t)n * nb + b];
-        *mw = j->m ? ((const float *)j->m)[(size_t)n * nb + b] : 0.0f;
+    if (F32_SCALES(kind)) {
+        kscales_block(kind, j->d, (size_t)n, nb, b, dw, mw);
     } else {
         *dw = f16_to_f32(j->d[(size_t)n * nb + b]);
         *mw = INT8_MINS(kind) ? f16_to_f32(j->m[(size_t)n * nb + b]) : 0.0f;
@@ -152,29 +148,26 @@ static inline void f16_row(const uint16_t *src, float *dst, int n) {
 
 /* Scales (and mins, 0 where the kind has none) of rows row[0..R) for every block, transposed:
  * sc[b * R + p] is row p's block b, the layout one vector load of R lanes takes (Q6_K: its
- * halves' scales in sc and mc). tmp: nb floats. */
+ * halves' scales in sc and mc). tmp: 2 nb floats. */
 static inline void int8_scales_t(const job_t *j, const int *row, int R, int nb, float *sc, float *mc, float *tmp) {
-    const int kind = j->qtype, f32 = F32_SCALES(kind);
-    if (kind == P_I8_16) {
-        for (int p = 0; p < R; p++)
-            for (int b = 0; b < nb; b++) {
-                const float *d = (const float *)j->d + (size_t)row[p] * 2 * nb + 2 * b;
-                sc[b * R + p] = d[0], mc[b * R + p] = d[1];
-            }
+    const int kind = j->qtype;
+    if (F32_SCALES(kind)) { /* tmp: 2 nb floats */
+        for (int p = 0; p < R; p++) {
+            kscales_pair(kind, j->d, (size_t)row[p], nb, tmp, tmp + nb);
+            for (int b = 0; b < nb; b++) sc[b * R + p] = tmp[b], mc[b * R + p] = tmp[nb + b];
+        }
         return;
     }
     for (int p = 0; p < R; p++) {
         const size_t at = (size_t)row[p] * nb;
-        const float *d = f32 ? (const float *)j->d + at : tmp;
-        if (!f32) f16_row(j->d + at, tmp, nb);
-        for (int b = 0; b < nb; b++) sc[b * R + p] = d[b];
-        if (!INT8_MINS(kind) || (f32 && !j->m)) {
+        f16_row(j->d + at, tmp, nb);
+        for (int b = 0; b < nb; b++) sc[b * R + p] = tmp[b];
+        if (!INT8_MINS(kind)) {
             for (int b = 0; b < nb; b++) mc[b * R + p] = 0.0f;
             continue;
         }
-        const float *m = f32 ? (const float *)j->m + at : tmp;
-        if (!f32) f16_row(j->m + at, tmp, nb);
-        for (int b = 0; b < nb; b++) mc[b * R + p] = m[b];
+        f16_row(j->m + at, tmp, nb);
+        for (int b = 0; b < nb; b++) mc[b * R + p] = tmp[b];
     }
 }
 
@@ -288,7 +281,7 @@ static inline __attribute__((always_inline)) void rows_int8_avx2_m(const job_t *
     /* Q8_0 with VNNI: u8 = q + 128, so 128 * sum(x) comes back out, as in the AVX-512 kernel */
     const int off = kind == P_Q8 && vnni ? 128 : INT8_OFFSET(kind);
     const size_t row_bytes = ROW_BYTES(kind, K), bb = BLOCK_BYTES(kind);
-    float *sc = thread_scratch(0, (size_t)17 * nb);
+    float *sc = thread_scratch(0, (size_t)18 * nb);
     if (!sc) {
         atomic_store(&g_nomem, 1);
         return;
@@ -397,7 +390,7 @@ static inline __attribute__((always_inline)) void rows_int8_neon_m(const job_t *
                                                                     const int kind) {
     const int K = j->K, nb = K / QK, mins = INT8_MINS(kind), off = INT8_OFFSET(kind);
     const size_t row_bytes = ROW_BYTES(kind, K), bb = BLOCK_BYTES(kind);
-    float *sc = thread_scratch(0, (size_t)9 * nb);
+    float *sc = thread_scratch(0, (size_t)10 * nb);
     if (!sc) {
         atomic_store(&g_nomem, 1);
         return;
@@ -495,7 +488,7 @@ static float *int8_scales_all(const job_t *j, int n0, int n1) {
 #else
     const int R = INT8_GROUP, nb = j->K / QK;
     const int groups = (n1 - n0 + R - 1) / R;
-    float *out = malloc(sizeof(float) * ((size_t)groups * 2 * R * nb + nb));
+    float *out = malloc(sizeof(float) * ((size_t)groups * 2 * R * nb + 2 * nb));
     if (!out) return NULL;
     for (int g = 0; g < groups; g++) {
         int row[8];

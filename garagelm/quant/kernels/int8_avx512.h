@@ -84,17 +84,8 @@ static inline __attribute__((always_inline)) void rows_int8_m(const job_t *j, in
         for (int p = 0; p < 16; p++) {
             const int row = n + (p < have ? p : have - 1);
             rows[p] = j->w + (size_t)row * row_bytes;
-            if (halves) { /* Q6_K: the two halves' float32 scales of each block, apart */
-                const float *d = (const float *)j->d + (size_t)row * 2 * nb;
-                for (int b = 0; b < nb; b++) sc[p * nb16 + b] = d[2 * b], mc[p * nb16 + b] = d[2 * b + 1];
-                continue;
-            }
-            if (f32) { /* Q4_K, Q5_K: float32 scales and mins already */
-                memcpy(sc + p * nb16, (const float *)j->d + (size_t)row * nb, sizeof(float) * nb);
-                if (j->m)
-                    memcpy(mc + p * nb16, (const float *)j->m + (size_t)row * nb, sizeof(float) * nb);
-                else
-                    memset(mc + p * nb16, 0, sizeof(float) * nb);
+            if (f32 || halves) { /* Q4_K, Q5_K: scales and mins; Q6_K: the two halves' scales, apart */
+                kscales_pair(kind, j->d, (size_t)row, nb, sc + p * nb16, mc + p * nb16);
                 continue;
             }
             row_scales512(j->d + (size_t)row * nb, sc + p * nb16, nb);
