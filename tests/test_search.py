@@ -89,3 +89,32 @@ def test_search_cli(capsys):
     table = capsys.readouterr().out
     assert "This computer:" in table and "won't fit" not in table
     assert detect().total_ram > 0
+
+
+def test_search_expects_decode_speed_from_bytes_and_bandwidth(capsys, tmp_path, monkeypatch):
+    """`search` gives each model an expected decode tok/s: this machine's memory read speed
+    (measured once, then kept in GARAGE_HOME/machine.json) over the bytes a token reads, so a
+    bigger file is slower, an untied output head does not count its embedding table in full, and
+    a Mixture of Experts counts its active share only."""
+    from garagelm.store import bandwidth
+    from garagelm.store.fit import decode_bytes_per_token
+
+    monkeypatch.setenv("GARAGE_HOME", str(tmp_path))
+    calls = []
+    real = bandwidth.measure
+    monkeypatch.setattr(bandwidth, "measure", lambda *a, **k: calls.append(1) or real(*a, nbytes=64 << 20))
+    for _ in range(2):
+        assert main(["search", "deepseek", "--json"]) == 0
+        out = json.loads(capsys.readouterr().out)
+    assert calls == [1] and (tmp_path / "machine.json").exists()  # measured once, then read
+    speed = {m["name"]: m["decode_tok_s"] for m in out["models"]}
+    assert out["memory_read_gb_s"] > 0
+    assert speed["deepseek-r1:1.5b"] > speed["deepseek-r1:7b"] > speed["deepseek-r1:7b-q8_0"] > 0
+    r1 = catalog()["deepseek-r1:7b"]
+    tied = decode_bytes_per_token({**r1, "tied_embeddings": True})
+    untied = decode_bytes_per_token(r1)
+    table = r1["vocab_size"] * r1["hidden_size"] / r1["parameters"]  # the embedding's share
+    assert untied < tied and abs((tied - untied) / tied - table) < 0.02
+    v3 = catalog()["deepseek-v3:671b"]
+    dense_v3 = decode_bytes_per_token({**v3, "active_parameters": None})
+    assert decode_bytes_per_token(v3) < dense_v3 * 0.06  # 37B of 671B read a token

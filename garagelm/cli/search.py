@@ -27,11 +27,16 @@ def _params(e: dict) -> str:
 
 
 def main(args: argparse.Namespace) -> int:
-    from garagelm.store.fit import estimate, file_size, verdict
+    from garagelm.store import bandwidth
+    from garagelm.store.fit import decode_tok_s, estimate, file_size, verdict
     from garagelm.store.hardware import detect
+    from garagelm.store.local import garage_home
     from garagelm.store.pull import catalog
 
     hw = detect()
+    # decode reads every active weight once a token: its speed follows memory bandwidth,
+    # measured once per machine (half a second) and kept in GARAGE_HOME/machine.json
+    read_gb_s = bandwidth.cached(garage_home())["read_gb_s"]
     q = args.query.lower()
     rows = []
     for name, e in catalog().items():
@@ -49,28 +54,29 @@ def main(args: argparse.Namespace) -> int:
         out = [{"name": n, "parameters": e.get("parameters"), "active_parameters": e.get("active_parameters"),
                 "quantization": e.get("quantization"), "file_size": file_size(e), "size_exact": bool(e.get("size")),
                 "weights": est.weights, "kv_cache": est.kv_cache, "runtime": est.runtime, "needs": est.total,
-                "context": est.context, "verdict": v, "recommended": n == best} for n, e, est, v in rows]  # fmt: skip
-        print(
-            json.dumps(
-                {"available_ram": hw.available_ram, "total_ram": hw.total_ram, "models": out}, indent=2
-            )
-        )
+                "context": est.context, "verdict": v, "recommended": n == best,
+                "decode_tok_s": round(decode_tok_s(e, read_gb_s), 1)} for n, e, est, v in rows]  # fmt: skip
+        print(json.dumps({"available_ram": hw.available_ram, "total_ram": hw.total_ram,
+                          "memory_read_gb_s": round(read_gb_s, 1), "models": out}, indent=2))  # fmt: skip
         return 0
     flags = "AVX-512" if "avx512f" in hw.cpu_flags else ("AVX2" if "avx2" in hw.cpu_flags else "no AVX2")
     gpus = ", ".join(f"{n} {_gib(v)}" for n, v in hw.gpus) or "no GPU"
     print(f"This computer: {_gib(hw.total_ram)} RAM ({_gib(hw.available_ram)} available), {hw.cores} cores, "
-          f"{flags}, {gpus}. Needs at a {args.ctx}-token context:\n")  # fmt: skip
-    table = [("NAME", "PARAMS", "QUANT", "FILE", "NEEDS", "= WEIGHTS + KV + RUNTIME", "VERDICT")]
+          f"{flags}, {gpus}, memory read {read_gb_s:.0f} GB/s. Needs at a {args.ctx}-token context:\n")  # fmt: skip
+    table = [("NAME", "PARAMS", "QUANT", "FILE", "NEEDS", "= WEIGHTS + KV + RUNTIME", "~TOK/S", "VERDICT")]
     for n, e, est, v in rows:
         size = file_size(e)
         size_text = ("" if e.get("size") else "~") + _gib(size) if size else "?"
         parts = f"{_gib(est.weights)} + {_gib(est.kv_cache)} + {_gib(est.runtime)}"
         table.append((n + (" *" if n == best else ""), _params(e), e.get("quantization", "?"), size_text,
-                      _gib(est.total), parts, v))  # fmt: skip
+                      _gib(est.total), parts, f"{decode_tok_s(e, read_gb_s):.1f}", v))  # fmt: skip
     widths = [max(len(r[i]) for r in table) for i in range(len(table[0]))]
     for r in table:
         print("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
     if best:
         print(f"\n* recommended here: {best} (the largest that fits and that garagelm runs today).")
     print("~ sizes are estimates until the file's exact size is in the catalog. Needs include a 10% margin.")
+    print(
+        "~TOK/S: expected decode speed on the CPU, from the bytes a token reads and this machine's memory speed."
+    )
     return 0

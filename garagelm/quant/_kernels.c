@@ -955,12 +955,15 @@ static PyObject *py_split_kquant(PyObject *self, PyObject *args) {
             memcpy(row + 4 * s, &d, 4);
             memcpy(row + 4 * per_row + 16 * s, b + 192, 16);
             int8_t *out = (int8_t *)qo + i * 256;
-            for (int v = 0; v < 256; v++) {
-                const int g = v / 128, r = v % 128, t = r % 32, plane = r / 32;
-                const int low = r < 64 ? ql[64 * g + r] & 0x0F : ql[64 * g + r - 64] >> 4;
-                const int high = (qh[32 * g + t] >> (2 * plane)) & 3;
-                out[v] = (int8_t)((low | (high << 4)) - 32);
-            }
+            for (int g = 0; g < 2; g++) /* per 128 values: 64 bytes of ql, 32 of qh, 4 planes of 32 */
+                for (int t = 0; t < 32; t++) {
+                    const int a = ql[64 * g + t], c = ql[64 * g + t + 32], h = qh[32 * g + t];
+                    int8_t *o = out + 128 * g + t;
+                    o[0] = (int8_t)(((a & 0x0F) | ((h & 3) << 4)) - 32);
+                    o[32] = (int8_t)(((c & 0x0F) | (((h >> 2) & 3) << 4)) - 32);
+                    o[64] = (int8_t)(((a >> 4) | (((h >> 4) & 3) << 4)) - 32);
+                    o[96] = (int8_t)(((c >> 4) | (((h >> 6) & 3) << 4)) - 32);
+                }
             continue;
         }
         uint16_t dh, mh;
@@ -987,11 +990,12 @@ static PyObject *py_split_kquant(PyObject *self, PyObject *args) {
         } else { /* Q5_K: qh[32] (bit j: sub-block j's fifth bits), qs[128] as Q4_K's */
             const uint8_t *qh = b + 16, *qs = b + 48;
             int8_t *out = (int8_t *)qo + i * 256;
-            for (int v = 0; v < 256; v++) {
-                const int g = v / 64, r = v % 64, t = r % 32, sub = v / 32;
-                const int low = r < 32 ? qs[32 * g + t] & 0x0F : qs[32 * g + t] >> 4;
-                out[v] = (int8_t)(low | (((qh[t] >> sub) & 1) << 4));
-            }
+            for (int g = 0; g < 4; g++) /* per 64 values: sub-blocks 2g (low nibbles), 2g + 1 (high) */
+                for (int t = 0; t < 32; t++) {
+                    const int a = qs[32 * g + t], h = qh[t];
+                    out[64 * g + t] = (int8_t)((a & 0x0F) | (((h >> (2 * g)) & 1) << 4));
+                    out[64 * g + 32 + t] = (int8_t)((a >> 4) | (((h >> (2 * g + 1)) & 1) << 4));
+                }
         }
     }
     Py_END_ALLOW_THREADS;
