@@ -251,6 +251,12 @@ def test_quantized_gguf_with_its_own_output_head_and_biases(smol_path, tmp_path)
     ids = torch.randint(0, 512, (1, 12))
     with torch.no_grad(), exact_products():
         assert (fast(ids) - slow(ids)).abs().max() < 1e-3
+    # its embedding is not the output head: read from the file's map, not packed; the rows equal
+    # the torch dequantizer's (the slow model's table)
+    from garagelm.quant.ggml_linear import MappedEmbedding
+
+    assert isinstance(fast.model.embed_tokens, MappedEmbedding)
+    assert torch.equal(fast.model.embed_tokens(ids), slow.model.embed_tokens(ids))
     # decode runs through the whole-layer kernel, biases included (before, a bias meant no plan
     # and decode 1.3x slower on a 1.5B Qwen2): the same logits as the torch layers
     assert fast.decode_plan is not None

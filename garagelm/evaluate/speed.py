@@ -59,6 +59,9 @@ def measure(
     engine = Engine(loaded.model, tok, longest + tg + 8, prefill_chunk=longest, kv_dtype=kv_cache)
     first = engine._forward(tok.encode("Hello"), 0)
     load_to_first_token = time.perf_counter() - t0
+    from garagelm.quant import hugepages
+
+    hugepages.wait_settled()  # the weights moved onto huge pages after the load: measure after
     prompt = bench_tokens(tok, longest)
     pp_rates, tg_rates = [], []
     at_ctx: dict[str, list[float]] = {str(n): [] for n in decode_ctx}

@@ -40,7 +40,13 @@ def from_gguf(gguf: GGUFFile, dtype: torch.dtype = torch.float32, quantized: boo
     quantized=False dequantizes everything (for training or as a reference).
     """
     from garagelm.quant import hugepages
-    from garagelm.quant.ggml_linear import QUANTIZED_TYPES, GGMLEmbedding, GGMLLinear, kernels_available
+    from garagelm.quant.ggml_linear import (
+        QUANTIZED_TYPES,
+        GGMLEmbedding,
+        GGMLLinear,
+        MappedEmbedding,
+        kernels_available,
+    )
 
     keep = quantized and kernels_available()
     arch = gguf.architecture
@@ -63,12 +69,13 @@ def from_gguf(gguf: GGUFFile, dtype: torch.dtype = torch.float32, quantized: boo
     state, swapped = {}, set()
     embd = gguf.tensors["token_embd.weight"]
     embd_arrays = None
-    if keep and embd.qtype in QUANTIZED_TYPES and len(embd.shape) == 2:
-        # The largest tensor goes last: its (huge) pages fault in on the other core meanwhile.
+    # an embedding the output head does not read is used a row a token: straight from the map
+    mapped = keep and not tied and embd.qtype in QUANTIZED_TYPES and len(embd.shape) == 2
+    if keep and embd.qtype in QUANTIZED_TYPES and len(embd.shape) == 2 and not mapped:
+        # packed straight into place, a slice of rows at a time (the largest tensor: last)
         embd_arrays = GGMLLinear.split_arrays(embd.qtype, embd.shape[1], embd.shape[0])
     arena = hugepages.Arena()
     places = _packed_places(gguf, arena) if keep else {}
-    faulting = hugepages.prefault([a for a in embd_arrays or () if a is not None])
     for name in sorted(gguf.tensors, key=lambda n: n == "token_embd.weight"):
         t = gguf.tensors[name]
         if name == "rope_freqs.weight":
@@ -89,9 +96,12 @@ def from_gguf(gguf: GGUFFile, dtype: torch.dtype = torch.float32, quantized: boo
         if keep and t.qtype in QUANTIZED_TYPES and len(t.shape) == 2:  # stays quantized
             module = hf.removesuffix(".weight")
             out_f, in_f = t.shape
+            if hf == "model.embed_tokens.weight" and mapped:
+                _set_module(model, module, MappedEmbedding(raw, t.qtype, out_f, in_f))
+                swapped.add(hf)
+                continue  # its pages stay mapped (not released): lookups read them
             if hf == "model.embed_tokens.weight":
                 row_bytes = raw.shape[1]
-                faulting.join()  # before the arrays are written
                 table = GGMLLinear.packed_by_rows(  # the largest tensor: its pages go as it packs
                     raw, t.qtype, in_f, out_f, max(1, (16 << 20) // row_bytes),
                     lambda r0, r1, t=t, rb=row_bytes: gguf.release_bytes(t.offset + r0 * rb, (r1 - r0) * rb),
@@ -277,6 +287,7 @@ def _prepare_decode(model: nn.Module, arena=None) -> None:
     use_dense_kernels(model)
     fuse_projections(model)
     hugepages.move_weights(model, arena)  # decode streams them every token: fewer TLB misses
+    hugepages.settle_in_background()
     model.decode_plan = DecodePlan.build(model)
 
 

@@ -274,7 +274,7 @@ class GGMLLinear(nn.Module):
                 continue
             parts = _pack(raw[r0:r1], qtype, r1 - r0, in_features)
             if arrays is None:
-                arrays = [None if x is None else hugepages.empty((out_features, *x.shape[1:]), x.dtype)
+                arrays = [None if x is None else hugepages.empty((out_features, *x.shape[1:]), x.dtype, defer=True)
                           for x in parts]  # fmt: skip
             for dst, src in zip(arrays, parts):
                 if dst is not None:
@@ -288,7 +288,11 @@ class GGMLLinear(nn.Module):
         """Empty packed arrays (q, d, m) on huge pages for a Q4_0/Q4_1/Q8_0 weight, to hand to
         packed_by_rows; None for other types (allocated as they pack)."""
         specs = packed_specs(qtype, out_features, in_features) if qtype in _SPLIT_HEAD else None
-        return None if specs is None else tuple(None if s is None else hugepages.empty(*s) for s in specs)
+        return (
+            None
+            if specs is None
+            else tuple(None if s is None else hugepages.empty(*s, defer=True) for s in specs)
+        )
 
     @classmethod
     def concat(cls, parts: list[GGMLLinear]) -> GGMLLinear:
@@ -392,3 +396,25 @@ class GGMLEmbedding(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.num_embeddings}, {self.embedding_dim}, qtype={self.table.qtype}"
+
+
+class MappedEmbedding(nn.Module):
+    """Token embeddings read straight from the model file's memory map, never copied.
+
+    A table that is not also the output head is read one row a token, so packing it would cost
+    load time and memory for nothing (a 7B Qwen2's is 0.3 GB). The rows looked up are packed and
+    dequantized as GGMLEmbedding's are: the same C code, the same bits. The file's pages come
+    into memory as their rows are used; `raw` is a view of the map (the map lives as long)."""
+
+    def __init__(self, raw: torch.Tensor, qtype: str, num_embeddings: int, embedding_dim: int):
+        super().__init__()
+        self.raw, self.qtype = raw, qtype
+        self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        flat = ids.reshape(-1)
+        rows = GGMLLinear(self.raw[flat], self.qtype, self.embedding_dim, flat.numel())
+        return rows.dequantized().reshape(*ids.shape, self.embedding_dim)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, qtype={self.qtype}, mapped from the file"
