@@ -56,7 +56,8 @@ def measure(
     loaded = load_model(path)
     tok = loaded.tokenizer
     longest = max((pp, *decode_ctx))
-    engine = Engine(loaded.model, tok, longest + tg + 8, prefill_chunk=longest, kv_dtype=kv_cache)
+    # prompts go in 512-token chunks, as `garage run` and the server take them
+    engine = Engine(loaded.model, tok, longest + tg + 8, kv_dtype=kv_cache)
     first = engine._forward(tok.encode("Hello"), 0)
     load_to_first_token = time.perf_counter() - t0
     from garagelm.quant import hugepages
