@@ -25,6 +25,15 @@ def test_bench_json(smol_path, capsys):
     from garagelm.quant import cpu
 
     assert r["kernels"] == cpu.VARIANT
+    # what a decode step reads: SmolLM2's Q4_1 weights are held as the file has them, and its
+    # output head is the embedding table (tied), so every 2-D tensor of the file counts once
+    from garagelm.formats.gguf import GGUFFile
+
+    matrices = sum(t.n_bytes for t in GGUFFile(smol_path).tensors.values() if len(t.shape) == 2)
+    assert r["weight_bytes_per_token"] == matrices
+    cfg = {k: GGUFFile(smol_path).metadata[f"llama.{k}"] for k in ("block_count", "attention.head_count_kv")}
+    per_position = cfg["block_count"] * 2 * cfg["attention.head_count_kv"] * 64 * 2  # f16 keys and values
+    assert r["kv_bytes_per_position"] == per_position
 
 
 def test_bench_table(smol_path, capsys):
