@@ -104,11 +104,10 @@ def weight_bytes_per_token(model) -> int:
 
     # a quantized embedding's table is read a row a token, unless it is the (tied) output head too
     skip = {id(m.table) for m in model.modules() if isinstance(m, GGMLEmbedding)} - {id(model.lm_head)}
-    total, seen = 0, set()
-    for m in model.modules():
-        if id(m) in skip or id(m) in seen or isinstance(m, (torch.nn.Embedding, GGMLEmbedding)):
+    total = 0
+    for m in model.modules():  # each module once, a tied head's table included
+        if id(m) in skip or isinstance(m, (torch.nn.Embedding, GGMLEmbedding)):
             continue
-        seen.add(id(m))
         if isinstance(m, GGMLLinear):
             total += sum(t.nbytes for t in (m.q, m.d, m.m) if t is not None)
         elif isinstance(getattr(m, "weight", None), torch.Tensor) and m.weight.dim() == 2:

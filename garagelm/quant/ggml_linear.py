@@ -137,9 +137,7 @@ def _pack(raw: torch.Tensor, qtype: str, n: int, k: int, out: tuple | None = Non
     """GGML blocks (n, row bytes) -> (values, d, m): the same bits without block headers, written
     into `out` (arrays of packed_specs' shapes) when given."""
     specs = packed_specs(qtype, n, k)
-    if qtype in _KQUANT_KIND and specs is not None:
-        raw = raw.contiguous()  # (llama's unpermuted Q/K rows are a strided view)
-    if specs is None or not raw.is_contiguous():
+    if specs is None:
         parts = _pack_torch(raw, qtype, n, k)
         if out is None:
             return parts
@@ -147,6 +145,7 @@ def _pack(raw: torch.Tensor, qtype: str, n: int, k: int, out: tuple | None = Non
             if dst is not None:
                 dst.copy_(src)
         return out
+    raw = raw.contiguous()  # (llama's unpermuted Q/K rows are a strided view)
     if out is None:
         out = tuple(None if s is None else torch.empty(s[0], dtype=s[1]) for s in specs)
     q, d, m = out
@@ -161,7 +160,7 @@ def _pack(raw: torch.Tensor, qtype: str, n: int, k: int, out: tuple | None = Non
 
 
 def _pack_torch(raw: torch.Tensor, qtype: str, n: int, k: int):
-    """_pack through torch ops: without the C splitters, or for a strided `raw`."""
+    """_pack through torch ops: without the C splitters."""
     nb = k // 32
     if qtype.startswith("Q5_") and not qtype.endswith("_K"):
         # per 32 values: the 16 nibble bytes, then the 4 bytes of fifth bits (the file's bits)
@@ -285,8 +284,9 @@ class GGMLLinear(nn.Module):
 
     @staticmethod
     def split_arrays(qtype: str, in_features: int, out_features: int) -> tuple | None:
-        """Empty packed arrays (q, d, m) on huge pages for a Q4_0/Q4_1/Q8_0 weight, to hand to
-        packed_by_rows; None for other types (allocated as they pack)."""
+        """Empty packed arrays (q, d, m) for a Q4_0/Q4_1/Q8_0 weight, moved onto huge pages after
+        the load (hugepages.settle_in_background), to hand to packed_by_rows; None for other
+        types (allocated as they pack)."""
         specs = packed_specs(qtype, out_features, in_features) if qtype in _SPLIT_HEAD else None
         return (
             None

@@ -237,25 +237,6 @@ static inline float float_at(const uint8_t *w, int kind, size_t i) {
 #define KSB(nb) ((nb) / 8) /* super-blocks a row */
 #define KROW_BYTES(kind, nb) ((size_t)((kind) == P_I8_16 ? 4 * KSB(nb) + 2 * (nb) : 8 * KSB(nb) + 2 * (nb)))
 
-/* Row n's block scales (Q6_K: 2 nb half-block scales into d) and added mins as float32. */
-static inline void kscales_row(int kind, const void *blob, size_t n, int nb, float *d, float *m) {
-    const uint8_t *row = (const uint8_t *)blob + n * KROW_BYTES(kind, nb);
-    const int sb = KSB(nb);
-    float dd[MAX_BLOCKS / 8], dm[MAX_BLOCKS / 8];
-    memcpy(dd, row, sizeof(float) * sb);
-    if (kind == P_I8_16) {
-        const int8_t *sc = (const int8_t *)(row + 4 * sb);
-        for (int i = 0; i < 2 * nb; i++) d[i] = dd[i / 16] * (float)sc[i];
-        return;
-    }
-    memcpy(dm, row + 4 * sb, sizeof(float) * sb);
-    const uint8_t *sc = row + 8 * sb, *mn = sc + nb;
-    for (int b = 0; b < nb; b++) {
-        d[b] = dd[b / 8] * (float)sc[b];
-        m[b] = -(dm[b / 8] * (float)mn[b]);
-    }
-}
-
 /* Row n's block scales into a and, into m, Q4_K/Q5_K's added mins or Q6_K's second-half scales
  * (a: the first halves'): what the int8 kernels read, a vector a super-block where the CPU has
  * one (a row's scales are made for each of its products: scalar code was 5% of decode). */
@@ -337,7 +318,10 @@ static inline void row_scales(const uint16_t *src, float *dst, int nb) {
 static void load_row_scales(const job_t *j, int n, float *d, float *m, int nb) {
     const int kind = j->qtype, ns = N_SCALES(kind, nb);
     if (F32_SCALES(kind)) {
-        kscales_row(kind, j->d, (size_t)n, nb, d, m);
+        kscales_pair(kind, j->d, (size_t)n, nb, d, m);
+        if (kind == P_I8_16) /* the float kernels take Q6_K's halves interleaved: block b's at 2b, 2b + 1
+                              * (from the last block down, so the move stays in place) */
+            for (int b = nb - 1; b >= 0; b--) d[2 * b + 1] = m[b], d[2 * b] = d[b];
     } else {
         row_scales(j->d + (size_t)n * nb, d, nb);
         if (kind == P_Q4_MIN || kind == P_Q5_1) row_scales(j->m + (size_t)n * nb, m, nb);
